@@ -1,0 +1,9 @@
+"""maskrcnn: Mask R-CNN instance segmentation (FPN p2..p5, multi-level RPN), pure PyTorch."""
+
+from .config import Config, ConfigError
+from .errors import DataError, UserError
+from .structures import Proposals, Target
+
+__version__ = "0.1.0"
+
+__all__ = ["Config", "ConfigError", "DataError", "UserError", "Target", "Proposals", "__version__"]

@@ -1,0 +1,18 @@
+"""Errors a user can act on. The CLI prints them as one line and exits with code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A problem with the user's input, configuration or files (not a bug in maskrcnn)."""
+
+
+class DataError(UserError):
+    """A data file that cannot be used, named with what is wrong with it."""
+
+    def __init__(self, path: str | Path, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
