@@ -2,8 +2,11 @@
 
 from .config import Config, ConfigError
 from .errors import DataError, UserError
+from .model import MaskRCNN
+from .results import InstanceResult, Losses, ModelOutput
 from .structures import Proposals, Target
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "ConfigError", "DataError", "UserError", "Target", "Proposals", "__version__"]
+__all__ = ["Config", "ConfigError", "DataError", "UserError", "MaskRCNN", "ModelOutput", "Losses",
+           "InstanceResult", "Target", "Proposals", "__version__"]

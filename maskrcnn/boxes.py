@@ -120,3 +120,34 @@ def sample_balanced(fg: Tensor, bg: Tensor, batch_size: int, fg_fraction: float,
     if fg.numel():
         return sample_indices(fg, batch_size, generator), bg
     return fg, sample_indices(bg, batch_size, generator)
+
+
+def first_k_per_image(image_index: Tensor, k: int) -> Tensor:
+    """Indices that keep at most the first ``k`` entries of each image, order otherwise preserved.
+
+    image_index (R,) is the image of each entry, entries already in priority order (e.g. by score)
+    -> (R',) indices into it, grouped by image.
+    """
+    order = torch.argsort(image_index, stable=True)
+    grouped = image_index[order]
+    counts = torch.bincount(grouped)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(grouped.numel(), device=grouped.device) - starts[grouped]
+    return order[rank < k]
+
+
+def split_by_image(image_index: Tensor, num_images: int, *tensors: Tensor) -> list[tuple[Tensor, ...]]:
+    """Split tensors grouped by ``image_index`` (sorted) into one tuple per image."""
+    counts = torch.bincount(image_index, minlength=num_images).tolist()
+    parts = [t.split(counts) for t in tensors]
+    return [tuple(p[i] for p in parts) for i in range(num_images)]
+
+
+def candidates_with_truth(proposals: Tensor, truth: Tensor, min_size: float) -> Tensor:
+    """Proposals (R, 4) plus the truth boxes (G, 4), boxes smaller than ``min_size`` dropped.
+
+    Adding the truth boxes gives the heads perfect positives from the first step on, before the
+    RPN proposes anything.
+    """
+    boxes = torch.cat([proposals, truth.to(proposals)])
+    return boxes[is_large_enough(boxes, min_size)]

@@ -1,0 +1,102 @@
+"""Backbone + FPN: an image batch (B, C, H, W) -> feature maps p2..p5 (B, fpn_channels, H/s, W/s).
+
+The ResNets are torchvision's definitions; SE-ResNeXt-50 (the spec's backbone) is torchvision's
+ResNeXt-50 32x4d with a squeeze-and-excitation block on each bottleneck. The FPN is
+torchvision.ops.FeaturePyramidNetwork without extra levels, so it yields exactly p2..p5.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import resnet
+from torchvision.ops import FeaturePyramidNetwork, SqueezeExcitation
+
+from .config import Config
+from .errors import UserError
+
+
+class SEBottleneck(resnet.Bottleneck):
+    """ResNeXt bottleneck with squeeze-and-excitation on the residual branch before the sum."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        channels = self.conv3.out_channels
+        self.se = SqueezeExcitation(channels, channels // 16)
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.se(self.bn3(self.conv3(out)))
+        return self.relu(out + identity)
+
+
+def _make_resnet(name: str) -> resnet.ResNet:
+    if name == "resnet18":
+        return resnet.resnet18()
+    if name == "resnet34":
+        return resnet.resnet34()
+    if name == "resnet50":
+        return resnet.resnet50()
+    if name == "se_resnext50":
+        return resnet.ResNet(SEBottleneck, [3, 4, 6, 3], groups=32, width_per_group=4)
+    raise UserError(f"unknown backbone {name!r}")
+
+
+def _load_imagenet_weights(net: resnet.ResNet, path: str) -> None:
+    """Initialise from a local torchvision state-dict file (never downloaded)."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"{file}: backbone weights file not found")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many kinds for a bad file
+        raise UserError(f"{file}: not a loadable state dict ({type(err).__name__})") from None
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    # SE blocks are absent from plain ResNeXt weights; everything else must match.
+    missing = [k for k in missing if ".se." not in k and not k.startswith("fc.")]
+    if missing or unexpected:
+        raise UserError(f"{file}: does not match backbone (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+class Backbone(nn.Module):
+    """ResNet trunk (c2..c5) followed by an FPN, returning [p2, p3, p4, p5]."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        net = _make_resnet(cfg.backbone)
+        if cfg.backbone_weights:
+            _load_imagenet_weights(net, cfg.backbone_weights)
+        if cfg.in_channels == 1:
+            net.conv1 = _grayscale_first_conv(net.conv1)
+        if cfg.rpn_scales[0] == 2:  # the spec's stem: p2 at stride 2
+            net.conv1.stride = (1, 1)
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layers = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
+        widths = [layer[-1].bn3.num_features if hasattr(layer[-1], "bn3") else layer[-1].bn2.num_features
+                  for layer in self.layers]
+        self.fpn = FeaturePyramidNetwork(widths, cfg.fpn_channels)
+        self.out_channels = cfg.fpn_channels
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        """images (B, C, H, W), H and W multiples of 32 -> [p2, p3, p4, p5]."""
+        x = self.stem(images)
+        features = OrderedDict()
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            features[f"c{i + 2}"] = x
+        return list(self.fpn(features).values())
+
+
+def _grayscale_first_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    """A one-channel first conv; the RGB weights are summed, so a grey image gives the response the
+    RGB conv gives to that image replicated to three channels."""
+    new = nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=False)
+    with torch.no_grad():
+        new.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
+    return new

@@ -1,0 +1,1 @@
+"""RCNN stage: box classification and refinement on RoIAlign crops of the proposals."""

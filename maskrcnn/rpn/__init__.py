@@ -1,0 +1,1 @@
+"""Region proposal network: anchors, the multi-level head, targets, loss and NMS proposals."""
