@@ -1,12 +1,12 @@
 """maskrcnn: Mask R-CNN instance segmentation (FPN p2..p5, multi-level RPN), pure PyTorch."""
 
+__version__ = "0.1.0"
+
 from .config import Config, ConfigError
 from .errors import DataError, UserError
 from .model import MaskRCNN
 from .results import InstanceResult, Losses, ModelOutput
 from .structures import Proposals, Target
-
-__version__ = "0.1.0"
 
 __all__ = ["Config", "ConfigError", "DataError", "UserError", "MaskRCNN", "ModelOutput", "Losses",
            "InstanceResult", "Target", "Proposals", "__version__"]

@@ -101,9 +101,13 @@ class Config:
     mask_test_mask_min_area: float = 0
 
     def __post_init__(self) -> None:
-        self.rpn_base_aspect_ratios = [[tuple(float(v) for v in pair) for pair in level]
-                                       for level in self.rpn_base_aspect_ratios]
-        self.rcnn_box_weights = tuple(float(v) for v in self.rcnn_box_weights)
+        ratios = self.rpn_base_aspect_ratios
+        if not isinstance(ratios, (list, tuple)) or not all(isinstance(level, (list, tuple)) for level in ratios):
+            raise ConfigError("rpn_base_aspect_ratios has the wrong type: expected one list of (height, width) "
+                              f"pairs per level, got {ratios!r}")
+        self.rpn_base_aspect_ratios = [[_as_floats("rpn_base_aspect_ratios", pair) for pair in level]
+                                       for level in ratios]
+        self.rcnn_box_weights = _as_floats("rcnn_box_weights", self.rcnn_box_weights)
         self.validate()
 
     # ------------------------------------------------------------------------------------------
@@ -229,6 +233,14 @@ _NON_NEGATIVE = [
 ]
 
 
+def _as_floats(name: str, values: Any) -> tuple[float, ...]:
+    """A list of plain numbers as a float tuple; anything else (YAML may give a string) is an error."""
+    if isinstance(values, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return tuple(float(v) for v in values)
+    raise ConfigError(f"{name} has the wrong type: expected a list of numbers, got {values!r}")
+
+
 def _check_types(cfg: Config) -> None:
     """Reject values of the wrong kind (YAML makes '0.5' a string, 5 an int, and so on)."""
     for f in dataclasses.fields(cfg):
@@ -251,3 +263,24 @@ def _check_types(cfg: Config) -> None:
             ok = True  # nested structures are checked by validate()
         if not ok:
             raise ConfigError(f"{f.name} has the wrong type: expected {kind}, got {value!r}")
+
+
+def nuclei_config(**changes: Any) -> Config:
+    """The CLI's default: a small ResNet-18 model for small objects (anchors from 8 px, as the
+    spec's DSB2018 setup) that trains on a laptop CPU in minutes."""
+    values: dict[str, Any] = dict(
+        backbone="resnet18", fpn_channels=128, rpn_head_channels=128, rcnn_fc_channels=512,
+        mask_head_channels=128, rcnn_train_batch_size=64, mask_train_batch_size=32)
+    values.update(changes)
+    return Config(**values)
+
+
+def coco_config(**changes: Any) -> Config:
+    """COCO-sized objects: ResNet-50-FPN with anchors of 32 to 256 px."""
+    values: dict[str, Any] = dict(
+        backbone="resnet50", rpn_base_sizes=[32, 64, 128, 256], rcnn_train_batch_size=256,
+        rcnn_train_fg_fraction=0.25, rcnn_test_nms_pre_score_threshold=0.05,
+        mask_test_nms_pre_score_threshold=0.05, mask_test_nms_overlap_threshold=0.5,
+        rcnn_test_max_detections=100, rpn_test_post_nms_top_k=1000)
+    values.update(changes)
+    return Config(**values)

@@ -15,4 +15,4 @@ def mask_loss(logits: Tensor, targets: MaskTargets) -> Tensor:
     if logits.shape[0] == 0:
         return zero_loss(logits)
     picked = logits[torch.arange(logits.shape[0], device=logits.device), targets.labels]
-    return F.binary_cross_entropy_with_logits(picked, targets.masks)
+    return F.binary_cross_entropy_with_logits(picked.float(), targets.masks)

@@ -15,6 +15,7 @@ def rcnn_loss(logits: Tensor, deltas: Tensor, targets: RcnnTargets) -> tuple[Ten
     if logits.shape[0] == 0:
         zero = zero_loss(logits, deltas)
         return zero, zero
+    logits, deltas = logits.float(), deltas.float()
     cls = F.cross_entropy(logits, targets.labels)
     class_deltas = deltas[torch.arange(deltas.shape[0], device=deltas.device), targets.labels]
     reg = weighted_smooth_l1(class_deltas, targets.deltas, (targets.labels > 0).float(), sigma=1.0)

@@ -26,6 +26,10 @@ class RpnMultiHead(nn.Module):
         for layer in [*self.logits, *self.deltas]:
             nn.init.normal_(layer.weight, std=0.01)
             nn.init.zeros_(layer.bias)
+        for layer in self.deltas:
+            # The spec's coding maps a box equal to its anchor to 0.5 (0 is a point at the anchor's
+            # centre), so an untrained head starts by proposing the anchors themselves.
+            nn.init.constant_(layer.bias, 0.5)
 
     def forward(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
         batch = features[0].shape[0]

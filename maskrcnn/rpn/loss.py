@@ -14,6 +14,7 @@ def rpn_loss(logits: Tensor, deltas: Tensor, targets: RpnTargets, gamma: float,
 
     Only the foreground slot of the deltas is trained; background anchors have no box.
     """
-    cls = weighted_focal_cross_entropy(logits, targets.labels, targets.label_weights, gamma)
-    reg = weighted_smooth_l1(deltas[:, :, 1], targets.deltas, targets.delta_weights, sigma)
+    # float32 whatever the autocast dtype: 65k-term sums lose too much in half precision.
+    cls = weighted_focal_cross_entropy(logits.float(), targets.labels, targets.label_weights, gamma)
+    reg = weighted_smooth_l1(deltas[:, :, 1].float(), targets.deltas, targets.delta_weights, sigma)
     return cls, reg

@@ -1,0 +1,7 @@
+"""``python -m maskrcnn`` (also what torchrun launches: ``torchrun ... -m maskrcnn train ...``)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,88 @@
+"""Checkpoints: written atomically, loaded with ``weights_only=True`` so a file can never run code.
+
+A checkpoint holds plain data only: the model's state dict, the config as a dict, the
+normalisation settings, class names, the package version, and for resuming the optimizer state,
+the step/epoch counters and the torch RNG state.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .atomic import atomic_write_bytes
+from .config import Config, ConfigError
+from .errors import UserError
+
+FORMAT = "maskrcnn-checkpoint/1"
+
+
+@dataclass
+class Checkpoint:
+    config: Config
+    model_state: dict[str, torch.Tensor]
+    normalizer: dict[str, Any]
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    optimizer_state: dict[str, Any] | None = None
+    rng_state: torch.Tensor | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    best_score: float | None = None
+    version: str = __version__
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.config.class_names
+
+
+def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
+    payload = {
+        "format": FORMAT,
+        "version": ckpt.version,
+        "config": ckpt.config.to_dict(),
+        "model": {k: v.detach().cpu() for k, v in ckpt.model_state.items()},
+        "normalizer": ckpt.normalizer,
+        "step": ckpt.step,
+        "epoch": ckpt.epoch,
+        "batch_in_epoch": ckpt.batch_in_epoch,
+        "optimizer": ckpt.optimizer_state,
+        "rng_state": ckpt.rng_state,
+        "metrics": ckpt.metrics,
+        "best_score": ckpt.best_score,
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Load a checkpoint safely; every problem is a one-line UserError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).splitlines()[0] if "weights_only" not in str(err) else "it holds code or objects"
+        raise UserError(f"{path}: refused to load: {reason} (checkpoints may only hold tensors and plain data)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise UserError(f"{path}: corrupt or truncated checkpoint ({type(err).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UserError(f"{path}: not a maskrcnn checkpoint")
+    try:
+        config = Config.from_dict(payload["config"], source=str(path))
+    except ConfigError as err:
+        raise UserError(str(err)) from None
+    return Checkpoint(
+        config=config, model_state=payload["model"], normalizer=payload["normalizer"],
+        step=payload["step"], epoch=payload["epoch"], batch_in_epoch=payload["batch_in_epoch"],
+        optimizer_state=payload["optimizer"], rng_state=payload["rng_state"], metrics=payload["metrics"],
+        best_score=payload["best_score"], version=payload["version"])

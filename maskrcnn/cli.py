@@ -1,0 +1,180 @@
+"""The ``maskrcnn`` command: train, predict, evaluate, demo.
+
+The CLI only parses flags and calls library functions. A user error (bad data, bad config, a
+missing file) prints one line, ``maskrcnn: error: FILE: PROBLEM``, and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maskrcnn", description="Mask R-CNN instance segmentation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model on a dataset",
+                           description="Train on DSB2018, label-image or COCO data. Writes last.pt, best.pt, "
+                                       "metrics.jsonl and curves.png to --out.")
+    train.add_argument("--data", required=True, help="dataset folder, or COCO JSON file")
+    train.add_argument("--out", required=True, help="run directory")
+    train.add_argument("--format", choices=["dsb", "labels", "coco"], help="dataset layout (detected if omitted)")
+    train.add_argument("--images", help="image folder for --format coco (default: beside the JSON)")
+    train.add_argument("--config", help="YAML config; flags given here override it")
+    train.add_argument("--val", help="validation dataset (default: a held-out split of --data)")
+    budget = train.add_mutually_exclusive_group()
+    budget.add_argument("--iters", type=_positive_int, help="optimizer steps")
+    budget.add_argument("--epochs", type=_positive_int, help="passes over the training set")
+    train.add_argument("--max-minutes", type=_positive_float, help="stop cleanly after this wall-clock time")
+    train.add_argument("--batch-size", type=_positive_int, default=2)
+    train.add_argument("--lr", type=_positive_float, default=1e-3)
+    train.add_argument("--crop", type=_positive_int, default=256, help="training crop size in pixels")
+    train.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50", "se_resnext50"])
+    train.add_argument("--val-every", type=_positive_int, default=200, help="validate and checkpoint every N steps")
+    train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    train.add_argument("--skip-bad", action="store_true", help="skip unreadable samples (listed in RUN_DIR)")
+    train.add_argument("--sync-bn", action="store_true", help="synchronised batch norm across processes")
+    train.add_argument("--amp", action="store_true", help="mixed precision (CUDA float16, CPU bfloat16)")
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(run=cmd_train)
+
+    predict = sub.add_parser("predict", help="segment images with a trained model",
+                             description="Writes per image NAME_labels.png, NAME_overlay.png and "
+                                         "NAME_instances.csv, and results_coco.json for all images.")
+    predict.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    predict.add_argument("--weights", required=True, help="checkpoint (.pt from maskrcnn train)")
+    predict.add_argument("--out", required=True, help="output folder")
+    predict.add_argument("--tile", type=_positive_int, help="tile size for large images")
+    predict.add_argument("--overlap", type=int, default=128, help="tile overlap in pixels (> 2x object size)")
+    predict.add_argument("--kaggle", action="store_true", help="also write a DSB2018 run-length submission.csv")
+    predict.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    predict.add_argument("--no-progress", action="store_true")
+    predict.set_defaults(run=cmd_predict)
+
+    evaluate = sub.add_parser("evaluate", help="score a model on an annotated dataset",
+                              description="COCO box/mask AP and the microscopy metrics (DSB2018 score, "
+                                          "precision, recall, F1, PQ at IoU 0.5..0.95).")
+    evaluate.add_argument("--weights", required=True)
+    evaluate.add_argument("--data", required=True)
+    evaluate.add_argument("--format", choices=["dsb", "labels", "coco"])
+    evaluate.add_argument("--images", help="image folder for --format coco")
+    evaluate.add_argument("--out", help="JSON report path (default: print only)")
+    evaluate.add_argument("--tile", type=_positive_int)
+    evaluate.add_argument("--overlap", type=int, default=128)
+    evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.set_defaults(run=cmd_evaluate)
+
+    demo = sub.add_parser("demo", help="synthetic nuclei: generate, train, evaluate, predict",
+                          description="The whole workflow on synthetic nuclei, in a few minutes on a CPU.")
+    demo.add_argument("--out", default="demo_out")
+    demo.add_argument("--minutes", type=_positive_float, default=4.0, help="training time budget")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    demo.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.simplefilter("default")
+    try:
+        return args.run(args)
+    except UserError as err:
+        print(f"maskrcnn: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("maskrcnn: interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import Config, nuclei_config
+    from .distributed import DistContext
+    from .train import TrainOptions, train
+
+    cfg = Config.from_yaml(args.config) if args.config else nuclei_config()
+    if args.backbone:
+        cfg = cfg.replace(backbone=args.backbone)
+    dist = DistContext.from_environment(args.device)
+    opts = TrainOptions(
+        data=args.data, out=args.out, format=args.format, val=args.val, config=cfg, iters=args.iters,
+        epochs=args.epochs, max_minutes=args.max_minutes, batch_size=args.batch_size, lr=args.lr,
+        crop=args.crop, val_every=args.val_every, device=args.device, seed=args.seed, resume=args.resume,
+        skip_bad=args.skip_bad, progress=not args.no_progress, sync_bn=args.sync_bn, amp=args.amp,
+        image_dir=args.images)
+    try:
+        result = train(opts, dist)
+    finally:
+        dist.close()
+    if dist.is_main:
+        metrics = ", ".join(f"{k} {v:.3f}" for k, v in result.final_metrics.items() if k in SUMMARY_KEYS)
+        print(f"trained {result.steps} steps (stopped by {result.stopped_by}); {metrics}")
+        print(f"checkpoints: {result.last}" + (f", {result.best}" if result.best else ""))
+    return 0
+
+
+SUMMARY_KEYS = ("mask_ap", "mask_ap50", "mask_ap75", "box_ap50", "dsb_score")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import Predictor, predict_files
+
+    predictor = Predictor.from_checkpoint(args.weights, args.device)
+    run = predict_files(predictor, args.inputs, args.out, tile=args.tile, overlap=args.overlap,
+                        kaggle=args.kaggle, progress=not args.no_progress)
+    for path, why in run.failed:
+        print(f"maskrcnn: skipped {path}: {why}", file=sys.stderr)
+    print(f"{len(run.written)} image(s) segmented; outputs in {Path(args.out)}/ "
+          f"(overlays: *_overlay.png, COCO results: {run.coco_json.name})")
+    return EXIT_USER_ERROR if run.failed else 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .data.datasets import open_dataset
+    from .evaluate import evaluate_model
+    from .predict import Predictor
+
+    predictor = Predictor.from_checkpoint(args.weights, args.device)
+    reader = open_dataset(args.data, args.format, image_dir=args.images)
+    report = evaluate_model(predictor.model, predictor.normalizer, reader, device=predictor.device,
+                            progress=not args.no_progress, tile=args.tile, overlap=args.overlap)
+    print(report.format_table())
+    if args.out:
+        report.to_json(args.out)
+        print(f"report written to {args.out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), minutes=args.minutes, seed=args.seed, device=args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
