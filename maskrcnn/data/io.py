@@ -1,0 +1,185 @@
+"""Reading and writing images and label images, with one-line errors for bad files.
+
+Every problem with a file (missing, empty, truncated, not an image, wrong shape) raises
+:class:`maskrcnn.errors.DataError` naming the file, so the CLI can report it and exit 2.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+from ..errors import DataError
+
+PIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+TIFF_EXTENSIONS = (".tif", ".tiff")
+IMAGE_EXTENSIONS = PIL_EXTENSIONS + TIFF_EXTENSIONS + (".npy",)
+MAX_CHANNELS = 4  # an axis this small is taken as channels, a larger one as pages or pixels
+
+# Pillow modes converted to a plain array layout; the others ("L", "LA", "RGB", "RGBA", "I;16",
+# "I", "F", ...) map to numpy directly.
+_PIL_CONVERSIONS = {"1": "L", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB"}
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image as (H, W) or (H, W, C) in the file's dtype (C <= 4).
+
+    PNG/JPEG/BMP/GIF go through Pillow (palette images are expanded to RGB(A), the first frame
+    of an animation is used), TIFF through tifffile and ``.npy`` through ``np.load`` without
+    pickles. Channel-first (C, H, W) with C <= 4 is moved to channels-last; a stack of such
+    planes (pages, z-slices, time points: 3-D with no small axis, or 4-D) gives its first plane.
+    Other shapes (1-D, 5-D, ...) raise :class:`DataError`.
+    """
+    path = Path(path)
+    array = _load(path, keep_palette=False)
+    if array.dtype.kind not in "biuf":
+        raise DataError(path, f"unsupported pixel type {array.dtype}")
+    array = _drop_unit_axes(array)
+    if array.ndim == 4 or (array.ndim == 3 and min(array.shape[0], array.shape[-1]) > MAX_CHANNELS):
+        array = array[0]  # a stack of planes (pages, z-slices, time points): use the first
+    if array.ndim == 3 and array.shape[-1] > MAX_CHANNELS >= array.shape[0]:
+        array = np.moveaxis(array, 0, -1)  # (C, H, W) -> (H, W, C)
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] <= MAX_CHANNELS)) or 0 in array.shape:
+        raise DataError(path, f"unsupported image shape {array.shape}; expected (H, W), (H, W, C) "
+                              f"or (C, H, W) with C <= {MAX_CHANNELS}, or a stack of those")
+    return array
+
+
+def read_binary_mask(path: str | Path) -> np.ndarray:
+    """Read a one-instance mask file as (H, W) bool: every nonzero pixel is the instance."""
+    path = Path(path)
+    return _single_channel(path, _drop_unit_axes(_load(path, keep_palette=True))) != 0
+
+
+def read_label_image(path: str | Path) -> np.ndarray:
+    """Read an instance label image as (H, W) int64 ids, 0 = background.
+
+    Accepts 8/16/32-bit integer PNG/TIFF/npy (palette PNGs give their palette indices, the usual
+    way label maps are stored), boolean images, and float images holding whole numbers.
+    RGB(A) images, negative ids and fractional values raise :class:`DataError`.
+    """
+    path = Path(path)
+    labels = _single_channel(path, _drop_unit_axes(_load(path, keep_palette=True)))
+    if labels.dtype.kind == "f":
+        if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
+            raise DataError(path, "label image holds non-integer values; expected integer ids")
+    elif labels.dtype.kind not in "biu":
+        raise DataError(path, f"label image has unsupported pixel type {labels.dtype}")
+    if labels.size and labels.min() < 0:
+        raise DataError(path, f"label image holds negative ids (min {labels.min()})")
+    if labels.size and labels.max() > np.iinfo(np.int64).max:
+        raise DataError(path, "label ids do not fit in int64")
+    return labels.astype(np.int64)
+
+
+def write_label_image(path: str | Path, labels: np.ndarray) -> None:
+    """Write (H, W) non-negative integer ids atomically; the extension picks the format.
+
+    ``.png``: 16-bit PNG (ids must be < 65536). ``.tif``/``.tiff``: 16-bit TIFF when the ids fit,
+    else 32-bit.
+    """
+    path = Path(path)
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or labels.dtype.kind not in "biu":
+        raise ValueError(f"labels must be a 2-D integer array, got {labels.dtype} {labels.shape}")
+    top = int(labels.max()) if labels.size else 0
+    if labels.size and labels.min() < 0:
+        raise ValueError("labels must be non-negative")
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        if top >= 2**16:
+            raise ValueError(f"{path}: ids up to {top} do not fit a 16-bit PNG; write a .tif")
+        _write_atomically(path, lambda f: Image.fromarray(labels.astype(np.uint16)).save(f, format="PNG"))
+    elif suffix in TIFF_EXTENSIONS:
+        if top >= 2**32:
+            raise ValueError(f"{path}: ids up to {top} do not fit a 32-bit TIFF")
+        dtype = np.uint16 if top < 2**16 else np.uint32
+        _write_atomically(path, lambda f: tifffile.imwrite(f, labels.astype(dtype), compression="zlib"))
+    else:
+        raise ValueError(f"{path}: label images are written as .png, .tif or .tiff")
+
+
+def write_image(path: str | Path, image: np.ndarray) -> None:
+    """Write a uint8/uint16 (H, W) or uint8 (H, W, 3|4) image atomically as PNG or TIFF."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        _write_atomically(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
+    elif suffix in TIFF_EXTENSIONS:
+        _write_atomically(path, lambda f: tifffile.imwrite(f, image, compression="zlib"))
+    else:
+        raise ValueError(f"{path}: images are written as .png, .tif or .tiff")
+
+
+def _load(path: Path, keep_palette: bool) -> np.ndarray:
+    """Decode a file into an array of any shape, turning every failure into a DataError."""
+    if not path.is_file():
+        raise DataError(path, "no such file" if not path.exists() else "not a file")
+    if path.stat().st_size == 0:
+        raise DataError(path, "empty file (0 bytes)")
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_EXTENSIONS:
+        raise DataError(path, f"unsupported file type '{suffix}'; expected one of "
+                              f"{', '.join(IMAGE_EXTENSIONS)}")
+    try:
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        if suffix in TIFF_EXTENSIONS:
+            with tifffile.TiffFile(path) as tif:
+                return tif.series[0].asarray()
+        return _load_pil(path, keep_palette)
+    # Decoders raise many unrelated types (OSError, ValueError, SyntaxError, struct.error,
+    # zlib.error, ...) for corrupt input; all of them mean "this file cannot be read".
+    except Exception as exc:
+        raise DataError(path, f"cannot read image ({type(exc).__name__}: {exc}); "
+                              "the file is corrupt, truncated or not an image") from exc
+
+
+def _load_pil(path: Path, keep_palette: bool) -> np.ndarray:
+    with Image.open(path) as image:
+        image.load()  # decode now so truncation surfaces here, not later
+        if image.mode == "P" and not keep_palette:
+            image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        elif image.mode in _PIL_CONVERSIONS:
+            image = image.convert(_PIL_CONVERSIONS[image.mode])
+        return np.array(image)
+
+
+def _single_channel(path: Path, array: np.ndarray) -> np.ndarray:
+    """Check that a mask or label image is one (H, W) channel."""
+    if array.ndim != 2:
+        kind = "a colour image" if array.ndim == 3 and array.shape[-1] in (3, 4) else "not 2-D"
+        raise DataError(path, f"mask is {kind} (shape {array.shape}); expected one channel "
+                              "of instance ids or 0/nonzero values")
+    return array
+
+
+def _drop_unit_axes(array: np.ndarray) -> np.ndarray:
+    """Remove size-1 leading/trailing axes of arrays above 2-D, e.g. (1, H, W) or (H, W, 1)."""
+    while array.ndim > 2 and array.shape[0] == 1:
+        array = array[0]
+    while array.ndim > 2 and array.shape[-1] == 1:
+        array = array[..., 0]
+    return array
+
+
+def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """Write through a temporary file in the target folder, then rename it into place.
+
+    Readers never see a half-written file, and an interrupted run leaves the old file intact.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)  # the writers open the path themselves
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

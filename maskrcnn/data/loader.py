@@ -1,0 +1,80 @@
+"""From dataset readers to training batches: normalisation, augmentation, targets, splits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ..structures import Target
+from .augment import Augment
+from .datasets import InstanceReader
+from .normalize import Normalizer
+
+
+class InstanceDataset(Dataset):
+    """A reader's samples as ``(image (C, H, W) float32, Target)`` pairs for training.
+
+    Augmentation randomness is a pure function of ``(seed, epoch, reader index)``, so every worker,
+    DDP rank and resumed run sees the same sample for the same epoch. Call :meth:`set_epoch`
+    before each epoch (with DataLoader workers, before the epoch's iterator is created, i.e.
+    without ``persistent_workers``). Empty masks are dropped; boxes are the masks' extents.
+    ``indices`` restricts the dataset to a subset of the reader (e.g. a train/val split).
+    """
+
+    def __init__(self, reader: InstanceReader, normalizer: Normalizer, augment: Augment | None = None,
+                 seed: int = 0, indices: Sequence[int] | None = None):
+        self.reader = reader
+        self.normalizer = normalizer
+        self.augment = augment
+        self.seed = seed
+        self.indices = list(range(len(reader))) if indices is None else list(indices)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Target]:
+        source = self.indices[index]
+        sample = self.reader[source]
+        image = self.normalizer(sample.image)
+        masks = torch.from_numpy(sample.masks)
+        labels = torch.from_numpy(sample.labels)
+        if self.augment is not None:
+            image, masks, labels = self.augment(image, masks, labels, self.generator(source))
+        keep = masks.flatten(1).any(dim=1)
+        return image, Target.from_masks(masks[keep], labels[keep])
+
+    def generator(self, source: int) -> torch.Generator:
+        """Augmentation generator of reader sample ``source`` in the current epoch.
+
+        Keyed by the reader's index, so a sample is augmented alike in any subset.
+        """
+        state = np.random.SeedSequence([self.seed, self.epoch, source]).generate_state(2, dtype=np.uint32)
+        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def collate(batch: Sequence[tuple[Tensor, Target]]) -> tuple[list[Tensor], list[Target]]:
+    """DataLoader ``collate_fn``: images keep their own sizes, so batches are lists."""
+    return [image for image, _ in batch], [target for _, target in batch]
+
+
+def split_train_val(dataset: Sequence | int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Random, seed-determined (train, val) index lists, each sorted.
+
+    The validation set has round(n * val_fraction) images, but at least 1 when
+    ``val_fraction > 0`` and there are >= 2 images, and never all of them.
+    ``val_fraction == 0`` gives an empty validation set.
+    """
+    n = dataset if isinstance(dataset, int) else len(dataset)
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = 0 if val_fraction == 0 or n < 2 else min(max(1, round(n * val_fraction)), n - 1)
+    order = np.random.default_rng(seed).permutation(n)
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
