@@ -29,13 +29,14 @@ def plot_training_curves(log_path: str | Path, png_path: str | Path) -> None:
         if len(values):
             ax_loss.plot(steps, _smooth(values), label=key)
     ax_loss.set(title="training losses", xlabel="step", yscale="log")
-    ax_loss.legend(fontsize=8)
     for key in ("val_mask_ap", "val_mask_ap50", "val_dsb_score"):
         points = [(r["step"], r[key]) for r in val if key in r]
         if points:
             ax_val.plot(*zip(*points), marker="o", label=key[4:])
     ax_val.set(title="validation", xlabel="step", ylim=(0, 1))
-    ax_val.legend(fontsize=8)
+    for ax in (ax_loss, ax_val):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, png_path)
 

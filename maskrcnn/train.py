@@ -106,10 +106,13 @@ class Trainer:
         self.batches_per_epoch = max(1, math.ceil(len(self.train_set) / per_step))
 
     def _split(self, reader: InstanceReader) -> tuple[InstanceReader, InstanceReader]:
-        """(train, validation) readers: --val, else held-out images, else the right part of each image."""
+        """(train, validation) readers: --val, else held-out images, else the right part of each
+        image; ``val_fraction == 0`` validates on nothing."""
         opts = self.opts
         if opts.val:
             return reader, open_dataset(opts.val, opts.format, image_dir=opts.image_dir)
+        if opts.val_fraction == 0:  # no validation: train on everything
+            return reader, SubsetReader(reader, [])
         train_idx, val_idx = split_train_val(reader, opts.val_fraction, opts.seed)
         if val_idx:
             return SubsetReader(reader, train_idx), SubsetReader(reader, val_idx)
