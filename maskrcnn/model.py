@@ -55,17 +55,22 @@ class MaskRCNN(nn.Module):
 
     # ----------------------------------------------------------------------------------------
     def forward(self, images: Tensor | list[Tensor], targets: list[Target] | None = None) -> ModelOutput:
+        if not self.training:
+            with torch.no_grad():  # results are thresholded masks: nothing to differentiate
+                return ModelOutput(results=self._detect(*self._features(images)))
+        features, anchors, logits, deltas, sizes = self._features(images)
+        if targets is None or len(targets) != len(sizes):
+            raise ValueError("training needs one Target per image")
+        targets = [t.to(logits.device) for t in targets]
+        return ModelOutput(losses=self._losses(features, anchors, logits, deltas, sizes, targets))
+
+    def _features(self, images: Tensor | list[Tensor]):
+        """Backbone and RPN head: (features, anchors (N, 4), logits (B, N, 2), deltas (B, N, 2, 4), sizes)."""
         batch, sizes = self.prepare(images)
         features = self.backbone(batch)
         logits, deltas = self.rpn(features)
         anchors = self.anchors([tuple(f.shape[-2:]) for f in features], batch.device)
-        if self.training:
-            if targets is None or len(targets) != batch.shape[0]:
-                raise ValueError("training needs one Target per image")
-            targets = [t.to(batch.device) for t in targets]
-            return ModelOutput(losses=self._losses(features, anchors, logits, deltas, sizes, targets))
-        with torch.no_grad():
-            return ModelOutput(results=self._detect(features, anchors, logits, deltas, sizes))
+        return features, anchors, logits, deltas, sizes
 
     def prepare(self, images: Tensor | list[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
         """Normalise and zero-pad to a multiple of 32 -> (B, C, H', W') and the original sizes."""

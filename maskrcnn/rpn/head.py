@@ -27,9 +27,6 @@ class RpnMultiHead(nn.Module):
             nn.init.normal_(layer.weight, std=0.01)
             nn.init.zeros_(layer.bias)
         for layer in self.deltas:
-            # The spec's coding puts "box = anchor" at 0.5 per edge: start there, not at empty boxes.
-            nn.init.constant_(layer.bias, 0.5)
-        for layer in self.deltas:
             # The spec's coding maps a box equal to its anchor to 0.5 (0 is a point at the anchor's
             # centre), so an untrained head starts by proposing the anchors themselves.
             nn.init.constant_(layer.bias, 0.5)

@@ -1,0 +1,118 @@
+"""MaskRCNN end to end on tiny images: losses in training, one InstanceResult per image in eval."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from maskrcnn.config import Config
+from maskrcnn.model import MaskRCNN
+from maskrcnn.results import InstanceResult, Losses
+
+# CPU-fast: a narrow ResNet-18 model on 64 x 64 images.
+TINY = dict(backbone="resnet18", fpn_channels=32, rpn_head_channels=32, rcnn_fc_channels=64,
+            mask_head_channels=32, rcnn_train_batch_size=16, mask_train_batch_size=8,
+            rpn_train_pre_nms_top_k=300, rpn_train_post_nms_top_k=100,
+            rpn_test_pre_nms_top_k=300, rpn_test_post_nms_top_k=100)
+# Thresholds at zero so that even an untrained model sends boxes through every stage.
+OPEN = dict(rpn_train_nms_pre_score_threshold=0.0, rpn_test_nms_pre_score_threshold=0.0,
+            rcnn_test_nms_pre_score_threshold=0.0, mask_test_nms_pre_score_threshold=0.0,
+            rcnn_test_max_detections=20)
+
+
+def make_model(**changes) -> MaskRCNN:
+    torch.manual_seed(0)
+    return MaskRCNN(Config(**{**TINY, **changes}))
+
+
+def two_images(channels: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.rand(channels, 64, 64, generator=g), torch.rand(channels, 48, 40, generator=g)]
+
+
+def assert_losses(losses: Losses) -> None:
+    assert isinstance(losses, Losses)
+    for name, value in losses.as_floats().items():
+        assert getattr(losses, name).dim() == 0, name
+        assert value == value and abs(value) < float("inf"), name
+    assert torch.isfinite(losses.total)
+
+
+@pytest.mark.parametrize("changes", [OPEN, {}], ids=["with-proposals", "default-thresholds"])
+def test_training_losses_on_images_of_different_sizes(changes, squares):
+    model = make_model(**changes).train()
+    targets = [squares(64, 64, [(8, 8, 16), (36, 30, 20)]), squares(48, 40, [])]
+    out = model(two_images(), targets)
+    assert out.results is None
+    assert_losses(out.losses)
+    assert out.losses.rcnn_cls > 0 and out.losses.mask > 0
+    out.losses.total.backward()
+    for head in (model.rpn, model.rcnn, model.mask, model.backbone.fpn):
+        grads = [p.grad for p in head.parameters() if p.requires_grad]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_training_batch_without_instances(squares):
+    model = make_model(**OPEN).train()
+    out = model(two_images(), [squares(64, 64, []), squares(48, 40, [])])
+    assert_losses(out.losses)
+    assert out.losses.rcnn_reg.item() == 0.0 and out.losses.mask.item() == 0.0
+    out.losses.total.backward()
+    assert all(p.grad is not None for p in model.mask.parameters())
+
+
+def test_eval_gives_one_result_per_image_at_its_own_size():
+    model = make_model(**OPEN).eval()
+    out = model(two_images())
+    assert out.losses is None and len(out.results) == 2
+    for result, size in zip(out.results, [(64, 64), (48, 40)]):
+        assert isinstance(result, InstanceResult)
+        assert result.label_image.shape == size and result.label_image.dtype == torch.int32
+        k = len(result)
+        assert result.boxes.shape == (k, 4) and result.scores.shape == (k,) and result.labels.shape == (k,)
+        assert result.mask_probs.shape == (k, 28, 28)
+        assert torch.all(result.scores[:-1] >= result.scores[1:])
+        assert (result.boxes[:, 2] <= size[1]).all() and (result.boxes[:, 3] <= size[0]).all()
+        # Ids run 1..K without gaps.
+        assert set(result.label_image.unique().tolist()) - {0} == set(range(1, k + 1))
+    assert len(out.results[0]) > 0
+
+
+def test_eval_of_a_batch_equals_eval_of_each_image():
+    model = make_model(**OPEN).eval()
+    images = two_images()
+    together = model(images).results
+    for image, result in zip(images, together):
+        (alone,) = model([image]).results   # both pad to 64 x 64, so the features are the same
+        assert torch.equal(alone.label_image, result.label_image)
+        assert torch.allclose(alone.boxes, result.boxes, atol=1e-4)
+
+
+def test_grayscale_model_on_one_channel_input(squares):
+    model = make_model(in_channels=1, pixel_mean=[0.5], pixel_std=[0.25], **OPEN)
+    images = two_images(channels=1)
+    model.train()
+    out = model(images, [squares(64, 64, [(10, 10, 12)]), squares(48, 40, [(5, 20, 10)])])
+    assert_losses(out.losses)
+    out.losses.total.backward()
+    model.eval()
+    results = model(torch.rand(2, 1, 64, 64)).results
+    assert [r.label_image.shape for r in results] == [(64, 64), (64, 64)]
+    with pytest.raises(ValueError, match="expects"):
+        model(torch.rand(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize("changes", [OPEN, {}], ids=["open", "default-thresholds"])
+def test_image_without_instances_predicts(changes):
+    model = make_model(**changes).eval()
+    (result,) = model(torch.zeros(3, 40, 50)).results
+    assert result.label_image.shape == (40, 50)
+    assert len(result) == int(result.label_image.max())
+
+
+def test_training_needs_one_target_per_image(squares):
+    model = make_model().train()
+    with pytest.raises(ValueError, match="one Target per image"):
+        model(two_images())
+    with pytest.raises(ValueError, match="one Target per image"):
+        model(two_images(), [squares(64, 64, [])])

@@ -1,0 +1,74 @@
+"""Multi-level RoIAlign: level choice by box size, input order, exact crops of known maps."""
+
+from __future__ import annotations
+
+import torch
+
+from maskrcnn.roi_align import MultiLevelRoiAlign, assign_levels
+
+BASE_SIZES = [8.0, 16.0, 32.0, 64.0]
+STRIDES = [4, 8, 16, 32]
+
+
+def test_levels_by_nearest_base_size():
+    boxes = torch.tensor([
+        [0.0, 0.0, 8.0, 8.0],       # sqrt(wh) 8
+        [10.0, 10.0, 18.0, 42.0],   # 16
+        [0.0, 0.0, 32.0, 32.0],     # 32
+        [0.0, 0.0, 64.0, 64.0],     # 64
+        [0.0, 0.0, 9.0, 9.0],       # 9: nearer 8
+        [0.0, 0.0, 25.0, 25.0],     # 25: nearer 32 than 16
+        [0.0, 0.0, 200.0, 200.0],   # beyond the largest
+        [0.0, 0.0, 2.0, 2.0],       # below the smallest
+        [5.0, 5.0, 5.0, 5.0],       # empty
+    ])
+    assert assign_levels(boxes, torch.tensor(BASE_SIZES)).tolist() == [0, 1, 2, 3, 0, 2, 3, 0, 0]
+
+
+def level_features(batch: int, channels: int = 2, image: int = 128) -> list[torch.Tensor]:
+    """Constant maps: value 10 * image + level + 1 (channel c adds 100 c)."""
+    out = []
+    for level, stride in enumerate(STRIDES):
+        size = image // stride
+        values = (10.0 * torch.arange(batch)[:, None] + level + 1 + 100.0 * torch.arange(channels)[None])
+        out.append(values[:, :, None, None].expand(-1, -1, size, size).contiguous())
+    return out
+
+
+def test_crops_come_back_in_input_order_from_their_own_image_and_level():
+    crop = MultiLevelRoiAlign(BASE_SIZES, STRIDES, output_size=3)
+    features = level_features(batch=2)
+    boxes = [torch.tensor([[0.0, 0.0, 64.0, 64.0], [8.0, 8.0, 16.0, 16.0], [30.0, 30.0, 62.0, 62.0]]),
+             torch.tensor([[40.0, 40.0, 56.0, 56.0], [4.0, 4.0, 12.0, 12.0]])]
+    out = crop(features, boxes)
+    assert out.shape == (5, 2, 3, 3)
+    expected = torch.tensor([4.0, 1.0, 3.0, 12.0, 11.0])  # image 1 adds 10; level l adds l + 1
+    assert torch.allclose(out[:, 0], expected[:, None, None].expand(-1, 3, 3))
+    assert torch.allclose(out[:, 1], expected[:, None, None].expand(-1, 3, 3) + 100)
+
+
+def test_crop_of_a_constant_map_is_the_constant():
+    crop = MultiLevelRoiAlign(BASE_SIZES, STRIDES, output_size=7)
+    features = [torch.full((1, 4, 128 // s, 128 // s), 3.5) for s in STRIDES]
+    boxes = [torch.tensor([[3.0, 5.0, 13.0, 11.0], [20.0, 17.5, 50.0, 60.0], [0.0, 0.0, 120.0, 120.0]])]
+    out = crop(features, boxes)
+    assert out.shape == (3, 4, 7, 7)
+    assert torch.allclose(out, torch.full_like(out, 3.5))
+
+
+def test_feature_pixel_x_is_centred_at_x_times_stride():
+    # p2 (stride 4) holds its column index, so a crop reads the feature x of its sample points.
+    ramp = torch.arange(32.0).expand(1, 1, 32, 32).contiguous()
+    features = [ramp] + [torch.zeros(1, 1, 128 // s, 128 // s) for s in STRIDES[1:]]
+    crop = MultiLevelRoiAlign(BASE_SIZES, STRIDES, output_size=2)
+    out = crop(features, [torch.tensor([[8.0, 8.0, 16.0, 16.0]])])   # level 0 (size 8): feature x 2..4
+    # Two bins, [2, 3] and [3, 4]; linear interpolation of a ramp gives their centres.
+    assert torch.allclose(out[0, 0], torch.tensor([[2.5, 3.5], [2.5, 3.5]]))
+
+
+def test_images_without_boxes():
+    crop = MultiLevelRoiAlign(BASE_SIZES, STRIDES, output_size=2)
+    features = level_features(batch=2)
+    out = crop(features, [torch.zeros(0, 4), torch.tensor([[0.0, 0.0, 8.0, 8.0]])])
+    assert torch.allclose(out[:, 0], torch.full((1, 2, 2), 11.0))
+    assert crop(features, [torch.zeros(0, 4), torch.zeros(0, 4)]).shape == (0, 2, 2, 2)
