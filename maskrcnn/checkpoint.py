@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +62,11 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def _refused_object(message: str) -> bool:
+    """Whether torch's weights_only unpickler stopped at a class or function (code), not at bad bytes."""
+    return "GLOBAL" in message or "add_safe_globals" in message
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Load a checkpoint safely; every problem is a one-line UserError naming the file."""
     path = Path(path)
@@ -71,9 +75,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).splitlines()[0] if "weights_only" not in str(err) else "it holds code or objects"
-        raise UserError(f"{path}: refused to load: {reason} (checkpoints may only hold tensors and plain data)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        if not _refused_object(str(err)):  # e.g. "Unsupported operand": bytes that are no pickle
+            raise UserError(f"{path}: corrupt or truncated checkpoint (not a torch checkpoint)") from None
+        raise UserError(f"{path}: refused to load: it holds code or objects (checkpoints may only hold "
+                        "tensors and plain data)") from None
+    # Damaged files raise many unrelated types (RuntimeError from the zip reader, EOFError,
+    # IndexError, KeyError, struct.error, UnicodeDecodeError, ...): all mean "cannot be read".
+    except Exception as err:
         raise UserError(f"{path}: corrupt or truncated checkpoint ({type(err).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path}: not a maskrcnn checkpoint")

@@ -140,9 +140,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 SUMMARY_KEYS = ("mask_ap", "mask_ap50", "mask_ap75", "box_ap50", "dsb_score")
 
 
+def _check_tiling(args: argparse.Namespace) -> None:
+    if args.tile and not 0 <= args.overlap < args.tile:
+        raise UserError(f"--overlap must be in [0, --tile), got {args.overlap} for --tile {args.tile}")
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import Predictor, predict_files
 
+    _check_tiling(args)
     predictor = Predictor.from_checkpoint(args.weights, args.device)
     run = predict_files(predictor, args.inputs, args.out, tile=args.tile, overlap=args.overlap,
                         kaggle=args.kaggle, progress=not args.no_progress)
@@ -158,6 +164,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_model
     from .predict import Predictor
 
+    _check_tiling(args)
     predictor = Predictor.from_checkpoint(args.weights, args.device)
     reader = open_dataset(args.data, args.format, image_dir=args.images)
     report = evaluate_model(predictor.model, predictor.normalizer, reader, device=predictor.device,

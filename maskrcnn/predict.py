@@ -54,7 +54,8 @@ class Predictor:
     def from_checkpoint(cls, path: str | Path, device: str = "auto") -> "Predictor":
         target = resolve_device(device)
         ckpt = load_checkpoint(path, map_location=target)
-        model = MaskRCNN(ckpt.config)
+        # every weight is in the checkpoint: the ImageNet file training started from is not needed here
+        model = MaskRCNN(ckpt.config.replace(backbone_weights=None))
         model.load_state_dict(ckpt.model_state)
         return cls(model.to(target).eval(), Normalizer.from_dict(ckpt.normalizer), target)
 
@@ -217,6 +218,11 @@ def predict_files(predictor: Predictor, inputs: list[str], out_dir: str | Path, 
     paths = expand_inputs(inputs)
     if not paths:
         raise UserError(f"no images found in {' '.join(inputs)}")
+    by_stem: dict[str, Path] = {}
+    for path in paths:  # outputs are named by stem: two inputs with one stem would overwrite each other
+        if by_stem.setdefault(path.stem, path) != path:
+            raise UserError(f"{path}: same name as {by_stem[path.stem]}; their outputs "
+                            f"({path.stem}_labels.png, ...) would overwrite each other")
     written, failed, coco, kaggle_table = [], [], [], []
     images_meta = []
     for image_id, path in enumerate(tqdm(paths, desc="predict", unit="img", disable=not progress), start=1):

@@ -25,7 +25,7 @@ from .data.loader import InstanceDataset, collate, split_train_val
 from .data.normalize import Normalizer
 from .data.views import RegionReader, SubsetReader
 from .distributed import DistContext, resolve_device
-from .errors import UserError
+from .errors import DataError, UserError
 from .evaluate import evaluate_model
 from .model import MaskRCNN
 from .plots import plot_training_curves
@@ -98,12 +98,32 @@ class Trainer:
     def _build_data(self) -> None:
         opts = self.opts
         reader = open_dataset(opts.data, opts.format, image_dir=opts.image_dir)
+        if opts.skip_bad:
+            reader = self._readable(reader)
         self.cfg = opts.config.replace(num_classes=len(reader.class_names), class_names=list(reader.class_names))
         self.normalizer = opts.normalizer or Normalizer(channels=self.cfg.in_channels)
         train_reader, self.val_reader = self._split(reader)
         self.train_set = InstanceDataset(train_reader, self.normalizer, Augment(crop_size=opts.crop), seed=opts.seed)
         per_step = opts.batch_size * self.dist.world_size
         self.batches_per_epoch = max(1, math.ceil(len(self.train_set) / per_step))
+
+    def _readable(self, reader: InstanceReader) -> InstanceReader:
+        """--skip-bad: the samples that load; the others are listed in RUN_DIR/skipped.txt."""
+        good, bad = [], []
+        for index in range(len(reader)):
+            try:
+                reader[index]
+                good.append(index)
+            except DataError as err:
+                bad.append(f"{reader.names[index]}\t{err}\n")
+        listing = self.run_dir / "skipped.txt"
+        if bad and self.dist.is_main:
+            listing.write_text("".join(bad))
+        if not good:
+            raise UserError(f"{self.opts.data}: no readable samples (listed in {listing})")
+        if bad:
+            warnings.warn(f"skipped {len(bad)} unreadable sample(s), listed in {listing}")
+        return SubsetReader(reader, good) if bad else reader
 
     def _split(self, reader: InstanceReader) -> tuple[InstanceReader, InstanceReader]:
         """(train, validation) readers: --val, else held-out images, else the right part of each
@@ -138,7 +158,8 @@ class Trainer:
         if ckpt.config.to_dict() != self.cfg.to_dict():
             warnings.warn("resuming with the checkpoint's configuration; options given now are ignored")
             self.cfg = ckpt.config
-            self.model = MaskRCNN(self.cfg).to(self.device)
+            # the weights come from the checkpoint, not from the ImageNet file training started from
+            self.model = MaskRCNN(self.cfg.replace(backbone_weights=None)).to(self.device)
             self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.opts.lr,
                                                weight_decay=self.opts.weight_decay)
         self.model.load_state_dict(ckpt.model_state)
@@ -175,11 +196,13 @@ class Trainer:
                    desc="train", unit="it", dynamic_ncols=True)
         bad_in_row, stopped_by = 0, "iterations"
         last_metrics: dict[str, float] = {}
+        validated_at: int | None = None
         while True:
             if opts.epochs and self.epoch >= opts.epochs:
                 stopped_by = "epochs"
                 break
-            if total is not None and self.step >= total:
+            if total is not None and self.step >= total:  # with --epochs, total is epochs' worth of steps
+                stopped_by = "epochs" if opts.epochs else "iterations"
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 stopped_by = "time"
@@ -205,9 +228,10 @@ class Trainer:
             bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
             self._log({"step": self.step, "epoch": self.epoch, **losses})
             if self.step % opts.val_every == 0:
-                last_metrics = self.validate_and_save()
+                last_metrics, validated_at = self.validate_and_save(), self.step
         bar.close()
-        last_metrics = self.validate_and_save()
+        if validated_at != self.step:  # not when the last step was just validated and saved
+            last_metrics = self.validate_and_save()
         best = self.run_dir / "best.pt"
         return TrainResult(self.run_dir, self.step, self.run_dir / "last.pt", best if best.exists() else None,
                            last_metrics, stopped_by)
@@ -268,6 +292,8 @@ class Trainer:
 
     def _log(self, record: dict) -> None:
         if self.dist.is_main:
+            # NaN (a metric undefined on this validation set) is not JSON: write null, as reports do
+            record = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 

@@ -1,0 +1,398 @@
+"""Benchmark: ours (maskrcnn.MaskRCNN) vs torchvision maskrcnn_resnet50_fpn, in one process.
+
+    .venv/bin/python benchmarks/run.py --out bench_out           # full run (~10-15 min on 2 cores)
+    .venv/bin/python benchmarks/run.py --out bench_out --quick   # smoke run: 256 only, 1 repeat
+
+Both systems: ResNet-50-FPN, random weights from a fixed seed, batch 1, square images of 256, 512
+and 1024 pixels, the same image and the same targets, exactly 100 detections per image at
+inference (see bench_common.py for the settings, and the one RPN weight tweak for ours). The two
+are timed alternately (ours first on even repeats, torchvision first on odd ones) so that load
+drift from other processes hits both alike; each figure is the median of the repeats after the
+warm-ups. A ResNet-18 row is given for ours (no torchvision peer), and the training throughput of
+ours on synthetic nuclei (256 x 256, batch 4, 20 instances per image).
+
+Metrics
+  inference_ms   one image through model.eval() under torch.inference_mode(), masks pasted
+  train_step_ms  forward + backward + SGD step (momentum 0.9) on one image with 5 instances
+  peak memory    each measurement runs in a fresh child process (this script, ``--child``):
+                 build the model and inputs, run one warm-up step, free the gradients
+                 (zero_grad(set_to_none=True): a step's gradients count toward its peak), reset
+                 the kernel's peak-RSS mark (write 5 to /proc/self/clear_refs, which resets
+                 VmHWM), read VmRSS, run the measured step, then report VmHWM - VmRSS-before:
+                 the peak resident-memory increase of one steady-state step (SGD momentum
+                 buffers, allocated by the first step, are in the baseline). Large CPU tensors are malloc'd with mmap and
+                 returned to the OS when freed, so RSS follows live tensor memory; to keep it so,
+                 the child fixes glibc's mmap threshold at 128 KiB (MALLOC_MMAP_THRESHOLD_, which
+                 also turns off its dynamic raising). The cold first step's increase (VmHWM
+                 minus RSS after construction: includes momentum buffers and one-time library
+                 initialisation) is recorded too, in detail.cold_mb.
+
+Output: a table on stdout, <out>/results.json and <out>/results.md, with the machine (CPU model,
+cores, torch version and threads) and the date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common as bc  # noqa: E402
+
+TRAIN_INSTANCES = 5
+THROUGHPUT_BATCH = 4
+THROUGHPUT_SIZE = 256
+THROUGHPUT_INSTANCES = 20
+
+_START = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - _START:6.0f}s] {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# timing
+def alternate(runs: dict, warmup: int, repeats: int) -> dict[str, dict]:
+    """runs: name -> zero-argument callable returning a value. Alternates the names each round."""
+    names = list(runs)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    values: dict[str, list] = {n: [] for n in names}
+    for round_ in range(warmup + repeats):
+        order = names if round_ % 2 == 0 else names[::-1]
+        for name in order:
+            elapsed, value = bc.timed(runs[name])
+            if round_ >= warmup:
+                times[name].append(elapsed)
+                values[name].append(value)
+    return {n: {"median_s": statistics.median(times[n]), "times_s": times[n], "values": values[n]}
+            for n in names}
+
+
+# ----------------------------------------------------------------------------------------------
+# memory, in a child process
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def child_measure(spec: dict) -> dict:
+    """Runs in the child: peak RSS increase of one step (see the module docstring)."""
+    torch.set_num_threads(spec["threads"])
+    system, mode, size, backbone = spec["system"], spec["mode"], spec["size"], spec["backbone"]
+    samples = bc.make_samples(size, spec.get("batch", 1), spec.get("instances", TRAIN_INSTANCES))
+    if system == "ours":
+        model = bc.build_ours(backbone)
+        infer, train = bc.infer_ours, bc.train_step_ours
+    else:
+        model = bc.build_torchvision(size)
+        infer, train = bc.infer_torchvision, bc.train_step_torchvision
+    optimizer = None
+    if mode == "infer":
+        model.eval()
+        step = lambda: infer(model, samples)  # noqa: E731
+    else:
+        model.train()
+        optimizer = bc.make_optimizer(model)
+        step = lambda: train(model, optimizer, samples)  # noqa: E731
+
+    def settle() -> None:  # gradients are part of a step's peak: free them before the baseline
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+
+    settle()
+    base_kb = _status_kb("VmRSS")
+    step()  # cold step (also the warm-up)
+    # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's peak across fork + exec.
+    hwm = _status_kb("VmHWM")
+    cold_kb = (hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) - base_kb
+    settle()
+    out = {"cold_mb": cold_kb / 1024, "rss_before_mb": base_kb / 1024, "method": "cold step only"}
+    if _reset_peak() and _status_kb("VmHWM") is not None:
+        before = _status_kb("VmRSS")
+        step()
+        out["warm_mb"] = (_status_kb("VmHWM") - before) / 1024
+        out["rss_before_warm_mb"] = before / 1024
+        out["method"] = "VmHWM reset via clear_refs"
+    return out
+
+
+def measure_memory(system: str, mode: str, size: int, backbone: str = "resnet50") -> dict:
+    spec = {"system": system, "mode": mode, "size": size, "backbone": backbone,
+            "threads": torch.get_num_threads()}
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        log(f"memory child failed ({system} {mode} {size}): {proc.stderr.strip()[-500:]}")
+        return {}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def peak(mem: dict) -> float | None:
+    return mem.get("warm_mb", mem.get("cold_mb"))
+
+
+# ----------------------------------------------------------------------------------------------
+def row(model: str, size, metric: str, ours, theirs=None, **extra) -> dict:
+    ratio = (ours / theirs) if (ours is not None and theirs) else None
+    return {"model": model, "size": size, "metric": metric, "ours": ours, "torchvision": theirs,
+            "ratio": ratio, **extra}
+
+
+def bench_pair(size: int, warmup: int, repeats: int, memory: bool) -> list[dict]:
+    """ResNet-50-FPN, ours vs torchvision, at one image size."""
+    name = "ResNet-50-FPN"
+    samples = bc.make_samples(size, 1, TRAIN_INSTANCES)
+    ours, tv = bc.build_ours("resnet50").eval(), bc.build_torchvision(size).eval()
+    tv_size = bc.torchvision_input_size(tv, samples[0].image)
+    if tuple(tv_size) != (size, size):
+        raise RuntimeError(f"torchvision's transform resizes {size} to {tv_size}")
+
+    log(f"{name} {size}: inference (warm-up {warmup}, repeats {repeats})")
+    inf = alternate({"ours": lambda: bc.infer_ours(ours, samples),
+                     "torchvision": lambda: bc.infer_torchvision(tv, samples)}, warmup, repeats)
+    counts = {k: sorted(set(v["values"])) for k, v in inf.items()}
+    for k, c in counts.items():
+        if c != [bc.DETECTIONS]:
+            log(f"WARNING: {k} returned {c} detections at {size}, expected {bc.DETECTIONS}")
+
+    log(f"{name} {size}: training step")
+    ours.train(), tv.train()
+    opt_ours, opt_tv = bc.make_optimizer(ours), bc.make_optimizer(tv)
+    train = alternate({"ours": lambda: bc.train_step_ours(ours, opt_ours, samples),
+                       "torchvision": lambda: bc.train_step_torchvision(tv, opt_tv, samples)},
+                      warmup, repeats)
+    del ours, tv, opt_ours, opt_tv
+    gc.collect()
+
+    rows = [
+        row(name, size, "detections_per_image", counts["ours"][0] if len(counts["ours"]) == 1 else None,
+            counts["torchvision"][0] if len(counts["torchvision"]) == 1 else None, counts=counts),
+        row(name, size, "inference_ms", inf["ours"]["median_s"] * 1e3, inf["torchvision"]["median_s"] * 1e3,
+            times_ms={k: [t * 1e3 for t in v["times_s"]] for k, v in inf.items()}),
+        row(name, size, "train_step_ms", train["ours"]["median_s"] * 1e3,
+            train["torchvision"]["median_s"] * 1e3,
+            times_ms={k: [t * 1e3 for t in v["times_s"]] for k, v in train.items()}),
+    ]
+    if memory:
+        for mode in ("infer", "train"):
+            log(f"{name} {size}: peak memory, {mode} (child processes)")
+            m_ours, m_tv = measure_memory("ours", mode, size), measure_memory("torchvision", mode, size)
+            rows.append(row(name, size, f"peak_mem_{mode}_mb", peak(m_ours), peak(m_tv),
+                            detail={"ours": m_ours, "torchvision": m_tv}))
+    return rows
+
+
+def bench_ours_only(backbone: str, label: str, size: int, warmup: int, repeats: int,
+                    memory: bool) -> list[dict]:
+    samples = bc.make_samples(size, 1, TRAIN_INSTANCES)
+    model = bc.build_ours(backbone).eval()
+    log(f"{label} {size}: inference + training step (ours only)")
+    inf = alternate({"ours": lambda: bc.infer_ours(model, samples)}, warmup, repeats)
+    model.train()
+    opt = bc.make_optimizer(model)
+    train = alternate({"ours": lambda: bc.train_step_ours(model, opt, samples)}, warmup, repeats)
+    del model, opt
+    gc.collect()
+    counts = sorted(set(inf["ours"]["values"]))
+    rows = [
+        row(label, size, "detections_per_image", counts[0] if len(counts) == 1 else None, counts=counts),
+        row(label, size, "inference_ms", inf["ours"]["median_s"] * 1e3,
+            times_ms={"ours": [t * 1e3 for t in inf["ours"]["times_s"]]}),
+        row(label, size, "train_step_ms", train["ours"]["median_s"] * 1e3,
+            times_ms={"ours": [t * 1e3 for t in train["ours"]["times_s"]]}),
+    ]
+    if memory:
+        for mode in ("infer", "train"):
+            m = measure_memory("ours", mode, size, backbone)
+            rows.append(row(label, size, f"peak_mem_{mode}_mb", peak(m), detail={"ours": m}))
+    return rows
+
+
+def synthetic_nuclei(size: int, count: int, instances: int) -> tuple[list[bc.Sample], str]:
+    """Synthetic nuclei from maskrcnn.data.synthetic.synth_nuclei (``instances`` placed, fewer after
+    occlusion), or bench_common's blobs when that module is unavailable."""
+    try:
+        import numpy as np
+        from maskrcnn.data.synthetic import synth_nuclei
+    except ImportError:
+        return bc.make_samples(size, count, instances, seed=bc.SEED + 1), "blobs (bench_common.blob_sample)"
+    samples = []
+    for i in range(count):
+        image, labels = synth_nuclei(size, np.random.default_rng([bc.SEED, i]), n_range=(instances, instances))
+        ids = np.unique(labels)
+        ids = ids[ids > 0]
+        masks = torch.from_numpy(labels[None] == ids[:, None, None])
+        scale = 255.0 if image.dtype == np.uint8 else float(max(int(image.max()), 1))
+        img = torch.from_numpy(image.astype(np.float32) / scale)
+        img = img[None].expand(3, -1, -1).contiguous() if img.dim() == 2 else img.permute(2, 0, 1).contiguous()
+        target = bc.Target.from_masks(masks)
+        samples.append(bc.Sample(img, target, bc.to_torchvision_target(target)))
+    return samples, "maskrcnn.data.synthetic.synth_nuclei"
+
+
+def bench_throughput(warmup: int, repeats: int) -> dict:
+    samples, source = synthetic_nuclei(THROUGHPUT_SIZE, THROUGHPUT_BATCH, THROUGHPUT_INSTANCES)
+    model = bc.build_ours("resnet50").train()
+    opt = bc.make_optimizer(model)
+    log(f"throughput: ours ResNet-50-FPN, {THROUGHPUT_SIZE}x{THROUGHPUT_SIZE}, batch {THROUGHPUT_BATCH}")
+    res = alternate({"ours": lambda: bc.train_step_ours(model, opt, samples)}, warmup, repeats)["ours"]
+    return {"model": "ResNet-50-FPN (ours)", "size": THROUGHPUT_SIZE, "batch": THROUGHPUT_BATCH,
+            "instances_per_image": [len(x.target) for x in samples], "data": source,
+            "step_ms": res["median_s"] * 1e3, "images_per_s": THROUGHPUT_BATCH / res["median_s"],
+            "times_ms": [t * 1e3 for t in res["times_s"]]}
+
+
+# ----------------------------------------------------------------------------------------------
+# output
+_METRIC_LABELS = {
+    "detections_per_image": "detections / image",
+    "inference_ms": "inference latency (ms)",
+    "train_step_ms": "train step (ms)",
+    "peak_mem_infer_mb": "peak mem, inference (MB)",
+    "peak_mem_train_mb": "peak mem, train step (MB)",
+}
+
+
+def _fmt(value, digits: int = 0) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.{digits}f}"
+
+
+def table_lines(rows: list[dict]) -> list[str]:
+    lines = ["| model | size | metric | ours | torchvision | ours / tv |",
+             "|---|---:|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['size']} | {_METRIC_LABELS.get(r['metric'], r['metric'])} | "
+                     f"{_fmt(r['ours'])} | {_fmt(r['torchvision'])} | {_fmt(r['ratio'], 2)} |")
+    return lines
+
+
+def markdown(report: dict) -> str:
+    m, s, t = report["machine"], report["settings"], report.get("throughput")
+    out = ["# Mask R-CNN benchmark: ours vs torchvision", "",
+           f"- date: {m['date']}",
+           f"- machine: {m['cpu_model']}, {m['logical_cores']} logical cores "
+           f"({m['usable_cores']} usable), torch {m['torch_version']} / torchvision "
+           f"{m['torchvision_version']}, {m['torch_threads']} intra-op threads, load average at start "
+           f"{m['load_average_at_start']}",
+           f"- settings: batch 1, sizes {s['sizes']}, median of {s['repeats']} runs after "
+           f"{s['warmup']} warm-up(s) ({s['repeats_1024']} at 1024, for ResNet-18 and for throughput), "
+           f"random weights (seed {s['seed']}), {s['detections']} detections per image, "
+           f"quick={s['quick']}",
+           f"- peak memory: {s['memory_method']}",
+           "", *table_lines(report["rows"]), ""]
+    short = sorted({r["size"] for r in report["rows"] if r["metric"] == "detections_per_image"
+                    and r["ours"] != s["detections"]})
+    if short:
+        out += [f"Ours returned fewer than {s['detections']} instances at {short}: its post-processing "
+                "(results.assemble_result) drops an instance whose mask is hidden entirely behind "
+                "better-scoring ones in the label image; the random heads give many overlapping boxes.", ""]
+    if t:
+        out += [f"Training throughput, ours ({t['model']}), synthetic nuclei {t['size']}x{t['size']}, "
+                f"batch {t['batch']}, instances per image {t['instances_per_image']} ({t['data']}): "
+                f"**{t['images_per_s']:.2f} images/s** ({t['step_ms']:.0f} ms per step).", ""]
+    out.append(f"Total benchmark wall time: {report['wall_s']:.0f} s.")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="bench_out", help="output folder (results.json, results.md)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: size 256 only, 1 repeat, no warm-up")
+    parser.add_argument("--sizes", type=int, nargs="+", help="image sizes (default 256 512 1024)")
+    parser.add_argument("--repeats", type=int, help="timed runs per measurement (default 5)")
+    parser.add_argument("--warmup", type=int, help="warm-up runs (default 1)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    parser.add_argument("--no-resnet18", action="store_true", help="skip ours' ResNet-18 rows")
+    parser.add_argument("--no-throughput", action="store_true", help="skip the throughput measurement")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's default)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        print(json.dumps(child_measure(json.loads(args.child))))
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    sizes = args.sizes or ([256] if args.quick else [256, 512, 1024])
+    repeats = args.repeats or (1 if args.quick else 5)
+    warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
+    # 1024 is slow (several seconds a step on 2 cores): fewer repeats there, unless asked otherwise.
+    repeats_big = args.repeats or (1 if args.quick else 3)
+    memory = not args.no_memory
+
+    def reps(size: int) -> int:
+        return repeats_big if size >= 1024 else repeats
+
+    report = {
+        "machine": bc.machine_info(),
+        "settings": {"sizes": sizes, "repeats": repeats, "warmup": warmup, "repeats_1024": repeats_big,
+                     "warmup_1024": warmup, "seed": bc.SEED, "detections": bc.DETECTIONS, "batch": 1,
+                     "quick": args.quick, "train_instances": TRAIN_INSTANCES,
+                     "ours_overrides": bc.OURS_TEST_OVERRIDES,
+                     "ours_rpn_tweak": "RPN delta convs: weight 0, bias 0.5 (proposals = anchors)",
+                     "torchvision": "maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2, "
+                                    "box_score_thresh=0, box_detections_per_img=100, min_size=max_size=size)",
+                     "memory_method": ("peak RSS increase of one steady-state step in a fresh child process "
+                                       "(VmHWM reset via /proc/self/clear_refs after a warm-up step; glibc "
+                                       "mmap threshold fixed at 128 KiB); cold first step in detail.cold_mb")
+                     if memory else "not measured"},
+        "rows": [],
+    }
+    log(f"machine: {report['machine']['cpu_model']}, threads {torch.get_num_threads()}")
+    for size in sizes:
+        report["rows"] += bench_pair(size, warmup, reps(size), memory)
+    # The ResNet-18 rows and the throughput (a batch-4 step is ~4x a batch-1 step) are secondary:
+    # 3 repeats unless asked otherwise, to keep `make bench` under ~15 minutes on 2 cores.
+    if not args.no_resnet18:
+        for size in sizes:
+            report["rows"] += bench_ours_only("resnet18", "ResNet-18-FPN (ours)", size, warmup,
+                                              min(reps(size), repeats_big), memory)
+    if not args.no_throughput:
+        report["throughput"] = bench_throughput(warmup, repeats_big)
+    report["wall_s"] = time.perf_counter() - _START
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    md = markdown(report)
+    (out / "results.md").write_text(md)
+    print(md)
+    log(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
