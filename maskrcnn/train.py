@@ -7,6 +7,7 @@ run resumed from ``last.pt`` continues exactly as if it had never stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -272,7 +273,8 @@ class Trainer:
             ckpt = self.checkpoint(metrics)
             save_checkpoint(self.run_dir / "last.pt", ckpt)
             if improved:
-                save_checkpoint(self.run_dir / "best.pt", ckpt)
+                # best.pt is for prediction: without the optimizer state it is a third of the size.
+                save_checkpoint(self.run_dir / "best.pt", dataclasses.replace(ckpt, optimizer_state=None))
             self._log({"step": self.step, "epoch": self.epoch, **{f"val_{k}": v for k, v in metrics.items()}})
             plot_training_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
         return metrics
