@@ -169,7 +169,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, monke
     write_label_image(path, np.ones((3, 3), np.int32))
 
     def crash(file, *args, **kwargs):
-        Path(file).write_bytes(b"partial")
+        file.write(b"partial")  # the encoder got halfway
         raise OSError("disk full")
 
     monkeypatch.setattr(maskrcnn.data.io.tifffile, "imwrite", crash)

@@ -6,8 +6,7 @@ Every problem with a file (missing, empty, truncated, not an image, wrong shape)
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from ..atomic import atomic_write_bytes
 from ..errors import DataError
 
 PIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
@@ -169,17 +169,8 @@ def _drop_unit_axes(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the target folder, then rename it into place.
-
-    Readers never see a half-written file, and an interrupted run leaves the old file intact.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)  # the writers open the path themselves
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def _write_atomically(path: Path, write: Callable[[io.BytesIO], None]) -> None:
+    """Encode in memory, then write through maskrcnn.atomic: never a half-written file."""
+    buffer = io.BytesIO()
+    write(buffer)
+    atomic_write_bytes(path, buffer.getvalue())
