@@ -93,14 +93,16 @@ class MaskRCNN(nn.Module):
     # ----------------------------------------------------------------------------------------
     def _proposals(self, anchors: Tensor, logits: Tensor, deltas: Tensor,
                    sizes: list[tuple[int, int]]) -> list[Proposals]:
-        cfg, mode = self.cfg, "train" if self.training else "test"
-        return make_proposals(
-            anchors, logits.detach(), deltas.detach(), sizes,
-            score_threshold=getattr(cfg, f"rpn_{mode}_nms_pre_score_threshold"),
-            nms_threshold=getattr(cfg, f"rpn_{mode}_nms_overlap_threshold"),
-            min_size=getattr(cfg, f"rpn_{mode}_nms_min_size"),
-            pre_nms_top_k=getattr(cfg, f"rpn_{mode}_pre_nms_top_k"),
-            post_nms_top_k=getattr(cfg, f"rpn_{mode}_post_nms_top_k"))
+        cfg = self.cfg
+        if self.training:  # looser thresholds: more proposals to sample RCNN and mask targets from
+            settings = dict(score_threshold=cfg.rpn_train_nms_pre_score_threshold,
+                            nms_threshold=cfg.rpn_train_nms_overlap_threshold, min_size=cfg.rpn_train_nms_min_size,
+                            pre_nms_top_k=cfg.rpn_train_pre_nms_top_k, post_nms_top_k=cfg.rpn_train_post_nms_top_k)
+        else:
+            settings = dict(score_threshold=cfg.rpn_test_nms_pre_score_threshold,
+                            nms_threshold=cfg.rpn_test_nms_overlap_threshold, min_size=cfg.rpn_test_nms_min_size,
+                            pre_nms_top_k=cfg.rpn_test_pre_nms_top_k, post_nms_top_k=cfg.rpn_test_post_nms_top_k)
+        return make_proposals(anchors, logits.detach(), deltas.detach(), sizes, **settings)
 
     def _losses(self, features: list[Tensor], anchors: Tensor, logits: Tensor, deltas: Tensor,
                 sizes: list[tuple[int, int]], targets: list[Target]) -> Losses:

@@ -209,7 +209,7 @@ class PredictRun:
 
 
 def predict_files(predictor: Predictor, inputs: list[str], out_dir: str | Path, *, tile: int | None = None,
-                  overlap: int = 64, kaggle: bool = False, progress: bool = True) -> PredictRun:
+                  overlap: int = 128, kaggle: bool = False, progress: bool = True) -> PredictRun:
     """Predict every input image; a bad image is reported and skipped, the others still processed."""
     from tqdm import tqdm
 
