@@ -17,6 +17,7 @@ from torchvision.ops import FeaturePyramidNetwork, SqueezeExcitation
 
 from .config import Config
 from .errors import UserError
+from .norm import norm_layer
 
 
 class SEBottleneck(resnet.Bottleneck):
@@ -35,15 +36,16 @@ class SEBottleneck(resnet.Bottleneck):
         return self.relu(out + identity)
 
 
-def _make_resnet(name: str) -> resnet.ResNet:
+def _make_resnet(name: str, norm: str = "batch") -> resnet.ResNet:
+    layer = norm_layer(norm)
     if name == "resnet18":
-        return resnet.resnet18()
+        return resnet.resnet18(norm_layer=layer)
     if name == "resnet34":
-        return resnet.resnet34()
+        return resnet.resnet34(norm_layer=layer)
     if name == "resnet50":
-        return resnet.resnet50()
+        return resnet.resnet50(norm_layer=layer)
     if name == "se_resnext50":
-        return resnet.ResNet(SEBottleneck, [3, 4, 6, 3], groups=32, width_per_group=4)
+        return resnet.ResNet(SEBottleneck, [3, 4, 6, 3], groups=32, width_per_group=4, norm_layer=layer)
     raise UserError(f"unknown backbone {name!r}")
 
 
@@ -69,7 +71,7 @@ class Backbone(nn.Module):
 
     def __init__(self, cfg: Config) -> None:
         super().__init__()
-        net = _make_resnet(cfg.backbone)
+        net = _make_resnet(cfg.backbone, cfg.norm)
         if cfg.backbone_weights:
             _load_imagenet_weights(net, cfg.backbone_weights)
         if cfg.in_channels == 1:
@@ -78,7 +80,7 @@ class Backbone(nn.Module):
             net.conv1.stride = (1, 1)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layers = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
-        widths = [layer[-1].bn3.num_features if hasattr(layer[-1], "bn3") else layer[-1].bn2.num_features
+        widths = [layer[-1].conv3.out_channels if hasattr(layer[-1], "conv3") else layer[-1].conv2.out_channels
                   for layer in self.layers]
         self.fpn = FeaturePyramidNetwork(widths, cfg.fpn_channels)
         self.out_channels = cfg.fpn_channels

@@ -31,6 +31,7 @@ class Checkpoint:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
+    global_batch: int | None = None  # images per step (batch size x processes) that batch_in_epoch counts
     optimizer_state: dict[str, Any] | None = None
     rng_state: torch.Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)
@@ -52,6 +53,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
         "step": ckpt.step,
         "epoch": ckpt.epoch,
         "batch_in_epoch": ckpt.batch_in_epoch,
+        "global_batch": ckpt.global_batch,
         "optimizer": ckpt.optimizer_state,
         "rng_state": ckpt.rng_state,
         "metrics": ckpt.metrics,
@@ -92,5 +94,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return Checkpoint(
         config=config, model_state=payload["model"], normalizer=payload["normalizer"],
         step=payload["step"], epoch=payload["epoch"], batch_in_epoch=payload["batch_in_epoch"],
+        global_batch=payload.get("global_batch"),
         optimizer_state=payload["optimizer"], rng_state=payload["rng_state"], metrics=payload["metrics"],
         best_score=payload["best_score"], version=payload["version"])

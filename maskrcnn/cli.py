@@ -56,8 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     train.add_argument("--skip-bad", action="store_true", help="skip unreadable samples (listed in RUN_DIR)")
-    train.add_argument("--sync-bn", action="store_true", help="synchronised batch norm across processes")
-    train.add_argument("--amp", action="store_true", help="mixed precision (CUDA float16, CPU bfloat16)")
+    train.add_argument("--sync-bn", action="store_true",
+                       help="synchronised BatchNorm across processes (CUDA only; on the CPU use `norm: group`)")
+    train.add_argument("--amp", action="store_true",
+                       help="mixed precision: CUDA float16 with loss scaling, CPU bfloat16; losses stay float32")
     train.add_argument("--no-progress", action="store_true")
     train.set_defaults(run=cmd_train)
 

@@ -18,6 +18,7 @@ import yaml
 from .errors import UserError
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "se_resnext50")
+NORMS = ("batch", "group")
 
 
 def aspect(scale: float, ratio: float) -> tuple[float, float]:
@@ -47,6 +48,10 @@ class Config:
     backbone: str = "resnet50"
     backbone_weights: str | None = None  # local torchvision ImageNet state-dict file, never fetched
     fpn_channels: int = 256
+    # Normalisation in the backbone trunk and the mask head. "batch": BatchNorm (statistics of each
+    # process's own batch under torch.distributed, unless --sync-bn on CUDA); "group": GroupNorm
+    # (per image, so a run does not depend on how its global batch is split over processes).
+    norm: str = "batch"
 
     # --- RPN (the spec's fields) ------------------------------------------------------------
     rpn_base_sizes: list[float] = field(default_factory=lambda: [8, 16, 32, 64])
@@ -134,6 +139,11 @@ class Config:
             raise ConfigError("pixel_std values must be > 0")
         if self.backbone not in BACKBONES:
             raise ConfigError(f"backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
+        if self.norm not in NORMS:
+            raise ConfigError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        if self.norm == "group" and self.backbone_weights:
+            raise ConfigError("norm: group cannot start from backbone_weights (torchvision's ImageNet weights "
+                              "are for BatchNorm); use norm: batch, or train from scratch")
         lengths = {len(self.rpn_base_sizes), len(self.rpn_scales), len(self.rpn_base_aspect_ratios)}
         if len(lengths) != 1:
             raise ConfigError(

@@ -2,10 +2,16 @@
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; the backend is gloo on CPU and nccl on CUDA.
 Only rank 0 writes files and shows progress.
+
+Each step's global batch is the same whatever the number of processes (:func:`epoch_batches`),
+and the losses are means over images of per-image losses, so N processes with batch B/N train
+like one process with batch B (exactly so with ``norm: group``; BatchNorm normalises with each
+process's own batch unless --sync-bn on CUDA).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -25,6 +31,15 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise UserError(f"--device must be auto, cpu or cuda, got {name!r}")
     return torch.device(name)
+
+
+def cpu_has_fast_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 / AMX); elsewhere bfloat16
+    autocast is emulated and slower than float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: assume nothing
+        return False
 
 
 @dataclass
@@ -60,6 +75,10 @@ class DistContext:
         return cls(dist.get_rank(), dist.get_world_size(), target)
 
     def wrap(self, model: nn.Module, sync_bn: bool = False) -> nn.Module:
+        if sync_bn and self.device.type != "cuda":
+            # torch's SyncBatchNorm raises on CPU tensors at the first forward; say so up front
+            raise UserError("--sync-bn needs CUDA (torch's SyncBatchNorm is GPU-only); on the CPU set "
+                            "`norm: group` in the config for normalisation independent of the batch split")
         if not self.active:
             return model
         if sync_bn:
@@ -75,6 +94,26 @@ class DistContext:
         dist.all_gather_object(out, value)
         return out
 
+    def mean_floats(self, values: dict[str, float]) -> dict[str, float]:
+        """Each value's mean over the ranks: the losses of the global batch (every loss is a mean
+        over images, so the mean over equal shares is the global batch's). Same keys everywhere."""
+        if not self.active:
+            return values
+        tensor = torch.tensor(list(values.values()), dtype=torch.float64,
+                              device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(tensor)  # SUM: gloo has no AVG
+        return dict(zip(values, (tensor / self.world_size).tolist()))
+
+    def broadcast_buffers(self, model: nn.Module) -> None:
+        """Give every rank rank 0's buffers (BatchNorm running statistics).
+
+        DDP broadcasts them before each forward, but each rank's last training forward updates its
+        own copy: without this, ranks would validate with slightly different models.
+        """
+        if self.active:
+            for buffer in model.buffers():
+                dist.broadcast(buffer.data, src=0)
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
@@ -82,3 +121,21 @@ class DistContext:
     def close(self) -> None:
         if self.active and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def epoch_batches(num_samples: int, batch_size: int, rank: int, world_size: int, seed: int,
+                  epoch: int) -> list[torch.Tensor]:
+    """Rank ``rank``'s batches of one epoch: sample indices, ``batch_size`` per batch.
+
+    One permutation of the samples, drawn from (seed, epoch) alike on every rank, is cut into
+    global batches of ``batch_size * world_size``; rank r takes positions r, r + world_size, ...
+    of each. So the global batch of every step, and the image at each position of it, is the same
+    as on one process with batch ``batch_size * world_size``: that process's position p is rank
+    p % world_size's. The permutation is repeated so that every rank gets full batches.
+    """
+    per_step = batch_size * world_size
+    steps = max(1, math.ceil(num_samples / per_step))
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(num_samples, generator=gen)
+    order = order.repeat(math.ceil(steps * per_step / num_samples))[: steps * per_step]
+    return [chunk[rank::world_size] for chunk in order.split(per_step)]

@@ -102,7 +102,8 @@ class MaskRCNN(nn.Module):
             settings = dict(score_threshold=cfg.rpn_test_nms_pre_score_threshold,
                             nms_threshold=cfg.rpn_test_nms_overlap_threshold, min_size=cfg.rpn_test_nms_min_size,
                             pre_nms_top_k=cfg.rpn_test_pre_nms_top_k, post_nms_top_k=cfg.rpn_test_post_nms_top_k)
-        return make_proposals(anchors, logits.detach(), deltas.detach(), sizes, **settings)
+        # float32 under autocast too: NMS needs boxes and scores of one dtype, and these are targets
+        return make_proposals(anchors, logits.detach().float(), deltas.detach().float(), sizes, **settings)
 
     def _losses(self, features: list[Tensor], anchors: Tensor, logits: Tensor, deltas: Tensor,
                 sizes: list[tuple[int, int]], targets: list[Target]) -> Losses:
@@ -111,12 +112,15 @@ class MaskRCNN(nn.Module):
                                        cfg.rpn_train_bg_thresh_high)
         rpn_cls, rpn_reg = rpn_loss(logits, deltas, rpn_targets, cfg.rpn_focal_gamma, cfg.rpn_delta_sigma)
         proposals = self._proposals(anchors, logits, deltas, sizes)
+        # One generator per image, from its Target's seed: an image samples the same boxes in a
+        # batch of any size on any process (DDP then trains as one process on the global batch).
+        generators = [t.sampling_generator() for t in targets]
 
-        rcnn_targets = make_rcnn_targets(proposals, targets, cfg)
+        rcnn_targets = make_rcnn_targets(proposals, targets, cfg, generators)
         rcnn_logits, rcnn_deltas = self.rcnn(self.rcnn_crop(features, rcnn_targets.proposals))
         rcnn_cls, rcnn_reg = rcnn_loss(rcnn_logits, rcnn_deltas, rcnn_targets)
 
-        mask_targets = make_mask_targets(proposals, targets, cfg)
+        mask_targets = make_mask_targets(proposals, targets, cfg, generators)
         if mask_targets.labels.numel():
             mask_logits = self.mask(self.mask_crop(features, mask_targets.proposals))
             loss_mask = mask_loss(mask_logits, mask_targets)

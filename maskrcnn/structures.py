@@ -18,11 +18,15 @@ class Target:
     """Ground truth of one image.
 
     boxes: (G, 4) float xyxy; labels: (G,) int64 in 1..K-1; masks: (G, H, W) bool or uint8.
+    seed: the image's own seed for the training-time sampling of RCNN and mask boxes, so that an
+    image is sampled alike whatever batch and process it lands in (``InstanceDataset`` derives it
+    from (seed, epoch, index)); None draws from torch's global RNG.
     """
 
     boxes: Tensor
     labels: Tensor
     masks: Tensor
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         g = self.boxes.shape[0]
@@ -31,15 +35,19 @@ class Target:
                              f"and masks {tuple(self.masks.shape)} disagree on the instance count")
 
     @classmethod
-    def from_masks(cls, masks: Tensor, labels: Tensor | None = None) -> "Target":
+    def from_masks(cls, masks: Tensor, labels: Tensor | None = None, seed: int | None = None) -> "Target":
         """Build a target from (G, H, W) instance masks; boxes are the masks' tight extents."""
         masks = masks.bool()
         if labels is None:
             labels = torch.ones(masks.shape[0], dtype=torch.int64, device=masks.device)
-        return cls(boxes=masks_to_boxes(masks), labels=labels.long(), masks=masks)
+        return cls(boxes=masks_to_boxes(masks), labels=labels.long(), masks=masks, seed=seed)
 
     def to(self, device: torch.device | str) -> "Target":
-        return Target(self.boxes.to(device), self.labels.to(device), self.masks.to(device))
+        return Target(self.boxes.to(device), self.labels.to(device), self.masks.to(device), self.seed)
+
+    def sampling_generator(self) -> torch.Generator | None:
+        """A fresh CPU generator from ``seed`` (None without one: torch's global RNG is used)."""
+        return None if self.seed is None else torch.Generator().manual_seed(self.seed)
 
     def __len__(self) -> int:
         return self.boxes.shape[0]

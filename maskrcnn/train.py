@@ -25,7 +25,7 @@ from .data.datasets import InstanceReader, open_dataset
 from .data.loader import InstanceDataset, collate, split_train_val
 from .data.normalize import Normalizer
 from .data.views import RegionReader, SubsetReader
-from .distributed import DistContext, resolve_device
+from .distributed import DistContext, cpu_has_fast_bfloat16, epoch_batches, resolve_device
 from .errors import DataError, UserError
 from .evaluate import evaluate_model
 from .model import MaskRCNN
@@ -94,6 +94,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self._build_data()
         self._build_model()
+        if opts.amp and self.device.type == "cpu" and not cpu_has_fast_bfloat16():
+            warnings.warn("--amp on a CPU without native bfloat16 (AVX512-BF16 or AMX): autocast is emulated "
+                          "and usually slower than float32")
 
     # --- setup ------------------------------------------------------------------------------
     def _build_data(self) -> None:
@@ -105,8 +108,8 @@ class Trainer:
         self.normalizer = opts.normalizer or Normalizer(channels=self.cfg.in_channels)
         train_reader, self.val_reader = self._split(reader)
         self.train_set = InstanceDataset(train_reader, self.normalizer, Augment(crop_size=opts.crop), seed=opts.seed)
-        per_step = opts.batch_size * self.dist.world_size
-        self.batches_per_epoch = max(1, math.ceil(len(self.train_set) / per_step))
+        self.global_batch = opts.batch_size * self.dist.world_size  # images per optimizer step
+        self.batches_per_epoch = max(1, math.ceil(len(self.train_set) / self.global_batch))
 
     def _readable(self, reader: InstanceReader) -> InstanceReader:
         """--skip-bad: the samples that load; the others are listed in RUN_DIR/skipped.txt."""
@@ -169,6 +172,9 @@ class Trainer:
         self.normalizer = Normalizer.from_dict(ckpt.normalizer)
         self.train_set.normalizer = self.normalizer
         self.step, self.epoch, self.batch_in_epoch = ckpt.step, ckpt.epoch, ckpt.batch_in_epoch
+        if ckpt.global_batch and ckpt.global_batch != self.global_batch:
+            # resumed with another batch size or number of processes: continue after the same images
+            self.batch_in_epoch = math.ceil(ckpt.batch_in_epoch * ckpt.global_batch / self.global_batch)
         self.best_score = ckpt.best_score
         if ckpt.rng_state is not None:
             torch.set_rng_state(ckpt.rng_state.cpu())
@@ -183,12 +189,8 @@ class Trainer:
 
     def epoch_batches(self, epoch: int) -> list[torch.Tensor]:
         """This rank's batches of an epoch: a permutation drawn from (seed, epoch), dealt to ranks."""
-        gen = torch.Generator().manual_seed(self.opts.seed * 100_003 + epoch)
-        order = torch.randperm(len(self.train_set), generator=gen)
-        per_step = self.opts.batch_size * self.dist.world_size
-        reps = math.ceil(self.batches_per_epoch * per_step / len(order))
-        order = order.repeat(reps)[: self.batches_per_epoch * per_step]  # every rank gets full batches
-        return [chunk[self.dist.rank :: self.dist.world_size] for chunk in order.split(per_step)]
+        return epoch_batches(len(self.train_set), self.opts.batch_size, self.dist.rank, self.dist.world_size,
+                             self.opts.seed, epoch)
 
     def run(self) -> TrainResult:
         opts, total = self.opts, self.total_steps()
@@ -245,17 +247,19 @@ class Trainer:
         self.net.train()
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.opts.amp):
             losses = self.net(images, targets).losses
-        total = losses.total
+        # The global batch's losses: what one process would log, and one skip decision for all
+        # ranks (a rank skipping backward alone would leave the others waiting in DDP's all-reduce).
+        logged = self.dist.mean_floats(losses.as_floats())
         self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(total):
+        if not all(math.isfinite(v) for v in logged.values()):
             warnings.warn(f"step {self.step}: non-finite loss, step skipped")
             return None
-        self.scaler.scale(total).backward()
+        self.scaler.scale(losses.total).backward()
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 10.0)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return losses.as_floats() | {"lr": lr}
+        return logged | {"lr": lr}
 
     @property
     def amp_dtype(self) -> torch.dtype:
@@ -282,6 +286,7 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         if len(self.val_reader) == 0:
             return {}
+        self.dist.broadcast_buffers(self.model)  # every rank validates the model rank 0 saves
         report = evaluate_model(self.model, self.normalizer, self.val_reader, device=self.device,
                                 progress=False, dist=self.dist)
         return report.summary()
@@ -289,6 +294,7 @@ class Trainer:
     def checkpoint(self, metrics: dict[str, float]) -> Checkpoint:
         return Checkpoint(config=self.cfg, model_state=self.model.state_dict(), normalizer=self.normalizer.to_dict(),
                           step=self.step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch,
+                          global_batch=self.global_batch,
                           optimizer_state=self.optimizer.state_dict(), rng_state=torch.get_rng_state(),
                           metrics=metrics, best_score=self.best_score)
 

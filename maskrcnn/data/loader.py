@@ -49,7 +49,7 @@ class InstanceDataset(Dataset):
         if self.augment is not None:
             image, masks, labels = self.augment(image, masks, labels, self.generator(source))
         keep = masks.flatten(1).any(dim=1)
-        return image, Target.from_masks(masks[keep], labels[keep])
+        return image, Target.from_masks(masks[keep], labels[keep], seed=self.sampling_seed(source))
 
     def generator(self, source: int) -> torch.Generator:
         """Augmentation generator of reader sample ``source`` in the current epoch.
@@ -58,6 +58,15 @@ class InstanceDataset(Dataset):
         """
         state = np.random.SeedSequence([self.seed, self.epoch, source]).generate_state(2, dtype=np.uint32)
         return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+    def sampling_seed(self, source: int) -> int:
+        """Seed of the model's RCNN/mask box sampling for reader sample ``source`` this epoch.
+
+        A stream apart from the augmentation's; it travels on the Target, so the sample draws the
+        same boxes in any batch, on any process, and after a resume.
+        """
+        state = np.random.SeedSequence([self.seed, self.epoch, source, 1]).generate_state(2, dtype=np.uint32)
+        return int(state[0]) << 32 | int(state[1])
 
 
 def collate(batch: Sequence[tuple[Tensor, Target]]) -> tuple[list[Tensor], list[Target]]:

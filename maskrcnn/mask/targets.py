@@ -41,19 +41,25 @@ def crop_masks(masks: Tensor, index: Tensor, boxes: Tensor, size: int) -> Tensor
 
 
 @torch.no_grad()
-def make_mask_targets(proposals: list[Proposals], targets: list[Target], cfg: Config) -> MaskTargets:
-    """Sample ``mask_train_batch_size`` foreground boxes per image (repeating when too few)."""
-    per_image = [_sample_image(props, target, cfg) for props, target in zip(proposals, targets)]
+def make_mask_targets(proposals: list[Proposals], targets: list[Target], cfg: Config,
+                      generators: list[torch.Generator | None] | None = None) -> MaskTargets:
+    """Sample ``mask_train_batch_size`` foreground boxes per image (repeating when too few), each
+    image with its own generator (default: one from each target's seed)."""
+    if generators is None:
+        generators = [t.sampling_generator() for t in targets]
+    per_image = [_sample_image(p, t, cfg, g) for p, t, g in zip(proposals, targets, generators)]
     boxes, labels, masks = zip(*per_image)
     return MaskTargets(proposals=list(boxes), labels=torch.cat(labels), masks=torch.cat(masks))
 
 
-def _sample_image(props: Proposals, target: Target, cfg: Config) -> tuple[Tensor, Tensor, Tensor]:
+def _sample_image(props: Proposals, target: Target, cfg: Config,
+                  generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
     """One image's sampled boxes (S, 4), labels (S,) and mask targets (S, M, M)."""
     candidates = candidates_with_truth(props.boxes, target.boxes, cfg.mask_train_min_size)
     if len(target) == 0:  # no instance: no mask to learn
         return candidates[:0], target.labels[:0], candidates.new_zeros(0, cfg.mask_size, cfg.mask_size)
     iou, assign = match_boxes(candidates, target.boxes.to(candidates))
-    fg = sample_indices(torch.nonzero(iou >= cfg.mask_train_fg_thresh_low).squeeze(1), cfg.mask_train_batch_size)
+    fg = sample_indices(torch.nonzero(iou >= cfg.mask_train_fg_thresh_low).squeeze(1), cfg.mask_train_batch_size,
+                        generator)
     masks = crop_masks(target.masks.to(candidates.device), assign[fg], candidates[fg], cfg.mask_size)
     return candidates[fg], target.labels.to(fg.device)[assign[fg]], masks

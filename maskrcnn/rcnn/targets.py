@@ -20,15 +20,18 @@ class RcnnTargets:
 
 
 @torch.no_grad()
-def make_rcnn_targets(proposals: list[Proposals], targets: list[Target], cfg: Config) -> RcnnTargets:
+def make_rcnn_targets(proposals: list[Proposals], targets: list[Target], cfg: Config,
+                      generators: list[torch.Generator | None] | None = None) -> RcnnTargets:
     """Sample ``rcnn_train_batch_size`` boxes per image, ``rcnn_train_fg_fraction`` foreground.
 
     Foreground: IoU with a truth box >= ``rcnn_train_fg_thresh_low``; background: IoU in
     [``rcnn_train_bg_thresh_low``, ``rcnn_train_bg_thresh_high``). Each image is sampled from its
-    own proposals.
+    own proposals, with its own generator (default: one from each target's seed).
     """
+    if generators is None:
+        generators = [t.sampling_generator() for t in targets]
     boxes, labels, deltas = [], [], []
-    for props, target in zip(proposals, targets):
+    for props, target, generator in zip(proposals, targets, generators):
         candidates = candidates_with_truth(props.boxes, target.boxes, cfg.rcnn_train_min_size)
         if len(target):
             iou, assign = match_boxes(candidates, target.boxes.to(candidates))
@@ -37,7 +40,8 @@ def make_rcnn_targets(proposals: list[Proposals], targets: list[Target], cfg: Co
             assign = torch.zeros_like(iou, dtype=torch.long)
         fg = torch.nonzero(iou >= cfg.rcnn_train_fg_thresh_low).squeeze(1)
         bg = torch.nonzero((iou < cfg.rcnn_train_bg_thresh_high) & (iou >= cfg.rcnn_train_bg_thresh_low)).squeeze(1)
-        fg, bg = sample_balanced(fg, bg, cfg.rcnn_train_batch_size, cfg.rcnn_train_fg_fraction)
+        fg, bg = sample_balanced(fg, bg, cfg.rcnn_train_batch_size, cfg.rcnn_train_fg_fraction,
+                                 generator)
         fg_truth = assign[fg]
         boxes.append(torch.cat([candidates[fg], candidates[bg]]))
         labels.append(torch.cat([target.labels.to(fg.device)[fg_truth], bg.new_zeros(bg.shape[0])]))
