@@ -2,17 +2,19 @@
 
 A checkpoint holds plain data only: the model's state dict, the config as a dict, the
 normalisation settings, class names, the package version, and for resuming the optimizer state,
-the step/epoch counters and the torch RNG state.
+the step/epoch counters, the torch, numpy, Python and CUDA RNG states and the AMP loss scale.
 """
 
 from __future__ import annotations
 
 import io
 import pickle
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import __version__
@@ -34,6 +36,8 @@ class Checkpoint:
     global_batch: int | None = None  # images per step (batch size x processes) that batch_in_epoch counts
     optimizer_state: dict[str, Any] | None = None
     rng_state: torch.Tensor | None = None
+    rng_states: dict[str, Any] | None = None  # numpy, Python and CUDA generators (get_rng_states)
+    scaler_state: dict[str, Any] | None = None  # AMP loss scale (CUDA float16 only)
     metrics: dict[str, float] = field(default_factory=dict)
     best_score: float | None = None
     version: str = __version__
@@ -56,12 +60,40 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
         "global_batch": ckpt.global_batch,
         "optimizer": ckpt.optimizer_state,
         "rng_state": ckpt.rng_state,
+        "rng_states": ckpt.rng_states,
+        "scaler": ckpt.scaler_state,
         "metrics": ckpt.metrics,
         "best_score": ckpt.best_score,
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def get_rng_states(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The numpy, Python and (on a CUDA device) CUDA generator states, as plain lists and tensors
+    that a ``weights_only`` load accepts. torch's CPU generator is ``Checkpoint.rng_state``."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    states: dict[str, Any] = {"numpy": [name, keys.tolist(), position, has_gauss, cached],
+                              "python": [version, list(internal), gauss]}
+    if torch.device(device).type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: dict[str, Any] | None, device: torch.device | str = "cpu") -> None:
+    """Restore what :func:`get_rng_states` returned (None, from an older checkpoint: nothing)."""
+    if not states:
+        return
+    if "numpy" in states:
+        name, keys, position, has_gauss, cached = states["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    if "python" in states:
+        version, internal, gauss = states["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"].cpu(), device)
 
 
 def _refused_object(message: str) -> bool:
@@ -95,5 +127,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         config=config, model_state=payload["model"], normalizer=payload["normalizer"],
         step=payload["step"], epoch=payload["epoch"], batch_in_epoch=payload["batch_in_epoch"],
         global_batch=payload.get("global_batch"),
-        optimizer_state=payload["optimizer"], rng_state=payload["rng_state"], metrics=payload["metrics"],
+        optimizer_state=payload["optimizer"], rng_state=payload["rng_state"],
+        rng_states=payload.get("rng_states"), scaler_state=payload.get("scaler"), metrics=payload["metrics"],
         best_score=payload["best_score"], version=payload["version"])

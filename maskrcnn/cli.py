@@ -7,6 +7,7 @@ missing file) prints one line, ``maskrcnn: error: FILE: PROBLEM``, and exits wit
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -17,21 +18,34 @@ EXIT_USER_ERROR = 2
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (argparse prints the whole usage first) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"maskrcnn: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maskrcnn", description="Mask R-CNN instance segmentation.")
+    parser = _Parser(prog="maskrcnn", description="Mask R-CNN instance segmentation.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model on a dataset",
@@ -52,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--crop", type=_positive_int, default=256, help="training crop size in pixels")
     train.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50", "se_resnext50"])
     train.add_argument("--val-every", type=_positive_int, default=200, help="validate and checkpoint every N steps")
+    train.add_argument("--checkpoint-every", type=_positive_int,
+                       help="also write last.pt every N steps, without validating (what --resume loses at most)")
     train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
@@ -100,17 +116,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"maskrcnn: warning: {message}\n"  # not the source line that raised it: users act on the message
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.simplefilter("default")
+    format_warning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return args.run(args)
     except UserError as err:
         print(f"maskrcnn: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as err:  # the file system refused: no permission, disk full, ...
+        if err.filename is None:
+            raise
+        print(f"maskrcnn: error: {err.filename}: {err.strerror or err}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("maskrcnn: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = format_warning  # main() may run inside a larger program (tests)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -125,9 +153,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     opts = TrainOptions(
         data=args.data, out=args.out, format=args.format, val=args.val, config=cfg, iters=args.iters,
         epochs=args.epochs, max_minutes=args.max_minutes, batch_size=args.batch_size, lr=args.lr,
-        crop=args.crop, val_every=args.val_every, device=args.device, seed=args.seed, resume=args.resume,
-        skip_bad=args.skip_bad, progress=not args.no_progress, sync_bn=args.sync_bn, amp=args.amp,
-        image_dir=args.images)
+        crop=args.crop, val_every=args.val_every, checkpoint_every=args.checkpoint_every, device=args.device,
+        seed=args.seed, resume=args.resume, skip_bad=args.skip_bad, progress=not args.no_progress,
+        sync_bn=args.sync_bn, amp=args.amp, image_dir=args.images)
     try:
         result = train(opts, dist)
     finally:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .atomic import atomic_write_bytes, atomic_write_text
+from .atomic import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
 from .checkpoint import load_checkpoint
 from .data.io import read_image, write_label_image
 from .data.normalize import Normalizer
@@ -215,6 +215,7 @@ def predict_files(predictor: Predictor, inputs: list[str], out_dir: str | Path, 
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)  # left by a run killed while writing
     paths = expand_inputs(inputs)
     if not paths:
         raise UserError(f"no images found in {' '.join(inputs)}")
@@ -247,4 +248,6 @@ def predict_files(predictor: Predictor, inputs: list[str], out_dir: str | Path, 
         write_csv(kaggle_csv, kaggle_table, ["ImageId", "EncodedPixels"])
     if failed:
         atomic_write_text(out / "failed.txt", "".join(f"{p}\t{why}\n" for p, why in failed))
+    else:  # a list from an earlier run into this folder would now be wrong
+        (out / "failed.txt").unlink(missing_ok=True)
     return PredictRun(written, failed, coco_json, kaggle_csv)

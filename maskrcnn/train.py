@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .atomic import atomic_write_text, remove_stale_temporaries
+from .checkpoint import Checkpoint, get_rng_states, load_checkpoint, save_checkpoint, set_rng_states
 from .config import Config, nuclei_config
 from .data.augment import Augment
 from .data.datasets import InstanceReader, open_dataset
@@ -50,6 +51,7 @@ class TrainOptions:
     warmup_iters: int = 100
     crop: int = 256
     val_every: int = 200
+    checkpoint_every: int | None = None  # also write last.pt every N steps between validations
     val_fraction: float = 0.2
     device: str = "auto"
     seed: int = 0
@@ -92,6 +94,7 @@ class Trainer:
         self.run_dir = Path(opts.out)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.run_dir)  # left by a run killed while writing
         self._build_data()
         self._build_model()
         if opts.amp and self.device.type == "cpu" and not cpu_has_fast_bfloat16():
@@ -101,9 +104,7 @@ class Trainer:
     # --- setup ------------------------------------------------------------------------------
     def _build_data(self) -> None:
         opts = self.opts
-        reader = open_dataset(opts.data, opts.format, image_dir=opts.image_dir)
-        if opts.skip_bad:
-            reader = self._readable(reader)
+        reader = self._checked(open_dataset(opts.data, opts.format, image_dir=opts.image_dir), "skipped.txt")
         self.cfg = opts.config.replace(num_classes=len(reader.class_names), class_names=list(reader.class_names))
         self.normalizer = opts.normalizer or Normalizer(channels=self.cfg.in_channels)
         train_reader, self.val_reader = self._split(reader)
@@ -111,18 +112,24 @@ class Trainer:
         self.global_batch = opts.batch_size * self.dist.world_size  # images per optimizer step
         self.batches_per_epoch = max(1, math.ceil(len(self.train_set) / self.global_batch))
 
-    def _readable(self, reader: InstanceReader) -> InstanceReader:
-        """--skip-bad: the samples that load; the others are listed in RUN_DIR/skipped.txt."""
+    def _checked(self, reader: InstanceReader, listing_name: str) -> InstanceReader:
+        """The reader after reading every sample once, before the first step: a bad file stops
+        the run now, not hours in. With --skip-bad, bad samples are left out instead and listed
+        in RUN_DIR/``listing_name``."""
         good, bad = [], []
-        for index in range(len(reader)):
+        progress = self.opts.progress and self.dist.is_main
+        for index in tqdm(range(len(reader)), desc="check data", unit="img", disable=not progress, leave=False):
             try:
                 reader[index]
-                good.append(index)
             except DataError as err:
+                if not self.opts.skip_bad:
+                    raise DataError(err.path, f"{err.problem} (train --skip-bad skips bad samples)") from None
                 bad.append(f"{reader.names[index]}\t{err}\n")
-        listing = self.run_dir / "skipped.txt"
+                continue
+            good.append(index)
+        listing = self.run_dir / listing_name
         if bad and self.dist.is_main:
-            listing.write_text("".join(bad))
+            atomic_write_text(listing, "".join(bad))
         if not good:
             raise UserError(f"{self.opts.data}: no readable samples (listed in {listing})")
         if bad:
@@ -134,7 +141,8 @@ class Trainer:
         image; ``val_fraction == 0`` validates on nothing."""
         opts = self.opts
         if opts.val:
-            return reader, open_dataset(opts.val, opts.format, image_dir=opts.image_dir)
+            return reader, self._checked(open_dataset(opts.val, opts.format, image_dir=opts.image_dir),
+                                         "skipped_val.txt")
         if opts.val_fraction == 0:  # no validation: train on everything
             return reader, SubsetReader(reader, [])
         train_idx, val_idx = split_train_val(reader, opts.val_fraction, opts.seed)
@@ -150,13 +158,16 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
         self.step = self.epoch = self.batch_in_epoch = 0
         self.best_score: float | None = None
-        last = self.run_dir / "last.pt"
+        last, ckpt = self.run_dir / "last.pt", None
         if opts.resume:
             if not last.is_file():
                 raise UserError(f"{last}: nothing to resume (no last checkpoint in {self.run_dir})")
-            self._restore(load_checkpoint(last, map_location=self.device))
+            ckpt = load_checkpoint(last, map_location=self.device)
+            self._restore(ckpt)
         self.net = self.dist.wrap(self.model, sync_bn=opts.sync_bn)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=opts.amp and self.device.type == "cuda")
+        if ckpt is not None and ckpt.scaler_state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ckpt.scaler_state)
 
     def _restore(self, ckpt: Checkpoint) -> None:
         if ckpt.config.to_dict() != self.cfg.to_dict():
@@ -178,6 +189,8 @@ class Trainer:
         self.best_score = ckpt.best_score
         if ckpt.rng_state is not None:
             torch.set_rng_state(ckpt.rng_state.cpu())
+        set_rng_states(ckpt.rng_states, self.device)
+        self._rewind_log(ckpt.step)
 
     # --- loop -------------------------------------------------------------------------------
     def total_steps(self) -> int | None:
@@ -232,6 +245,8 @@ class Trainer:
             self._log({"step": self.step, "epoch": self.epoch, **losses})
             if self.step % opts.val_every == 0:
                 last_metrics, validated_at = self.validate_and_save(), self.step
+            elif opts.checkpoint_every and self.step % opts.checkpoint_every == 0 and self.dist.is_main:
+                save_checkpoint(self.run_dir / "last.pt", self.checkpoint({}))
         bar.close()
         if validated_at != self.step:  # not when the last step was just validated and saved
             last_metrics = self.validate_and_save()
@@ -245,6 +260,8 @@ class Trainer:
             group["lr"] = lr
         images, targets = collate([self.train_set[i] for i in indices])
         self.net.train()
+        # the forward pass updates BatchNorm statistics: kept to undo if the step is skipped
+        buffers = [b.detach().clone() for b in self.model.buffers()]
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.opts.amp):
             losses = self.net(images, targets).losses
         # The global batch's losses: what one process would log, and one skip decision for all
@@ -253,6 +270,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if not all(math.isfinite(v) for v in logged.values()):
             warnings.warn(f"step {self.step}: non-finite loss, step skipped")
+            with torch.no_grad():
+                for buffer, saved in zip(self.model.buffers(), buffers):
+                    buffer.copy_(saved)
             return None
         self.scaler.scale(losses.total).backward()
         self.scaler.unscale_(self.optimizer)
@@ -274,12 +294,14 @@ class Trainer:
             improved = self.best_score is None or score > self.best_score
             if improved:
                 self.best_score = score
+            # logged first: a resume rewinds the log to the checkpoint's step, so a kill between
+            # the two never leaves a validation without its record or a record counted twice
+            self._log({"step": self.step, "epoch": self.epoch, **{f"val_{k}": v for k, v in metrics.items()}})
             ckpt = self.checkpoint(metrics)
             save_checkpoint(self.run_dir / "last.pt", ckpt)
             if improved:
                 # best.pt is for prediction: without the optimizer state it is a third of the size.
                 save_checkpoint(self.run_dir / "best.pt", dataclasses.replace(ckpt, optimizer_state=None))
-            self._log({"step": self.step, "epoch": self.epoch, **{f"val_{k}": v for k, v in metrics.items()}})
             plot_training_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
         return metrics
 
@@ -296,7 +318,24 @@ class Trainer:
                           step=self.step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch,
                           global_batch=self.global_batch,
                           optimizer_state=self.optimizer.state_dict(), rng_state=torch.get_rng_state(),
+                          rng_states=get_rng_states(self.device), scaler_state=self.scaler.state_dict() or None,
                           metrics=metrics, best_score=self.best_score)
+
+    def _rewind_log(self, step: int) -> None:
+        """Drop the records of steps after ``step`` from metrics.jsonl, and a line cut short by a kill:
+        a run killed after its last checkpoint logged steps that the resumed run repeats."""
+        path = self.run_dir / "metrics.jsonl"
+        if not (self.dist.is_main and path.is_file()):
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line + "\n")
+        atomic_write_text(path, "".join(kept))
 
     def _log(self, record: dict) -> None:
         if self.dist.is_main:

@@ -143,11 +143,14 @@ class CocoDataset(InstanceReader):
         self.json_path = Path(json_path)
         self.image_dir = _existing_dir(image_dir)
         data = _load_json(self.json_path)
-        categories = sorted(_entries(data, "categories", self.json_path, ("id", "name")),
-                            key=lambda c: c["id"])
+        categories = _entries(data, "categories", self.json_path, ("id", "name"))
+        _check_ids(categories, "categories", self.json_path, ("id",))
+        categories = sorted(categories, key=lambda c: (isinstance(c["id"], str), c["id"]))
         self._label_of = _unique_ids(categories, "categories", self.json_path)
         self.class_names = ["background"] + [str(c["name"]) for c in categories]
         images = _entries(data, "images", self.json_path, ("id", "file_name", "height", "width"))
+        _check_ids(images, "images", self.json_path, ("id",))
+        _check_sizes(images, self.json_path)
         _unique_ids(images, "images", self.json_path)
         self._images = images
         self.names = [str(PurePosixPath(self._safe_file_name(im)).with_suffix("")) for im in images]
@@ -157,6 +160,7 @@ class CocoDataset(InstanceReader):
         self._annotations: dict[Any, list[dict[str, Any]]] = {im["id"]: [] for im in images}
         annotations = _entries(data, "annotations", self.json_path,
                                ("id", "image_id", "category_id", "segmentation"), required=False)
+        _check_ids(annotations, "annotations", self.json_path, ("id", "image_id", "category_id"))
         for ann in annotations:
             self._add_annotation(ann)
         if self.skipped:
@@ -370,6 +374,24 @@ def _entries(data: dict[str, Any], key: str, path: Path, fields: tuple[str, ...]
         if missing:
             raise DataError(path, f"{key}[{i}] lacks {', '.join(repr(m) for m in missing)}")
     return entries
+
+
+def _check_ids(entries: list[dict[str, Any]], key: str, path: Path, fields: tuple[str, ...]) -> None:
+    """COCO ids are integers (strings are accepted too); a list, object or number with a fraction
+    cannot be matched between images, annotations and categories."""
+    for i, entry in enumerate(entries):
+        for name in fields:
+            value = entry[name]
+            if isinstance(value, bool) or not isinstance(value, (int, str)):
+                raise DataError(path, f"{key}[{i}] has {name} {value!r}; expected an integer id")
+
+
+def _check_sizes(images: list[dict[str, Any]], path: Path) -> None:
+    for i, image in enumerate(images):
+        for name in ("height", "width"):
+            value = image[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DataError(path, f"images[{i}] has {name} {value!r}; expected a positive integer")
 
 
 def _unique_ids(entries: list[dict[str, Any]], key: str, path: Path) -> dict[Any, int]:

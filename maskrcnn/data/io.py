@@ -6,8 +6,10 @@ Every problem with a file (missing, empty, truncated, not an image, wrong shape)
 
 from __future__ import annotations
 
+import contextlib
 import io
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +133,7 @@ def _load(path: Path, keep_palette: bool) -> np.ndarray:
         if suffix == ".npy":
             return np.load(path, allow_pickle=False)
         if suffix in TIFF_EXTENSIONS:
-            with tifffile.TiffFile(path) as tif:
+            with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
                 return tif.series[0].asarray()
         return _load_pil(path, keep_palette)
     # Decoders raise many unrelated types (OSError, ValueError, SyntaxError, struct.error,
@@ -139,6 +141,19 @@ def _load(path: Path, keep_palette: bool) -> np.ndarray:
     except Exception as exc:
         raise DataError(path, f"cannot read image ({type(exc).__name__}: {exc}); "
                               "the file is corrupt, truncated or not an image") from exc
+
+
+@contextlib.contextmanager
+def _quiet_tifffile() -> Iterator[None]:
+    """Silence tifffile's log while it reads: it logs damaged structures to stderr itself, and the
+    problem reaches the user once, as the DataError, instead of as an extra line before it."""
+    logger = logging.getLogger("tifffile")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _load_pil(path: Path, keep_palette: bool) -> np.ndarray:

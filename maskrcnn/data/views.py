@@ -30,7 +30,7 @@ class RegionReader(InstanceReader):
         width = sample.image.shape[1]
         x0, x1 = round(self.start * width), round(self.stop * width)
         masks = sample.masks[:, :, x0:x1]
-        keep = masks.reshape(masks.shape[0], -1).any(axis=1)
+        keep = masks.any(axis=(1, 2))  # (not reshape(G, -1): it fails for G = 0)
         return replace(sample, name=self.names[index], image=sample.image[:, x0:x1],
                        masks=masks[keep], labels=sample.labels[keep])
 
