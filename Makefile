@@ -21,6 +21,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py --out bench_out
+	$(PY) benchmarks/export_bench.py --out bench_out
 
 clean:
 	rm -rf $(VENV) demo_out bench_out .pytest_cache

@@ -1,4 +1,4 @@
-"""The ``maskrcnn`` command: train, predict, evaluate, demo.
+"""The ``maskrcnn`` command: train, predict, evaluate, export, demo.
 
 The CLI only parses flags and calls library functions. A user error (bad data, bad config, a
 missing file) prints one line, ``maskrcnn: error: FILE: PROBLEM``, and exits with code 2.
@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Writes per image NAME_labels.png, NAME_overlay.png and "
                                          "NAME_instances.csv, and results_coco.json for all images.")
     predict.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
-    predict.add_argument("--weights", required=True, help="checkpoint (.pt from maskrcnn train)")
+    predict.add_argument("--weights", required=True,
+                         help="checkpoint (.pt from maskrcnn train), or a file from maskrcnn export "
+                              "(.onnx: onnxruntime, TorchScript .pt: torch.jit; CPU)")
     predict.add_argument("--out", required=True, help="output folder")
     predict.add_argument("--tile", type=_positive_int, help="tile size for large images")
     predict.add_argument("--overlap", type=int, default=128, help="tile overlap in pixels (> 2x object size)")
@@ -95,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="score a model on an annotated dataset",
                               description="COCO box/mask AP and the microscopy metrics (DSB2018 score, "
                                           "precision, recall, F1, PQ at IoU 0.5..0.95).")
-    evaluate.add_argument("--weights", required=True)
+    evaluate.add_argument("--weights", required=True, help="checkpoint, or a file from maskrcnn export")
     evaluate.add_argument("--data", required=True)
     evaluate.add_argument("--format", choices=["dsb", "labels", "coco"])
     evaluate.add_argument("--images", help="image folder for --format coco")
@@ -105,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(run=cmd_evaluate)
+
+    export = sub.add_parser("export", help="write a trained model as TorchScript or ONNX",
+                            description="The whole inference path (normalisation, backbone, proposals, "
+                                        "detections, mask head) with dynamic height and width, plus the "
+                                        "config, class names and normaliser; predict --weights runs it.")
+    export.add_argument("--weights", required=True, help="checkpoint (.pt from maskrcnn train)")
+    export.add_argument("--format", required=True, choices=["torchscript", "onnx"])
+    export.add_argument("--out", required=True, help="output file (.onnx for onnx, .pt for torchscript)")
+    export.add_argument("--size", type=_positive_int, default=256,
+                        help="side of the example image traced (height and width stay dynamic)")
+    export.set_defaults(run=cmd_export)
 
     demo = sub.add_parser("demo", help="synthetic nuclei: generate, train, evaluate, predict",
                           description="The whole workflow on synthetic nuclei, in a few minutes on a CPU.")
@@ -179,7 +192,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import Predictor, predict_files
 
     _check_tiling(args)
-    predictor = Predictor.from_checkpoint(args.weights, args.device)
+    predictor = Predictor.from_weights(args.weights, args.device)
     run = predict_files(predictor, args.inputs, args.out, tile=args.tile, overlap=args.overlap,
                         kaggle=args.kaggle, progress=not args.no_progress)
     for path, why in run.failed:
@@ -195,7 +208,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .predict import Predictor
 
     _check_tiling(args)
-    predictor = Predictor.from_checkpoint(args.weights, args.device)
+    predictor = Predictor.from_weights(args.weights, args.device)
     reader = open_dataset(args.data, args.format, image_dir=args.images)
     report = evaluate_model(predictor.model, predictor.normalizer, reader, device=predictor.device,
                             progress=not args.no_progress, tile=args.tile, overlap=args.overlap)
@@ -203,6 +216,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.out:
         report.to_json(args.out)
         print(f"report written to {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint
+
+    out = export_checkpoint(args.weights, args.format, args.out, size=args.size)
+    print(f"exported {args.weights} as {args.format} to {out}")
     return 0
 
 

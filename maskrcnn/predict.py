@@ -59,6 +59,17 @@ class Predictor:
         model.load_state_dict(ckpt.model_state)
         return cls(model.to(target).eval(), Normalizer.from_dict(ckpt.normalizer), target)
 
+    @classmethod
+    def from_weights(cls, path: str | Path, device: str = "auto") -> "Predictor":
+        """A checkpoint, or a file from ``maskrcnn export``: .onnx through onnxruntime, a TorchScript
+        .pt through torch.jit (both on the CPU, same results and outputs as the checkpoint)."""
+        from .deploy import exported_kind, load_exported
+
+        if exported_kind(path):
+            model, normalizer = load_exported(path, device)
+            return cls(model, normalizer, torch.device("cpu"))
+        return cls.from_checkpoint(path, device)
+
     @property
     def class_names(self) -> list[str]:
         return self.model.cfg.class_names
