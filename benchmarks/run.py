@@ -48,6 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
+import large  # noqa: E402
 
 TRAIN_INSTANCES = 5
 THROUGHPUT_BATCH = 4
@@ -322,6 +323,8 @@ def markdown(report: dict) -> str:
         out += [f"Training throughput, ours ({t['model']}), synthetic nuclei {t['size']}x{t['size']}, "
                 f"batch {t['batch']}, instances per image {t['instances_per_image']} ({t['data']}): "
                 f"**{t['images_per_s']:.2f} images/s** ({t['step_ms']:.0f} ms per step).", ""]
+    if report.get("large"):
+        out += large.markdown(report["large"]) + [""]
     out.append(f"Total benchmark wall time: {report['wall_s']:.0f} s.")
     return "\n".join(out) + "\n"
 
@@ -337,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-resnet18", action="store_true", help="skip ours' ResNet-18 rows")
     parser.add_argument("--no-throughput", action="store_true", help="skip the throughput measurement")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's default)")
+    parser.add_argument("--no-large", action="store_true", help="skip the large / dense image rows")
+    parser.add_argument("--large-weights", type=Path,
+                        help="nuclei checkpoint for the large-image rows (default: the demo's, else trained here)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -382,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
                                               min(reps(size), repeats_big), memory)
     if not args.no_throughput:
         report["throughput"] = bench_throughput(warmup, repeats_big)
+    if not (args.no_large or args.quick):
+        report["large"] = large.bench_large(Path(args.out), args.large_weights, log)
     report["wall_s"] = time.perf_counter() - _START
 
     out = Path(args.out)

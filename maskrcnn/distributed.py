@@ -104,6 +104,15 @@ class DistContext:
         dist.all_reduce(tensor)  # SUM: gloo has no AVG
         return dict(zip(values, (tensor / self.world_size).tolist()))
 
+    def from_main(self, values: list[float]) -> list[float]:
+        """Rank 0's ``values`` on every rank: decisions that must agree (e.g. a wall-clock stop)."""
+        if not self.active:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64,
+                              device=self.device if self.device.type == "cuda" else "cpu")
+        dist.broadcast(tensor, src=0)
+        return tensor.tolist()
+
     def broadcast_buffers(self, model: nn.Module) -> None:
         """Give every rank rank 0's buffers (BatchNorm running statistics).
 

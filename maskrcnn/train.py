@@ -205,9 +205,24 @@ class Trainer:
         return epoch_batches(len(self.train_set), self.opts.batch_size, self.dist.rank, self.dist.world_size,
                              self.opts.seed, epoch)
 
+    def budget(self, total: int | None, deadline: float | None, started: tuple[float, int]) -> tuple[bool, int | None]:
+        """(out of time?, steps the schedule decays over). With only a wall-clock budget, the
+        cosine decay is fitted to the steps that the budget allows at the rate measured so far, so
+        a --max-minutes run ends at a low learning rate too. Rank 0 decides for every rank."""
+        if deadline is None:
+            return False, total
+        now = time.monotonic()
+        if total is None and self.step > started[1]:
+            per_step = (now - started[0]) / (self.step - started[1])
+            total = self.step + int(max(0.0, deadline - now) / per_step)
+        out_of_time, total_f = self.dist.from_main([float(now >= deadline), float(total or 0)])
+        return bool(out_of_time), int(total_f) or None
+
     def run(self) -> TrainResult:
-        opts, total = self.opts, self.total_steps()
+        opts, fixed_total = self.opts, self.total_steps()
         deadline = time.monotonic() + opts.max_minutes * 60 if opts.max_minutes else None
+        started = (time.monotonic(), self.step)
+        total = fixed_total
         bar = tqdm(total=total, initial=self.step, disable=not (opts.progress and self.dist.is_main),
                    desc="train", unit="it", dynamic_ncols=True)
         bad_in_row, stopped_by = 0, "iterations"
@@ -217,10 +232,11 @@ class Trainer:
             if opts.epochs and self.epoch >= opts.epochs:
                 stopped_by = "epochs"
                 break
-            if total is not None and self.step >= total:  # with --epochs, total is epochs' worth of steps
+            if fixed_total is not None and self.step >= fixed_total:  # with --epochs: epochs' worth of steps
                 stopped_by = "epochs" if opts.epochs else "iterations"
                 break
-            if deadline is not None and time.monotonic() >= deadline:
+            out_of_time, total = self.budget(fixed_total, deadline, started)
+            if out_of_time:
                 stopped_by = "time"
                 break
             batches = self.epoch_batches(self.epoch)
