@@ -24,6 +24,8 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -159,6 +161,30 @@ def train_step_torchvision(model, optimizer, samples: list[Sample]) -> float:
     loss.backward()
     optimizer.step()
     return float(loss.detach())
+
+
+START = time.perf_counter()
+
+
+def log(message: str) -> None:
+    """A progress line on stderr with the seconds since the benchmark started."""
+    print(f"[{time.perf_counter() - START:6.0f}s] {message}", file=sys.stderr, flush=True)
+
+
+def alternate(runs: dict, warmup: int, repeats: int) -> dict[str, dict]:
+    """runs: name -> zero-argument callable returning a value. The order reverses every round, so
+    load drift from other processes hits every system alike; median of the rounds after warm-up."""
+    names = list(runs)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    values: dict[str, list] = {n: [] for n in names}
+    for round_ in range(warmup + repeats):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            elapsed, value = timed(runs[name])
+            if round_ >= warmup:
+                times[name].append(elapsed)
+                values[name].append(value)
+    return {n: {"median_s": statistics.median(times[n]), "times_s": times[n], "values": values[n]}
+            for n in names}
 
 
 def timed(fn, *args) -> tuple[float, object]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -41,25 +40,6 @@ from maskrcnn.export import export_model  # noqa: E402
 
 SYSTEMS = ("ours", "ours-torchscript", "ours-onnxruntime")
 EXPORT_SIZE = 256
-_START = time.perf_counter()
-
-
-def log(message: str) -> None:
-    print(f"[{time.perf_counter() - _START:6.0f}s] {message}", file=sys.stderr, flush=True)
-
-
-def alternate(runs: dict, warmup: int, repeats: int) -> dict[str, dict]:
-    """runs: name -> zero-argument callable returning a value; the order reverses every round."""
-    names = list(runs)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    values: dict[str, list] = {n: [] for n in names}
-    for round_ in range(warmup + repeats):
-        for name in names if round_ % 2 == 0 else names[::-1]:
-            elapsed, value = bc.timed(runs[name])
-            if round_ >= warmup:
-                times[name].append(elapsed)
-                values[name].append(value)
-    return {n: {"median_s": statistics.median(times[n]), "times_s": times[n], "values": values[n]} for n in names}
 
 
 def export_both(model, folder: Path) -> tuple[dict, dict]:
@@ -70,7 +50,7 @@ def export_both(model, folder: Path) -> tuple[dict, dict]:
         path = export_model(model, {"channels": 3}, fmt, folder / file, size=EXPORT_SIZE)
         facts[name] = {"export_s": time.perf_counter() - start, "file_mb": path.stat().st_size / 2**20}
         models[name] = load_exported(path)[0]
-        log(f"exported {fmt}: {facts[name]['export_s']:.0f} s, {facts[name]['file_mb']:.0f} MB")
+        bc.log(f"exported {fmt}: {facts[name]['export_s']:.0f} s, {facts[name]['file_mb']:.0f} MB")
     return models, facts
 
 
@@ -82,8 +62,8 @@ def bench(sizes: list[int], warmup: int, repeats: int) -> dict:
         rows = []
         for size in sizes:
             samples = bc.make_samples(size, 1, 5)
-            log(f"{size}: inference, {' / '.join(SYSTEMS)} (warm-up {warmup}, repeats {repeats})")
-            res = alternate({n: (lambda m=models[n]: bc.infer_ours(m, samples)) for n in SYSTEMS}, warmup, repeats)
+            bc.log(f"{size}: inference, {' / '.join(SYSTEMS)} (warm-up {warmup}, repeats {repeats})")
+            res = bc.alternate({n: (lambda m=models[n]: bc.infer_ours(m, samples)) for n in SYSTEMS}, warmup, repeats)
             for name in SYSTEMS:
                 rows.append({"model": name, "size": size, "metric": "inference_ms",
                              "value": res[name]["median_s"] * 1e3,
@@ -135,14 +115,14 @@ def main(argv: list[str] | None = None) -> int:
                            "detections": bc.DETECTIONS, "batch": 1, "export_size": EXPORT_SIZE,
                            "ours_overrides": bc.OURS_TEST_OVERRIDES}}
     report.update(bench(sizes, warmup, repeats))
-    report["wall_s"] = time.perf_counter() - _START
+    report["wall_s"] = time.perf_counter() - bc.START
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "export.json").write_text(json.dumps(report, indent=2))
     md = markdown(report)
     (out / "export.md").write_text(md)
     print(md)
-    log(f"wrote {out / 'export.json'} and {out / 'export.md'}")
+    bc.log(f"wrote {out / 'export.json'} and {out / 'export.md'}")
     return 0
 
 

@@ -38,7 +38,6 @@ import gc
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -55,29 +54,6 @@ THROUGHPUT_BATCH = 4
 THROUGHPUT_SIZE = 256
 THROUGHPUT_INSTANCES = 20
 
-_START = time.perf_counter()
-
-
-def log(message: str) -> None:
-    print(f"[{time.perf_counter() - _START:6.0f}s] {message}", file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# timing
-def alternate(runs: dict, warmup: int, repeats: int) -> dict[str, dict]:
-    """runs: name -> zero-argument callable returning a value. Alternates the names each round."""
-    names = list(runs)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    values: dict[str, list] = {n: [] for n in names}
-    for round_ in range(warmup + repeats):
-        order = names if round_ % 2 == 0 else names[::-1]
-        for name in order:
-            elapsed, value = bc.timed(runs[name])
-            if round_ >= warmup:
-                times[name].append(elapsed)
-                values[name].append(value)
-    return {n: {"median_s": statistics.median(times[n]), "times_s": times[n], "values": values[n]}
-            for n in names}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,7 +127,7 @@ def measure_memory(system: str, mode: str, size: int, backbone: str = "resnet50"
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        log(f"memory child failed ({system} {mode} {size}): {proc.stderr.strip()[-500:]}")
+        bc.log(f"memory child failed ({system} {mode} {size}): {proc.stderr.strip()[-500:]}")
         return {}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -176,18 +152,18 @@ def bench_pair(size: int, warmup: int, repeats: int, memory: bool) -> list[dict]
     if tuple(tv_size) != (size, size):
         raise RuntimeError(f"torchvision's transform resizes {size} to {tv_size}")
 
-    log(f"{name} {size}: inference (warm-up {warmup}, repeats {repeats})")
-    inf = alternate({"ours": lambda: bc.infer_ours(ours, samples),
+    bc.log(f"{name} {size}: inference (warm-up {warmup}, repeats {repeats})")
+    inf = bc.alternate({"ours": lambda: bc.infer_ours(ours, samples),
                      "torchvision": lambda: bc.infer_torchvision(tv, samples)}, warmup, repeats)
     counts = {k: sorted(set(v["values"])) for k, v in inf.items()}
     for k, c in counts.items():
         if c != [bc.DETECTIONS]:
-            log(f"WARNING: {k} returned {c} detections at {size}, expected {bc.DETECTIONS}")
+            bc.log(f"WARNING: {k} returned {c} detections at {size}, expected {bc.DETECTIONS}")
 
-    log(f"{name} {size}: training step")
+    bc.log(f"{name} {size}: training step")
     ours.train(), tv.train()
     opt_ours, opt_tv = bc.make_optimizer(ours), bc.make_optimizer(tv)
-    train = alternate({"ours": lambda: bc.train_step_ours(ours, opt_ours, samples),
+    train = bc.alternate({"ours": lambda: bc.train_step_ours(ours, opt_ours, samples),
                        "torchvision": lambda: bc.train_step_torchvision(tv, opt_tv, samples)},
                       warmup, repeats)
     del ours, tv, opt_ours, opt_tv
@@ -204,7 +180,7 @@ def bench_pair(size: int, warmup: int, repeats: int, memory: bool) -> list[dict]
     ]
     if memory:
         for mode in ("infer", "train"):
-            log(f"{name} {size}: peak memory, {mode} (child processes)")
+            bc.log(f"{name} {size}: peak memory, {mode} (child processes)")
             m_ours, m_tv = measure_memory("ours", mode, size), measure_memory("torchvision", mode, size)
             rows.append(row(name, size, f"peak_mem_{mode}_mb", peak(m_ours), peak(m_tv),
                             detail={"ours": m_ours, "torchvision": m_tv}))
@@ -215,11 +191,11 @@ def bench_ours_only(backbone: str, label: str, size: int, warmup: int, repeats: 
                     memory: bool) -> list[dict]:
     samples = bc.make_samples(size, 1, TRAIN_INSTANCES)
     model = bc.build_ours(backbone).eval()
-    log(f"{label} {size}: inference + training step (ours only)")
-    inf = alternate({"ours": lambda: bc.infer_ours(model, samples)}, warmup, repeats)
+    bc.log(f"{label} {size}: inference + training step (ours only)")
+    inf = bc.alternate({"ours": lambda: bc.infer_ours(model, samples)}, warmup, repeats)
     model.train()
     opt = bc.make_optimizer(model)
-    train = alternate({"ours": lambda: bc.train_step_ours(model, opt, samples)}, warmup, repeats)
+    train = bc.alternate({"ours": lambda: bc.train_step_ours(model, opt, samples)}, warmup, repeats)
     del model, opt
     gc.collect()
     counts = sorted(set(inf["ours"]["values"]))
@@ -263,8 +239,8 @@ def bench_throughput(warmup: int, repeats: int) -> dict:
     samples, source = synthetic_nuclei(THROUGHPUT_SIZE, THROUGHPUT_BATCH, THROUGHPUT_INSTANCES)
     model = bc.build_ours("resnet50").train()
     opt = bc.make_optimizer(model)
-    log(f"throughput: ours ResNet-50-FPN, {THROUGHPUT_SIZE}x{THROUGHPUT_SIZE}, batch {THROUGHPUT_BATCH}")
-    res = alternate({"ours": lambda: bc.train_step_ours(model, opt, samples)}, warmup, repeats)["ours"]
+    bc.log(f"throughput: ours ResNet-50-FPN, {THROUGHPUT_SIZE}x{THROUGHPUT_SIZE}, batch {THROUGHPUT_BATCH}")
+    res = bc.alternate({"ours": lambda: bc.train_step_ours(model, opt, samples)}, warmup, repeats)["ours"]
     return {"model": "ResNet-50-FPN (ours)", "size": THROUGHPUT_SIZE, "batch": THROUGHPUT_BATCH,
             "instances_per_image": [len(x.target) for x in samples], "data": source,
             "step_ms": res["median_s"] * 1e3, "images_per_s": THROUGHPUT_BATCH / res["median_s"],
@@ -377,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                      if memory else "not measured"},
         "rows": [],
     }
-    log(f"machine: {report['machine']['cpu_model']}, threads {torch.get_num_threads()}")
+    bc.log(f"machine: {report['machine']['cpu_model']}, threads {torch.get_num_threads()}")
     for size in sizes:
         report["rows"] += bench_pair(size, warmup, reps(size), memory)
     # The ResNet-18 rows and the throughput (a batch-4 step is ~4x a batch-1 step) are secondary:
@@ -389,8 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_throughput:
         report["throughput"] = bench_throughput(warmup, repeats_big)
     if not (args.no_large or args.quick):
-        report["large"] = large.bench_large(Path(args.out), args.large_weights, log)
-    report["wall_s"] = time.perf_counter() - _START
+        report["large"] = large.bench_large(Path(args.out), args.large_weights, bc.log)
+    report["wall_s"] = time.perf_counter() - bc.START
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -398,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown(report)
     (out / "results.md").write_text(md)
     print(md)
-    log(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    bc.log(f"wrote {out / 'results.json'} and {out / 'results.md'}")
     return 0
 
 

@@ -12,6 +12,14 @@ import re
 import tempfile
 from pathlib import Path
 
+def _default_permissions() -> int:
+    """0666 less the umask: what open() gives a new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_PERMISSIONS = _default_permissions()
 _TEMPORARY = re.compile(r"\..+\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp")
 
 
@@ -23,6 +31,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), _PERMISSIONS)  # mkstemp makes 0600; outputs are for others too
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as err:  # e.g. a full disk: name the file it was for (os.write errors name none)

@@ -23,7 +23,7 @@ DEMO_WIDTHS = dict(fpn_channels=64, rpn_head_channels=64, rcnn_fc_channels=256, 
                    rcnn_train_batch_size=32, mask_train_batch_size=16)
 
 
-def run_demo(out: Path, minutes: float = 4.0, seed: int = 0, device: str = "auto") -> dict[str, float]:
+def run_demo(out: Path, minutes: float = 6.0, seed: int = 0, device: str = "auto") -> dict[str, float]:
     started = time.monotonic()
     train_dir, test_dir = out / "data" / "train", out / "data" / "held_out"
     print(f"[1/4] synthetic nuclei: {TRAIN_IMAGES} training and {HELD_OUT_IMAGES} held-out images "

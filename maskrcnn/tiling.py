@@ -27,6 +27,18 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     return starts + [length - tile]
 
 
+def fitted_tile(length: int, tile: int, overlap: int) -> int:
+    """The smallest tile <= ``tile`` that covers ``length`` with as few tiles as ``tile`` needs.
+
+    E.g. 2048 pixels with tile 1024 and overlap 128 need 3 tiles; tiles of 768 cover it as well
+    as 1024 do, with a quarter less pixels to process (and no tile almost repeating another).
+    """
+    if length <= tile:
+        return tile
+    count = -(-(length - overlap) // (tile - overlap))  # ceil
+    return -(-(length - overlap) // count) + overlap
+
+
 def tile_cores(starts: list[int], tile: int, length: int) -> list[tuple[float, float]]:
     """[lo, hi) of each tile's core along one axis: seams halfway through each overlap."""
     seams = [(nxt + (start + tile)) / 2 for start, nxt in zip(starts, starts[1:])]
@@ -39,12 +51,13 @@ def predict_tiled(model: MaskRCNN, image: Tensor, tile: int, overlap: int,
     if overlap < 0 or overlap >= tile:
         raise ValueError(f"overlap must be in [0, tile), got {overlap} for tile {tile}")
     _, height, width = image.shape
-    ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
-    y_cores, x_cores = tile_cores(ys, tile, height), tile_cores(xs, tile, width)
+    tile_h, tile_w = fitted_tile(height, tile, overlap), fitted_tile(width, tile, overlap)
+    ys, xs = tile_starts(height, tile_h, overlap), tile_starts(width, tile_w, overlap)
+    y_cores, x_cores = tile_cores(ys, tile_h, height), tile_cores(xs, tile_w, width)
     parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
     for y0, (ylo, yhi) in zip(ys, y_cores):
         for x0, (xlo, xhi) in zip(xs, x_cores):
-            crop = image[:, y0:y0 + tile, x0:x0 + tile].to(device)
+            crop = image[:, y0:y0 + tile_h, x0:x0 + tile_w].to(device)
             found = model(crop).results[0].to("cpu")
             boxes = found.boxes + torch.tensor([x0, y0, x0, y0], dtype=found.boxes.dtype)
             cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2

@@ -279,3 +279,12 @@ def test_non_finite_losses_in_a_row_abort_and_keep_the_last_good_checkpoint(data
     assert last.step == 2 and t.step == 2
     for name, tensor in t.model.state_dict().items():  # skipped steps changed nothing
         assert torch.equal(tensor, last.model_state[name]), name
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_new_file(tmp_path):
+    from maskrcnn.atomic import atomic_write_text
+
+    atomic_write_text(tmp_path / "out.csv", "id\n")
+    (tmp_path / "plain.csv").write_text("id\n")
+    mode = (tmp_path / "out.csv").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain.csv").stat().st_mode & 0o777  # the umask's, not mkstemp's 0600

@@ -8,7 +8,7 @@ from torchvision.ops import roi_align
 from maskrcnn import Config
 from maskrcnn.results import InstanceResult, ModelOutput, assemble_result
 from maskrcnn.structures import masks_to_boxes
-from maskrcnn.tiling import predict_tiled, tile_cores, tile_starts
+from maskrcnn.tiling import fitted_tile, predict_tiled, tile_cores, tile_starts
 
 ID_SCALE = 1000.0  # the oracle's images carry instance ids as pixel values
 
@@ -39,6 +39,7 @@ class OracleModel(torch.nn.Module):
 def discs_across_seams(size: int, tile: int, overlap: int) -> torch.Tensor:
     """A label image with discs (radius 10) on every seam and seam crossing, and some between."""
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    tile = fitted_tile(size, tile, overlap)  # the tiles predict_tiled uses
     starts = tile_starts(size, tile, overlap)
     seams = [lo for lo, _ in tile_cores(starts, tile, size)][1:]
     centres = [(x, y) for x in seams for y in seams]                      # on crossings
@@ -67,6 +68,20 @@ def test_tile_grid_covers_image_and_seams_split_overlaps():
     assert tile_starts(200, 256, 64) == [0]
     cores = tile_cores([0, 192, 384], 256, 640)
     assert cores == [(0.0, 224.0), (224.0, 416.0), (416.0, 640.0)]
+
+
+def test_tiles_shrink_to_the_fewest_that_cover():
+    assert fitted_tile(2048, 1024, 128) == 768     # 3 tiles either way: 768 covers 2048 as 1024 does
+    assert tile_starts(2048, 768, 128) == [0, 640, 1280]
+    assert fitted_tile(4096, 1024, 128) == 922     # 5 tiles
+    assert fitted_tile(1000, 256, 64) == 252       # 5 tiles
+    assert fitted_tile(900, 1024, 128) == 1024     # one tile: the image is smaller
+    for length, tile, overlap in [(2048, 1024, 128), (4096, 1536, 128), (1000, 256, 64), (777, 300, 100)]:
+        fitted = fitted_tile(length, tile, overlap)
+        assert overlap < fitted <= tile
+        starts = tile_starts(length, fitted, overlap)
+        assert len(starts) == len(tile_starts(length, tile, overlap))
+        assert starts[-1] + fitted == length and all(b - a <= fitted - overlap for a, b in zip(starts, starts[1:]))
 
 
 def test_tiled_prediction_matches_untiled_across_seams():
