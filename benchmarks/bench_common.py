@@ -22,12 +22,14 @@ torchvision needs no tweak: its coding is zero-centred and clamped, and it keeps
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -185,6 +187,17 @@ def alternate(runs: dict, warmup: int, repeats: int) -> dict[str, dict]:
                 values[name].append(value)
     return {n: {"median_s": statistics.median(times[n]), "times_s": times[n], "values": values[n]}
             for n in names}
+
+
+def write_report(out: str, name: str, report: dict, markdown: str) -> None:
+    """OUT/NAME.json and OUT/NAME.md, the table also on stdout; the run's wall time in the JSON."""
+    report["wall_s"] = time.perf_counter() - START
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(report, indent=2))
+    (folder / f"{name}.md").write_text(markdown)
+    print(markdown)
+    log(f"wrote {folder / (name + '.json')} and {folder / (name + '.md')}")
 
 
 def timed(fn, *args) -> tuple[float, object]:

@@ -24,7 +24,6 @@ Output: a table on stdout, <out>/export.json and <out>/export.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -115,14 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                            "detections": bc.DETECTIONS, "batch": 1, "export_size": EXPORT_SIZE,
                            "ours_overrides": bc.OURS_TEST_OVERRIDES}}
     report.update(bench(sizes, warmup, repeats))
-    report["wall_s"] = time.perf_counter() - bc.START
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "export.json").write_text(json.dumps(report, indent=2))
-    md = markdown(report)
-    (out / "export.md").write_text(md)
-    print(md)
-    bc.log(f"wrote {out / 'export.json'} and {out / 'export.md'}")
+    report["wall_s"] = time.perf_counter() - bc.START  # markdown() reports it
+    bc.write_report(args.out, "export", report, markdown(report))
     return 0
 
 

@@ -366,15 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         report["throughput"] = bench_throughput(warmup, repeats_big)
     if not (args.no_large or args.quick):
         report["large"] = large.bench_large(Path(args.out), args.large_weights, bc.log)
-    report["wall_s"] = time.perf_counter() - bc.START
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(report, indent=2))
-    md = markdown(report)
-    (out / "results.md").write_text(md)
-    print(md)
-    bc.log(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    report["wall_s"] = time.perf_counter() - bc.START  # markdown() reports it
+    bc.write_report(args.out, "results", report, markdown(report))
     return 0
 
 

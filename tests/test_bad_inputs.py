@@ -33,6 +33,8 @@ from maskrcnn.data.normalize import Normalizer
 from maskrcnn.data.synthetic import synth_nuclei
 from maskrcnn.model import MaskRCNN
 
+from cli_helpers import cli
+
 TINY = dict(
     backbone="resnet18", fpn_channels=16, rpn_head_channels=16, rcnn_fc_channels=32, mask_head_channels=16,
     rcnn_train_batch_size=16, mask_train_batch_size=8,
@@ -41,22 +43,8 @@ TINY = dict(
     mask_test_nms_pre_score_threshold=0.0, rcnn_test_max_detections=10)
 FAST = ["--crop", "64", "--device", "cpu", "--no-progress"]
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny images gain nothing from intra-op threads; on a busy machine they cost a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),  # pycocotools
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 def check_one_line_error(code: int, err: str, named: object, problem: str) -> None:

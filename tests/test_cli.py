@@ -39,6 +39,8 @@ from maskrcnn.metrics import EvaluationReport
 from maskrcnn.predict import Predictor
 from maskrcnn.results import InstanceResult, ModelOutput
 
+from cli_helpers import cli
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 REAL_DSB = SHARED_DATA / "dsb2018-kaggle-layout"
@@ -58,17 +60,11 @@ FAST = ["--crop", "64", "--batch-size", "2", "--device", "cpu", "--no-progress"]
 LOSS_PARTS = ("rpn_cls", "rpn_reg", "rcnn_cls", "rcnn_reg", "mask")
 N_SYNTH = 5
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),  # pycocotools
+              pytest.mark.usefixtures("one_torch_thread")]
 
 needs_real_data = pytest.mark.skipif(not (REAL_DSB.is_dir() and REAL_LABELS.is_dir()),
                                      reason=f"real DSB2018 sample not present in {SHARED_DATA}")
-
-
-def cli(capsys, *argv) -> tuple[int, str, str]:
-    """Run ``maskrcnn ARGV`` in this process: (exit code, stdout, stderr)."""
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -94,15 +90,6 @@ def kaggle_decode(encoded: str, shape: tuple[int, int]) -> np.ndarray:
 
 
 # --- one tiny trained model for the module ----------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """64-pixel images gain nothing from intra-op threads; on a busy machine they cost 10x or more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cli")

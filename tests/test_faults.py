@@ -25,13 +25,14 @@ from PIL import Image
 
 from maskrcnn.atomic import remove_stale_temporaries
 from maskrcnn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from maskrcnn.cli import main
 from maskrcnn.config import nuclei_config
 from maskrcnn.data.normalize import Normalizer
 from maskrcnn.data.synthetic import write_synthetic_dataset
 from maskrcnn.errors import UserError
 from maskrcnn.model import MaskRCNN
 from maskrcnn.train import MAX_BAD_STEPS, TrainOptions, Trainer
+
+from cli_helpers import cli
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(
@@ -90,21 +91,6 @@ def train_args(data: Path, config: Path, run: Path) -> list:
     return ["train", "--data", data, "--out", run, "--config", config, "--iters", STEPS, "--batch-size", 1,
             "--crop", 48, "--val-every", 100, "--checkpoint-every", EVERY, "--lr", "3e-3", "--seed", 3,
             "--device", "cpu", "--no-progress"]
-
-
-@pytest.fixture
-def one_thread():
-    """In-process runs use one thread, as the child processes do (OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(data, tmp_path, one_thread, capsys):
