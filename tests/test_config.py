@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
-from maskrcnn.config import Config, ConfigError, aspect
+from maskrcnn.config import Config, ConfigError, aspect, nuclei_config
 
 
 def test_defaults_are_valid_and_follow_the_spec():
@@ -132,3 +133,8 @@ def _write(tmp_path, text: str):
     path = tmp_path / "config.yaml"
     path.write_text(text)
     return path
+
+
+def test_shipped_nuclei_yaml_is_the_cli_default():
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "nuclei.yaml"
+    assert Config.from_yaml(shipped).to_dict() == nuclei_config().to_dict()
