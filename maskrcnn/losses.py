@@ -26,18 +26,6 @@ def smooth_l1(predicted: Tensor, target: Tensor, sigma: float) -> Tensor:
     return F.smooth_l1_loss(predicted, target, beta=1.0 / sigma**2, reduction="none").sum(dim=-1)
 
 
-def weighted_focal_cross_entropy(logits: Tensor, labels: Tensor, weights: Tensor, gamma: float) -> Tensor:
-    """Focal cross-entropy, sum(w * loss) / sum(w) over all elements. logits (..., K), labels (...), weights (...)."""
-    loss = focal_cross_entropy(logits, labels, gamma)
-    return (weights * loss).sum() / weights.sum().clamp(min=1e-12)
-
-
-def weighted_smooth_l1(predicted: Tensor, target: Tensor, weights: Tensor, sigma: float) -> Tensor:
-    """Smooth-L1 summed over the last axis, sum(w * loss) / sum(w) over all elements."""
-    loss = smooth_l1(predicted, target, sigma)
-    return (weights * loss).sum() / weights.sum().clamp(min=1e-12)
-
-
 def mean_over_images(loss: Tensor, weights: Tensor, image: Tensor | None = None,
                      num_images: int | None = None) -> Tensor:
     """(1/B) * sum_i [sum_{s in i} w_s loss_s / sum_{s in i} w_s]; an image of zero weight adds 0.

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from maskrcnn.boxes import rpn_decode, rpn_encode
 from maskrcnn.config import Config
-from maskrcnn.losses import weighted_focal_cross_entropy, weighted_smooth_l1
+from maskrcnn.losses import focal_cross_entropy, mean_over_images, smooth_l1
 from maskrcnn.rpn.anchors import AnchorGenerator
 from maskrcnn.rpn.head import RpnMultiHead
 from maskrcnn.rpn.loss import rpn_loss
@@ -140,6 +140,11 @@ def test_image_without_boxes_is_all_background():
 
 
 # --- losses ---------------------------------------------------------------------------------------
+def weighted_mean(per_element: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum(w * loss) / sum(w) over all elements: the loss of one image holding them all."""
+    return mean_over_images(per_element.reshape(1, -1), weights.reshape(1, -1))
+
+
 def test_focal_loss_with_gamma_zero_is_weighted_cross_entropy():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 50, 2, generator=g)
@@ -147,14 +152,14 @@ def test_focal_loss_with_gamma_zero_is_weighted_cross_entropy():
     weights = torch.rand(2, 50, generator=g)
     ce = F.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1), reduction="none").reshape(2, 50)
     expected = (weights * ce).sum() / weights.sum()
-    assert torch.allclose(weighted_focal_cross_entropy(logits, labels, weights, 0.0), expected)
+    assert torch.allclose(weighted_mean(focal_cross_entropy(logits, labels, 0.0), weights), expected)
 
 
 def test_focal_loss_known_value():
     logits = torch.tensor([[0.0, math.log(3.0)]])  # p(fg) = 0.75
-    loss = weighted_focal_cross_entropy(logits, torch.tensor([1]), torch.tensor([1.0]), gamma=2.0)
+    loss = weighted_mean(focal_cross_entropy(logits, torch.tensor([1]), gamma=2.0), torch.tensor([1.0]))
     assert loss.item() == pytest.approx(0.25**2 * -math.log(0.75), rel=1e-6)
-    zero_weights = weighted_focal_cross_entropy(logits, torch.tensor([1]), torch.tensor([0.0]), gamma=2.0)
+    zero_weights = weighted_mean(focal_cross_entropy(logits, torch.tensor([1]), gamma=2.0), torch.tensor([0.0]))
     assert zero_weights.item() == 0.0
 
 
@@ -168,14 +173,14 @@ def test_focal_loss_known_value():
 ])
 def test_smooth_l1_at_known_points(sigma, d, expected):
     predicted = torch.tensor([[d, 0.0, 0.0, 0.0]])
-    loss = weighted_smooth_l1(predicted, torch.zeros(1, 4), torch.ones(1), sigma)
+    loss = weighted_mean(smooth_l1(predicted, torch.zeros(1, 4), sigma), torch.ones(1))
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_smooth_l1_sums_coordinates_and_averages_over_weights():
     predicted = torch.tensor([[1.0, 1.0, 0.0, 0.0], [5.0, 5.0, 5.0, 5.0], [2.0, 0.0, 0.0, 0.0]])
     weights = torch.tensor([1.0, 0.0, 1.0])
-    loss = weighted_smooth_l1(predicted, torch.zeros(3, 4), weights, sigma=1.0)
+    loss = weighted_mean(smooth_l1(predicted, torch.zeros(3, 4), sigma=1.0), weights)
     assert loss.item() == pytest.approx((0.5 + 0.5 + 1.5) / 2)
 
 
