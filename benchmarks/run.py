@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's default)")
     parser.add_argument("--no-large", action="store_true", help="skip the large / dense image rows")
     parser.add_argument("--large-weights", type=Path,
-                        help="nuclei checkpoint for the large-image rows (default: the demo's, else trained here)")
+                        help="nuclei checkpoint for the large-image rows (default: one trained here)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 

@@ -92,33 +92,53 @@ def match_boxes(boxes: Tensor, truth: Tensor) -> tuple[Tensor, Tensor]:
     return iou.max(dim=1)
 
 
-def sample_indices(candidates: Tensor, count: int, generator: torch.Generator | None = None) -> Tensor:
+def sample_indices(candidates: Tensor, count: int, generator: torch.Generator | None = None,
+                   weights: Tensor | None = None) -> Tensor:
     """``count`` entries of the 1-D ``candidates``: without replacement when there are enough, with
-    replacement when there are too few (so a head always trains on a fixed-size batch)."""
+    replacement when there are too few (so a head always trains on a fixed-size batch).
+
+    ``weights`` (same length, > 0) makes the draw proportional to them instead of uniform.
+    """
     n = candidates.numel()
     if count <= 0 or n == 0:
         return candidates[:0]
     device = candidates.device
-    if n >= count:
+    if weights is not None:
+        pick = torch.multinomial(weights.detach().to("cpu", torch.float64), count, replacement=n < count,
+                                 generator=generator).to(device)
+    elif n >= count:
         pick = torch.randperm(n, generator=generator, device="cpu")[:count].to(device)
     else:
         pick = torch.randint(n, (count,), generator=generator, device="cpu").to(device)
     return candidates[pick]
 
 
+def per_instance_weights(assign: Tensor) -> Tensor:
+    """(F,) truth index of each foreground candidate -> (F,) weights 1 / (candidates of that truth).
+
+    Drawing with these weights picks every instance about equally often: a large nucleus covered
+    by dozens of overlapping proposals no longer crowds the small ones (one or two) out of the sample.
+    """
+    if assign.numel() == 0:
+        return assign.new_zeros(0, dtype=torch.float32)
+    return 1.0 / torch.bincount(assign)[assign].float()
+
+
 def sample_balanced(fg: Tensor, bg: Tensor, batch_size: int, fg_fraction: float,
-                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                    generator: torch.Generator | None = None, fg_weights: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor]:
     """The spec's balanced sampling of foreground/background indices to exactly ``batch_size``.
 
     With both kinds present: up to ``round(fg_fraction * batch_size)`` foregrounds (no repeats) and
     backgrounds for the rest (repeated when too few). With one kind only, all ``batch_size`` come
-    from it. With neither, both are empty.
+    from it. With neither, both are empty. ``fg_weights`` weighs the foreground draw.
     """
     if fg.numel() and bg.numel():
         num_fg = min(int(round(fg_fraction * batch_size)), fg.numel())
-        return sample_indices(fg, num_fg, generator), sample_indices(bg, batch_size - num_fg, generator)
+        return (sample_indices(fg, num_fg, generator, fg_weights),
+                sample_indices(bg, batch_size - num_fg, generator))
     if fg.numel():
-        return sample_indices(fg, batch_size, generator), bg
+        return sample_indices(fg, batch_size, generator, fg_weights), bg
     return fg, sample_indices(bg, batch_size, generator)
 
 

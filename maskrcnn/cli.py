@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="synthetic nuclei: generate, train, evaluate, predict",
                           description="The whole workflow on synthetic nuclei, in a few minutes on a CPU.")
     demo.add_argument("--out", default="demo_out")
-    demo.add_argument("--minutes", type=_positive_float, default=6.0, help="training time budget")
+    demo.add_argument("--minutes", type=_positive_float, default=10.0, help="training time budget")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     demo.set_defaults(run=cmd_demo)

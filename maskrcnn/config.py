@@ -86,6 +86,9 @@ class Config:
     rcnn_train_bg_thresh_high: float = 0.5
     rcnn_train_bg_thresh_low: float = 0.0
     rcnn_train_min_size: float = 5
+    # RCNN and mask foreground samples drawn per truth instance, not per proposal: a large instance
+    # has dozens of overlapping proposals, a small one a few, and would otherwise rarely be drawn
+    train_sample_per_instance: bool = True
 
     rcnn_test_nms_pre_score_threshold: float = 0.3
     rcnn_test_nms_overlap_threshold: float = 0.5
@@ -256,7 +259,9 @@ def _check_types(cfg: Config) -> None:
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         kind = str(f.type)
-        if kind.startswith("int"):
+        if kind == "bool":
+            ok = isinstance(value, bool)
+        elif kind.startswith("int"):
             ok = isinstance(value, int) and not isinstance(value, bool)
         elif kind.startswith("float"):
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from maskrcnn.boxes import (candidates_with_truth, clip_boxes, first_k_per_image, is_large_enough,
-                            match_boxes, rcnn_decode, rcnn_encode, rpn_decode, rpn_encode, sample_balanced,
-                            sample_indices, split_by_image)
+                            match_boxes, per_instance_weights, rcnn_decode, rcnn_encode, rpn_decode, rpn_encode,
+                            sample_balanced, sample_indices, split_by_image)
 from maskrcnn.structures import Target, masks_to_boxes
 
 WEIGHTS = (10.0, 10.0, 5.0, 5.0)
@@ -139,6 +139,30 @@ def test_sample_indices_without_then_with_replacement():
     assert many.numel() == 25 and set(many.tolist()) <= set(range(10, 20))
     assert sample_indices(candidates[:0], 5, g).numel() == 0
     assert sample_indices(candidates, 0, g).numel() == 0
+
+
+def test_per_instance_weights_give_each_instance_the_same_total():
+    assign = torch.tensor([0, 0, 0, 0, 1, 2, 2])
+    weights = per_instance_weights(assign)
+    totals = torch.zeros(3).index_add_(0, assign, weights)
+    assert torch.allclose(totals, torch.ones(3))
+    assert per_instance_weights(torch.zeros(0, dtype=torch.long)).numel() == 0
+
+
+def test_weighted_sampling_draws_a_rare_instance_as_often_as_a_common_one():
+    # instance 0 has 90 candidates, instance 1 has 2: uniform draws of 4 would rarely pick instance 1
+    assign = torch.tensor([0] * 90 + [1] * 2)
+    candidates = torch.arange(92)
+    g = torch.Generator().manual_seed(0)
+    weights = per_instance_weights(assign)
+    picks = torch.stack([sample_indices(candidates, 4, g, weights) for _ in range(500)])
+    assert all(p.unique().numel() == 4 for p in picks)            # still without replacement
+    share_rare = (picks >= 90).float().mean().item()
+    assert 0.35 < share_rare < 0.5                                  # uniform: 2/92 ≈ 0.02
+    uniform = torch.stack([sample_indices(candidates, 4, g) for _ in range(500)])
+    assert (uniform >= 90).float().mean().item() < 0.05
+    repeated = sample_indices(candidates[90:], 6, g, weights[90:])  # too few: with replacement
+    assert repeated.numel() == 6 and set(repeated.tolist()) <= {90, 91}
 
 
 def test_sample_balanced_with_plenty_of_both():

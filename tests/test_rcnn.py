@@ -224,3 +224,23 @@ def test_detections_without_proposals():
                     torch.tensor([[0.0, 5.0, 0.0]]), torch.zeros(1, 3, 4), [(32, 32), (32, 32)])
     assert len(d1) == 0 and d1.boxes.shape == (0, 4)
     assert len(d2) == 1
+
+
+def test_foreground_sample_reaches_a_small_instance_beside_a_large_one(cfg):
+    # 40 proposals jittered around a large nucleus, one on a small nucleus: drawing 4 foregrounds
+    # per proposal would almost never include the small one; per instance, about half the time.
+    large, small = [20.0, 20.0, 80.0, 80.0], [100.0, 100.0, 108.0, 108.0]
+    target = box_target([large, small], [1, 1])
+    jitter = [[20 + d, 20 - d, 80 + d, 80 - d] for d in torch.linspace(-3, 3, 40).tolist()]
+    proposals = [props(jitter + [[100.5, 100.0, 108.5, 108.0]])]
+
+    def small_share(per_instance: bool) -> float:
+        cfg.train_sample_per_instance = per_instance
+        hits = 0
+        for seed in range(100):
+            t = make_rcnn_targets(proposals, [target], cfg, [torch.Generator().manual_seed(seed)])
+            hits += int((t.proposals[0][t.labels > 0][:, 0] >= 100).sum())
+        return hits / (100 * 4)
+
+    assert small_share(True) > 0.3
+    assert small_share(False) < 0.15

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..boxes import candidates_with_truth, match_boxes, sample_indices
+from ..boxes import candidates_with_truth, match_boxes, per_instance_weights, sample_indices
 from ..config import Config
 from ..structures import Proposals, Target
 
@@ -59,7 +59,8 @@ def _sample_image(props: Proposals, target: Target, cfg: Config,
     if len(target) == 0:  # no instance: no mask to learn
         return candidates[:0], target.labels[:0], candidates.new_zeros(0, cfg.mask_size, cfg.mask_size)
     iou, assign = match_boxes(candidates, target.boxes.to(candidates))
-    fg = sample_indices(torch.nonzero(iou >= cfg.mask_train_fg_thresh_low).squeeze(1), cfg.mask_train_batch_size,
-                        generator)
+    fg = torch.nonzero(iou >= cfg.mask_train_fg_thresh_low).squeeze(1)
+    weights = per_instance_weights(assign[fg]) if cfg.train_sample_per_instance else None
+    fg = sample_indices(fg, cfg.mask_train_batch_size, generator, weights)
     masks = crop_masks(target.masks.to(candidates.device), assign[fg], candidates[fg], cfg.mask_size)
     return candidates[fg], target.labels.to(fg.device)[assign[fg]], masks

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..boxes import candidates_with_truth, match_boxes, rcnn_encode, sample_balanced
+from ..boxes import candidates_with_truth, match_boxes, per_instance_weights, rcnn_encode, sample_balanced
 from ..config import Config
 from ..structures import Proposals, Target
 
@@ -26,7 +26,8 @@ def make_rcnn_targets(proposals: list[Proposals], targets: list[Target], cfg: Co
 
     Foreground: IoU with a truth box >= ``rcnn_train_fg_thresh_low``; background: IoU in
     [``rcnn_train_bg_thresh_low``, ``rcnn_train_bg_thresh_high``). Each image is sampled from its
-    own proposals, with its own generator (default: one from each target's seed).
+    own proposals, with its own generator (default: one from each target's seed); with
+    ``train_sample_per_instance`` every truth instance is about equally likely among the foregrounds.
     """
     if generators is None:
         generators = [t.sampling_generator() for t in targets]
@@ -40,8 +41,9 @@ def make_rcnn_targets(proposals: list[Proposals], targets: list[Target], cfg: Co
             assign = torch.zeros_like(iou, dtype=torch.long)
         fg = torch.nonzero(iou >= cfg.rcnn_train_fg_thresh_low).squeeze(1)
         bg = torch.nonzero((iou < cfg.rcnn_train_bg_thresh_high) & (iou >= cfg.rcnn_train_bg_thresh_low)).squeeze(1)
+        fg_weights = per_instance_weights(assign[fg]) if cfg.train_sample_per_instance else None
         fg, bg = sample_balanced(fg, bg, cfg.rcnn_train_batch_size, cfg.rcnn_train_fg_fraction,
-                                 generator)
+                                 generator, fg_weights)
         fg_truth = assign[fg]
         boxes.append(torch.cat([candidates[fg], candidates[bg]]))
         labels.append(torch.cat([target.labels.to(fg.device)[fg_truth], bg.new_zeros(bg.shape[0])]))

@@ -1,0 +1,28 @@
+"""``maskrcnn demo`` (what ``make demo`` runs), end to end on a few seconds of training."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from cli_helpers import cli
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_demo_writes_data_run_report_and_overlays(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code, stdout, _ = cli(capsys, "demo", "--out", out, "--minutes", "0.05", "--device", "cpu")
+    assert code == 0
+    assert len(list((out / "data" / "train" / "images").iterdir())) == 40
+    assert len(list((out / "data" / "held_out" / "images").iterdir())) == 8
+    assert (out / "run" / "last.pt").is_file() and (out / "run" / "curves.png").is_file()
+    report = json.loads((out / "held_out_report.json").read_text())
+    printed = re.search(r"held-out mask AP50 ([0-9.]+), DSB2018 score ([0-9.]+)", stdout)
+    assert printed, stdout
+    assert float(printed.group(1)) == pytest.approx(report["summary"]["mask_ap50"], abs=5e-4)
+    overlays = sorted((out / "predictions").glob("*_overlay.png"))
+    assert len(overlays) == 8
+    assert f"overlays: {out / 'predictions'}" in stdout
