@@ -138,3 +138,11 @@ def _write(tmp_path, text: str):
 def test_shipped_nuclei_yaml_is_the_cli_default():
     shipped = Path(__file__).resolve().parents[1] / "configs" / "nuclei.yaml"
     assert Config.from_yaml(shipped).to_dict() == nuclei_config().to_dict()
+
+
+def test_switches_must_be_true_or_false():
+    # YAML reads `yes`/`true` as a bool but "1" or "on" quoted as strings: only a real bool passes
+    assert Config(train_sample_per_instance=False).train_sample_per_instance is False
+    for value in ("true", 1, None):
+        with pytest.raises(ConfigError, match="train_sample_per_instance has the wrong type"):
+            Config(train_sample_per_instance=value)
