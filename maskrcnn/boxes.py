@@ -119,8 +119,6 @@ def per_instance_weights(assign: Tensor) -> Tensor:
     Drawing with these weights picks every instance about equally often: a large nucleus covered
     by dozens of overlapping proposals no longer crowds the small ones (one or two) out of the sample.
     """
-    if assign.numel() == 0:
-        return assign.new_zeros(0, dtype=torch.float32)
     return 1.0 / torch.bincount(assign)[assign].float()
 
 
