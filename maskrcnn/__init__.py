@@ -5,8 +5,7 @@ __version__ = "0.1.0"
 from .config import Config, ConfigError
 from .errors import DataError, UserError
 from .model import MaskRCNN
-from .results import InstanceResult, Losses, ModelOutput
-from .structures import Proposals, Target
+from .structures import Detections, Detector, InstanceResult, Losses, ModelOutput, Proposals, Target
 
 __all__ = ["Config", "ConfigError", "DataError", "UserError", "MaskRCNN", "ModelOutput", "Losses",
-           "InstanceResult", "Target", "Proposals", "__version__"]
+           "InstanceResult", "Target", "Proposals", "Detections", "Detector", "__version__"]

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from .errors import UserError
+from .tiling import TILE_OVERLAP
 
 EXIT_USER_ERROR = 2
 
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "(.onnx: onnxruntime, TorchScript .pt: torch.jit; CPU)")
     predict.add_argument("--out", required=True, help="output folder")
     predict.add_argument("--tile", type=_positive_int, help="tile size for large images")
-    predict.add_argument("--overlap", type=int, default=128, help="tile overlap in pixels (> 2x object size)")
+    predict.add_argument("--overlap", type=int, default=TILE_OVERLAP, help="tile overlap in pixels (> 2x object size)")
     predict.add_argument("--kaggle", action="store_true", help="also write a DSB2018 run-length submission.csv")
     predict.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     predict.add_argument("--no-progress", action="store_true")
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--images", help="image folder for --format coco")
     evaluate.add_argument("--out", help="JSON report path (default: print only)")
     evaluate.add_argument("--tile", type=_positive_int)
-    evaluate.add_argument("--overlap", type=int, default=128)
+    evaluate.add_argument("--overlap", type=int, default=TILE_OVERLAP, help="tile overlap in pixels")
     evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(run=cmd_evaluate)

@@ -26,8 +26,8 @@ from .config import Config, ConfigError
 from .data.normalize import Normalizer
 from .errors import UserError
 from .export import EXPORT_FORMAT, METADATA_KEY, OUTPUT_NAMES
-from .rcnn.detections import Detections
-from .results import InstanceResult, ModelOutput, make_instance_result
+from .mask.postprocess import make_instance_result
+from .structures import Detections, InstanceResult, ModelOutput
 
 Outputs = tuple[Tensor, Tensor, Tensor, Tensor]
 

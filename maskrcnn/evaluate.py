@@ -10,9 +10,9 @@ from .data.datasets import InstanceReader, Sample
 from .data.normalize import Normalizer
 from .distributed import DistContext
 from .metrics import EvaluationReport, PredictionRecord, TruthRecord, encode_masks, evaluate
-from .model import MaskRCNN
-from .predict import predict_one
-from .results import InstanceResult
+from .inference import segment
+from .tiling import TILE_OVERLAP
+from .structures import Detector, InstanceResult
 
 
 def truth_record(sample: Sample) -> TruthRecord:
@@ -31,9 +31,9 @@ def prediction_record(name: str, result: InstanceResult) -> PredictionRecord:
                             boxes=result.boxes.numpy(), scores=result.scores.numpy())
 
 
-def evaluate_model(model: MaskRCNN, normalizer: Normalizer, reader: InstanceReader, *,
+def evaluate_model(model: Detector, normalizer: Normalizer, reader: InstanceReader, *,
                    device: torch.device | str = "cpu", progress: bool = True, tile: int | None = None,
-                   overlap: int = 128, dist: DistContext | None = None) -> EvaluationReport:
+                   overlap: int = TILE_OVERLAP, dist: DistContext | None = None) -> EvaluationReport:
     """Predict every image of ``reader`` and score against its annotation.
 
     Under torch.distributed each rank predicts its share of the images and every rank returns
@@ -46,7 +46,7 @@ def evaluate_model(model: MaskRCNN, normalizer: Normalizer, reader: InstanceRead
     shard = range(dist.rank, len(reader), dist.world_size)
     for index in tqdm(shard, desc="evaluate", unit="img", disable=not (progress and dist.is_main)):
         sample = reader[index]
-        result = predict_one(model, normalizer(sample.image), device, tile, overlap)
+        result = segment(model, normalizer(sample.image), device, tile, overlap)
         records.append((index, truth_record(sample), prediction_record(sample.name, result)))
     model.train(was_training)
     gathered = sorted((r for part in dist.all_gather_objects(records) for r in part), key=lambda r: r[0])

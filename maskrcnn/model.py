@@ -15,18 +15,18 @@ from .config import Config
 from .mask.head import MaskHead
 from .mask.loss import mask_loss
 from .mask.targets import make_mask_targets
-from .rcnn.detections import Detections, make_detections
+from .rcnn.detections import make_detections
 from .rcnn.head import RcnnHead
 from .rcnn.loss import rcnn_loss
 from .rcnn.targets import make_rcnn_targets
-from .results import InstanceResult, Losses, ModelOutput, make_instance_result
+from .mask.postprocess import make_instance_result
 from .roi_align import MultiLevelRoiAlign
 from .rpn.anchors import AnchorGenerator
 from .rpn.head import RpnMultiHead
 from .rpn.loss import rpn_loss
 from .rpn.proposals import make_proposals
 from .rpn.targets import make_rpn_targets
-from .structures import Proposals, Target
+from .structures import Detections, InstanceResult, Losses, ModelOutput, Proposals, Target
 
 SIZE_DIVISOR = 32  # the coarsest FPN stride: padded inputs keep every level's grid aligned
 

@@ -26,27 +26,19 @@ from .data.normalize import Normalizer
 from .distributed import resolve_device
 from .errors import DataError, UserError
 from .model import MaskRCNN
-from .results import InstanceResult
+from .structures import Detector, InstanceResult
 from .rle import coco_rle, kaggle_rle, label_runs
-from .tiling import predict_tiled
+from .inference import segment
+from .tiling import TILE_OVERLAP
 
 IMAGE_SUFFIXES = {".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp", ".npy"}
-
-
-def predict_one(model: MaskRCNN, image: torch.Tensor, device: torch.device | str, tile: int | None = None,
-                overlap: int = 128) -> InstanceResult:
-    """A normalised image (C, H, W) -> its instances, on the CPU; tiled when ``tile`` is given."""
-    with torch.inference_mode():
-        if tile:
-            return predict_tiled(model, image, tile, overlap, device)
-        return model(image.to(device)).results[0].to("cpu")
 
 
 @dataclass
 class Predictor:
     """A model ready for inference with the normalisation it was trained with."""
 
-    model: MaskRCNN
+    model: Detector
     normalizer: Normalizer
     device: torch.device
 
@@ -74,12 +66,12 @@ class Predictor:
     def class_names(self) -> list[str]:
         return self.model.cfg.class_names
 
-    def __call__(self, image: np.ndarray, tile: int | None = None, overlap: int = 128) -> InstanceResult:
+    def __call__(self, image: np.ndarray, tile: int | None = None, overlap: int = TILE_OVERLAP) -> InstanceResult:
         """A raw image (H, W) or (H, W, C) of any dtype -> its instances, on the CPU."""
         return self.predict_normalized(self.normalizer(image), tile, overlap)
 
-    def predict_normalized(self, image: torch.Tensor, tile: int | None = None, overlap: int = 128) -> InstanceResult:
-        return predict_one(self.model, image, self.device, tile, overlap)
+    def predict_normalized(self, image: torch.Tensor, tile: int | None = None, overlap: int = TILE_OVERLAP) -> InstanceResult:
+        return segment(self.model, image, self.device, tile, overlap)
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
@@ -220,7 +212,7 @@ class PredictRun:
 
 
 def predict_files(predictor: Predictor, inputs: list[str], out_dir: str | Path, *, tile: int | None = None,
-                  overlap: int = 128, kaggle: bool = False, progress: bool = True) -> PredictRun:
+                  overlap: int = TILE_OVERLAP, kaggle: bool = False, progress: bool = True) -> PredictRun:
     """Predict every input image; a bad image is reported and skipped, the others still processed."""
     from tqdm import tqdm
 

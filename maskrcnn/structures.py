@@ -1,16 +1,20 @@
-"""Typed records that cross stage boundaries.
+"""Typed records that cross stage boundaries, and the ``Detector`` protocol.
 
-Shape shorthand used across the package: B images, N anchors, G truth instances, R proposals,
-K classes (background included), M mask size, D detections.
-Boxes are ``xyxy`` float in input pixels; label 0 is background.
+This module is the bottom of the package: it imports none of the stages. See docs/design.md for
+the data flow. Shape shorthand used across the package: B images, N anchors, G truth instances,
+R proposals, K classes (background included), M mask size, D detections.
+Boxes are ``xyxy`` float in input pixels; label 0 is background; batches are per-image lists.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+
+from .config import Config
 
 
 @dataclass
@@ -81,3 +85,101 @@ class Proposals:
 
     def __len__(self) -> int:
         return self.boxes.shape[0]
+
+
+@dataclass
+class Detections:
+    """Boxes found in one image, sorted by score: boxes (D, 4), scores (D,), labels (D,) int64."""
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return self.boxes.shape[0]
+
+
+LOSS_NAMES = ("rpn_cls", "rpn_reg", "rcnn_cls", "rcnn_reg", "mask")
+
+
+@dataclass
+class Losses:
+    """The five training losses, each a scalar tensor (a mean over images, see ``maskrcnn.losses``)."""
+
+    rpn_cls: Tensor
+    rpn_reg: Tensor
+    rcnn_cls: Tensor
+    rcnn_reg: Tensor
+    mask: Tensor
+
+    @property
+    def total(self) -> Tensor:
+        return self.rpn_cls + self.rpn_reg + self.rcnn_cls + self.rcnn_reg + self.mask
+
+    def as_floats(self) -> dict[str, float]:
+        """Plain numbers for logs and progress bars (one device sync)."""
+        values = torch.stack([getattr(self, n).detach().float() for n in LOSS_NAMES]).tolist()
+        return dict(zip(LOSS_NAMES, values))
+
+
+@dataclass
+class InstanceResult:
+    """Instances found in one image, sorted by descending score.
+
+    boxes (K, 4) xyxy, scores (K,), labels (K,) int64, mask_probs (K, M, M): each instance's mask
+    probabilities in its box frame (the memory-bounded form; ``mask(i)`` pastes one), and
+    label_image (H, W) int32 where instance i has id i + 1 and the higher score wins overlaps.
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    mask_probs: Tensor
+    label_image: Tensor
+    mask_threshold: float = 0.5
+
+    def __len__(self) -> int:
+        return self.boxes.shape[0]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.label_image.shape)
+
+    def mask(self, i: int) -> Tensor:
+        """Instance i's full-image mask (H, W) bool."""
+        # imported here, not at the top: this module stays below the stages (see module doc)
+        from .mask.paste import paste_masks
+
+        h, w = self.image_size
+        return paste_masks(self.mask_probs[i:i + 1], self.boxes[i:i + 1], h, w, self.mask_threshold)[0]
+
+    def to(self, device: torch.device | str) -> "InstanceResult":
+        return InstanceResult(self.boxes.to(device), self.scores.to(device), self.labels.to(device),
+                              self.mask_probs.to(device), self.label_image.to(device), self.mask_threshold)
+
+
+@dataclass
+class ModelOutput:
+    """The model's one return type: ``losses`` in training mode, ``results`` in eval mode."""
+
+    losses: Losses | None = None
+    results: list[InstanceResult] | None = None
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """What prediction, evaluation and tiling accept: ``MaskRCNN`` and an exported model alike.
+
+    ``detector(images).results`` gives one InstanceResult per image, for a (C, H, W) or
+    (B, C, H, W) tensor or a list of (C, H, W) tensors with values in [0, 1]; ``cfg`` holds the
+    class names and the thresholds that tiled prediction re-applies when it stitches tiles.
+    """
+
+    cfg: Config
+    training: bool
+
+    def __call__(self, images: Tensor | list[Tensor]) -> ModelOutput: ...
+
+    def eval(self) -> "Detector": ...
+
+    def train(self, mode: bool = True) -> "Detector": ...

@@ -14,8 +14,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .model import MaskRCNN
-from .results import InstanceResult, assemble_result
+from .mask.postprocess import assemble_result
+from .structures import Detector, InstanceResult
+
+# Default overlap of neighbouring tiles in pixels: more than twice the largest object's size
+# keeps every object whole in some tile (see above).
+TILE_OVERLAP = 128
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -45,7 +49,7 @@ def tile_cores(starts: list[int], tile: int, length: int) -> list[tuple[float, f
     return list(zip([0.0] + seams, seams + [float(length)]))
 
 
-def predict_tiled(model: MaskRCNN, image: Tensor, tile: int, overlap: int,
+def predict_tiled(model: Detector, image: Tensor, tile: int, overlap: int,
                   device: torch.device | str = "cpu") -> InstanceResult:
     """image (C, H, W) normalised -> one InstanceResult for the whole image, on the CPU."""
     if overlap < 0 or overlap >= tile:

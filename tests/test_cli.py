@@ -37,7 +37,7 @@ from maskrcnn.data.synthetic import write_synthetic_dataset
 from maskrcnn.evaluate import evaluate_model
 from maskrcnn.metrics import EvaluationReport
 from maskrcnn.predict import Predictor
-from maskrcnn.results import InstanceResult, ModelOutput
+from maskrcnn.structures import InstanceResult, ModelOutput
 
 from cli_helpers import cli
 

@@ -10,8 +10,8 @@ from maskrcnn.mask.head import MaskHead
 from maskrcnn.mask.loss import mask_loss
 from maskrcnn.mask.paste import largest_component, mask_nms, paste_label_image, paste_masks
 from maskrcnn.mask.targets import MaskTargets, crop_masks, make_mask_targets
-from maskrcnn.rcnn.detections import Detections
-from maskrcnn.results import make_instance_result
+from maskrcnn.structures import Detections
+from maskrcnn.mask.postprocess import make_instance_result
 from maskrcnn.structures import Proposals
 
 M = 28

@@ -7,7 +7,7 @@ import torch
 
 from maskrcnn.config import Config
 from maskrcnn.model import MaskRCNN
-from maskrcnn.results import InstanceResult, Losses
+from maskrcnn.structures import InstanceResult, Losses
 
 # CPU-fast: a narrow ResNet-18 model on 64 x 64 images.
 TINY = dict(backbone="resnet18", fpn_channels=32, rpn_head_channels=32, rcnn_fc_channels=64,

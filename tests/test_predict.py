@@ -16,7 +16,7 @@ from maskrcnn.predict import (
     TABLE_FIELDS, coco_records, expand_inputs, instance_table, kaggle_rows, overlay_image, predict_files,
     write_prediction,
 )
-from maskrcnn.results import InstanceResult
+from maskrcnn.structures import InstanceResult
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools
 

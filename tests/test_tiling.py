@@ -6,7 +6,8 @@ import torch
 from torchvision.ops import roi_align
 
 from maskrcnn import Config
-from maskrcnn.results import InstanceResult, ModelOutput, assemble_result
+from maskrcnn.mask.postprocess import assemble_result
+from maskrcnn.structures import InstanceResult, ModelOutput
 from maskrcnn.structures import masks_to_boxes
 from maskrcnn.tiling import fitted_tile, predict_tiled, tile_cores, tile_starts
 

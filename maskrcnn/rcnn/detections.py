@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
 from ..boxes import clip_boxes, first_k_per_image, is_large_enough, rcnn_decode, split_by_image
-
-
-@dataclass
-class Detections:
-    """Boxes found in one image, sorted by score: boxes (D, 4), scores (D,), labels (D,) int64."""
-
-    boxes: Tensor
-    scores: Tensor
-    labels: Tensor
-
-    def __len__(self) -> int:
-        return self.boxes.shape[0]
+from ..structures import Detections
 
 
 @torch.no_grad()

@@ -1,75 +1,17 @@
-"""What the model returns: named losses in training, one InstanceResult per image in eval."""
+"""The mask stage's last step: detections and their mask probabilities -> one InstanceResult.
+
+Runs per image, outside the exported graph (its connected-component loop iterates until stable),
+so eager, tiled and exported models all finish here.
+"""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .config import Config
-from .mask.paste import largest_component, mask_areas, mask_nms, paste_label_image, paste_masks
-from .rcnn.detections import Detections
-
-
-@dataclass
-class Losses:
-    rpn_cls: Tensor
-    rpn_reg: Tensor
-    rcnn_cls: Tensor
-    rcnn_reg: Tensor
-    mask: Tensor
-
-    @property
-    def total(self) -> Tensor:
-        return self.rpn_cls + self.rpn_reg + self.rcnn_cls + self.rcnn_reg + self.mask
-
-    def as_floats(self) -> dict[str, float]:
-        """Plain numbers for logs and progress bars (one device sync)."""
-        names = ["rpn_cls", "rpn_reg", "rcnn_cls", "rcnn_reg", "mask"]
-        values = torch.stack([getattr(self, n).detach().float() for n in names]).tolist()
-        return dict(zip(names, values))
-
-
-@dataclass
-class InstanceResult:
-    """Instances found in one image, sorted by descending score.
-
-    boxes (K, 4) xyxy, scores (K,), labels (K,) int64, mask_probs (K, M, M): each instance's mask
-    probabilities in its box frame (the memory-bounded form; ``mask(i)`` pastes one), and
-    label_image (H, W) int32 where instance i has id i + 1 and the higher score wins overlaps.
-    """
-
-    boxes: Tensor
-    scores: Tensor
-    labels: Tensor
-    mask_probs: Tensor
-    label_image: Tensor
-    mask_threshold: float = 0.5
-
-    def __len__(self) -> int:
-        return self.boxes.shape[0]
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return tuple(self.label_image.shape)
-
-    def mask(self, i: int) -> Tensor:
-        """Instance i's full-image mask (H, W) bool."""
-        h, w = self.image_size
-        return paste_masks(self.mask_probs[i:i + 1], self.boxes[i:i + 1], h, w, self.mask_threshold)[0]
-
-    def to(self, device: torch.device | str) -> "InstanceResult":
-        return InstanceResult(self.boxes.to(device), self.scores.to(device), self.labels.to(device),
-                              self.mask_probs.to(device), self.label_image.to(device), self.mask_threshold)
-
-
-@dataclass
-class ModelOutput:
-    """The model's one return type: ``losses`` in training mode, ``results`` in eval mode."""
-
-    losses: Losses | None = None
-    results: list[InstanceResult] | None = None
+from ..config import Config
+from ..structures import Detections, InstanceResult
+from .paste import largest_component, mask_areas, mask_nms, paste_label_image
 
 
 def make_instance_result(detections: Detections, probs: Tensor, image_size: tuple[int, int],
