@@ -26,8 +26,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from maskrcnn.config import nuclei_config
 from maskrcnn.data import Augment, InstanceDataset, Normalizer, collate, open_dataset, write_image, write_label_image
 from maskrcnn.data.views import RegionReader
-from maskrcnn.evaluate import prediction_record, truth_record
-from maskrcnn.metrics import PredictionRecord, encode_masks, evaluate
+from maskrcnn.metrics import PredictionRecord, encode_masks, evaluate, prediction_record, truth_record
 from maskrcnn.predict import Predictor
 from maskrcnn.train import TrainOptions, learning_rate, train
 

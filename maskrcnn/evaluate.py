@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data.datasets import InstanceReader, Sample
+from .data.datasets import InstanceReader
 from .data.normalize import Normalizer
 from .distributed import DistContext
-from .metrics import EvaluationReport, PredictionRecord, TruthRecord, encode_masks, evaluate
 from .inference import segment
+from .metrics import EvaluationReport, evaluate, prediction_record, truth_record
+from .structures import Detector
 from .tiling import TILE_OVERLAP
-from .structures import Detector, InstanceResult
-
-
-def truth_record(sample: Sample) -> TruthRecord:
-    """The truth as RLEs (bounded memory) plus a label image when the instances do not overlap."""
-    masks = sample.masks
-    label_image = None
-    if len(masks) == 0 or masks.sum(axis=0, dtype=np.int32).max() <= 1:
-        ids = np.arange(1, len(masks) + 1, dtype=np.int32)[:, None, None]
-        label_image = (masks * ids).max(axis=0) if len(masks) else np.zeros(sample.image.shape[:2], np.int32)
-    return TruthRecord(sample.name, label_image=label_image, masks=encode_masks(masks), labels=sample.labels)
-
-
-def prediction_record(name: str, result: InstanceResult) -> PredictionRecord:
-    """Label-image ids run 1..K in the order of the result's rows, so boxes and scores line up."""
-    return PredictionRecord(name, label_image=result.label_image.numpy(), labels=result.labels.numpy(),
-                            boxes=result.boxes.numpy(), scores=result.scores.numpy())
 
 
 def evaluate_model(model: Detector, normalizer: Normalizer, reader: InstanceReader, *,

@@ -1,24 +1,30 @@
-"""Pictures for people: training curves and prediction overlays (matplotlib, headless)."""
+"""Pictures for people: training curves (matplotlib, headless) and prediction overlays (numpy)."""
 
 from __future__ import annotations
 
 import io
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from .atomic import atomic_write_bytes
 
-from .atomic import atomic_write_bytes  # noqa: E402
+if TYPE_CHECKING:
+    import matplotlib.pyplot as plt
+    import torch
 
 LOSS_KEYS = ["rpn_cls", "rpn_reg", "rcnn_cls", "rcnn_reg", "mask"]
+# Fixed so that a label image is drawn in the same colours on every run (reproducible overlays).
+PALETTE_SEED = 12345
+PALETTE_MIN = 80  # channel values from here to 255: no colour dark enough to vanish on a dark image
 
 
+# --- training curves ------------------------------------------------------------------------------
 def plot_training_curves(log_path: str | Path, png_path: str | Path) -> None:
     """Loss parts (smoothed) and validation metrics from a metrics.jsonl, as one PNG."""
+    plt = _pyplot()
     records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
     train = [r for r in records if "rpn_cls" in r]
     val = [r for r in records if any(k.startswith("val_") for k in r)]
@@ -41,7 +47,21 @@ def plot_training_curves(log_path: str | Path, png_path: str | Path) -> None:
     _save(fig, png_path)
 
 
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend (no display on servers and CI).
+
+    Imported on first use: prediction draws its overlays with numpy alone and need not load it.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _smooth(values: np.ndarray, window: int = 20) -> np.ndarray:
+    """Running mean over ``window`` steps, (N,) -> (N,); the first steps average what came before."""
     if len(values) < window:
         return values
     kernel = np.ones(window) / window
@@ -52,5 +72,36 @@ def _smooth(values: np.ndarray, window: int = 20) -> np.ndarray:
 def _save(fig: plt.Figure, png_path: str | Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
+    _pyplot().close(fig)
     atomic_write_bytes(png_path, buffer.getvalue())
+
+
+# --- prediction overlays ------------------------------------------------------------------------
+def overlay_image(display: np.ndarray, label_image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 picture and (H, W) int label image -> the picture with each instance's contour
+    drawn in its own colour, (H, W, 3) uint8."""
+    lab = label_image
+    edge = np.zeros(lab.shape, dtype=bool)
+    edge[:-1] |= lab[:-1] != lab[1:]
+    edge[1:] |= lab[1:] != lab[:-1]
+    edge[:, :-1] |= lab[:, :-1] != lab[:, 1:]
+    edge[:, 1:] |= lab[:, 1:] != lab[:, :-1]
+    edge &= lab > 0
+    out = display.copy()
+    out[edge] = _palette(int(lab.max()) + 1)[lab[edge]]
+    return out
+
+
+def _palette(n: int) -> np.ndarray:
+    """(n, 3) uint8 colours, row i for id i; the same n gives the same colours."""
+    rng = np.random.default_rng(PALETTE_SEED)
+    palette = rng.integers(PALETTE_MIN, 256, size=(n, 3), dtype=np.uint8)
+    palette[:, rng.integers(0, 3, size=n)[0]] = 255  # one channel saturated: visible on grey images
+    return palette
+
+
+def display_image(normalized: torch.Tensor) -> np.ndarray:
+    """(C, H, W) float tensor in [0, 1] -> (H, W, 3) uint8 for viewing (grey repeated, extra channels dropped)."""
+    array = (normalized.clamp(0, 1) * 255).round().byte().numpy()
+    array = np.repeat(array, 3, axis=0) if array.shape[0] == 1 else array[:3]
+    return np.ascontiguousarray(array.transpose(1, 2, 0))

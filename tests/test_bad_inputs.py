@@ -202,10 +202,31 @@ def ds_mask_size_mismatch(root: Path):
     return [root], mask
 
 
-def ds_label_image_rgb(root: Path):
+def ds_label_image_rgb_grey(root: Path):
+    """A grey label image saved as RGB by an image editor (R == G == B): read as its ids."""
     image, labels = nuclei()
     mask = labels_sample(root, image)
     _write(mask, png_bytes(np.stack([labels.astype(np.uint8)] * 3, axis=-1)))
+    return [root], mask
+
+
+def ds_label_image_rgba_grey(root: Path):
+    """The same as RGBA: opaque instances on a transparent background that stores white."""
+    image, labels = nuclei()
+    mask = labels_sample(root, image)
+    grey = np.where(labels > 0, labels, 255).astype(np.uint8)
+    alpha = np.where(labels > 0, 255, 0).astype(np.uint8)
+    _write(mask, png_bytes(np.stack([grey, grey, grey, alpha], axis=-1)))
+    return [root], mask
+
+
+def ds_label_image_colour_coded(root: Path):
+    """A label image drawn with one colour per instance: the channels differ, refused."""
+    image, labels = nuclei()
+    mask = labels_sample(root, image)
+    palette = np.array([[0, 0, 0]] + [[40 * i % 256, 255 - 30 * i, 90] for i in range(1, labels.max() + 1)],
+                       dtype=np.uint8)
+    _write(mask, png_bytes(palette[labels]))
     return [root], mask
 
 
@@ -267,6 +288,42 @@ def ds_dsb_empty_mask(root: Path):
     masks = dsb_masks()
     masks.append(np.zeros_like(masks[0]))
     return [root, "--format", "dsb"], dsb_sample(root, masks)[-1]
+
+
+def dsb_colour(mask: np.ndarray, colour: tuple[int, ...]) -> bytes:
+    """A DSB instance mask as an image editor saves it: ``colour`` on the instance, black elsewhere
+    (with an opaque alpha when ``colour`` has four values)."""
+    pixels = np.zeros((*mask.shape, len(colour)), np.uint8)
+    pixels[mask] = colour
+    if len(colour) == 4:
+        pixels[..., 3] = 255
+    return png_bytes(pixels)
+
+
+def ds_dsb_masks_rgb_grey(root: Path):
+    paths = dsb_sample(root, masks := dsb_masks())
+    for i, (path, mask) in enumerate(zip(paths, masks)):
+        path.write_bytes(dsb_colour(mask, (255, 255, 255) if i % 2 else (255, 255, 255, 255)))
+    return [root, "--format", "dsb"], paths[0]
+
+
+def ds_dsb_mask_coloured(root: Path):
+    paths = dsb_sample(root, masks := dsb_masks())
+    paths[1].write_bytes(dsb_colour(masks[1], (255, 0, 0)))
+    return [root, "--format", "dsb"], paths[1]
+
+
+def ds_dsb_no_masks_folder(root: Path):
+    """A test-set sample (no masks/) given as training data."""
+    write_image(root / "x" / "images" / "x.png", nuclei()[0])
+    return [root, "--format", "dsb"], root / "x"
+
+
+def ds_dsb_empty_masks_folder(root: Path):
+    """An existing but empty masks/ folder: an image with no instances."""
+    write_image(root / "x" / "images" / "x.png", nuclei()[0])
+    (root / "x" / "masks").mkdir()
+    return [root, "--format", "dsb"], root / "x" / "masks"
 
 
 def ds_dsb_holes_and_components(root: Path):
@@ -406,7 +463,10 @@ def image_data_case(name: str) -> DataCase:
 DATA_CASES = {
     **{f"image_{name}": image_data_case(name) for name in IMAGE_CASES},
     "mask_size_mismatch": DataCase(ds_mask_size_mismatch, "mask is 60x64 (HxW) but its image is 64x64", True),
-    "label_image_rgb": DataCase(ds_label_image_rgb, "mask is a colour image", True),
+    "label_image_rgb_grey": DataCase(ds_label_image_rgb_grey, None),
+    "label_image_rgba_grey": DataCase(ds_label_image_rgba_grey, None),
+    "label_image_colour_coded": DataCase(ds_label_image_colour_coded, "mask is a colour image whose channels differ",
+                                         True),
     "label_image_fractional": DataCase(ds_label_image_fractional, "non-integer values", True),
     "label_image_truncated": DataCase(ds_label_image_truncated, "cannot read image", True),
     "empty_label_image": DataCase(ds_empty_label_image, None),
@@ -415,6 +475,10 @@ DATA_CASES = {
     "dsb_mask_not_an_image": DataCase(ds_dsb_mask_not_an_image, "cannot read image", True),
     "dsb_empty_mask": DataCase(ds_dsb_empty_mask, None),
     "dsb_holes_and_components": DataCase(ds_dsb_holes_and_components, None),
+    "dsb_masks_rgb_grey": DataCase(ds_dsb_masks_rgb_grey, None),
+    "dsb_mask_coloured": DataCase(ds_dsb_mask_coloured, "mask is a colour image whose channels differ", True),
+    "dsb_no_masks_folder": DataCase(ds_dsb_no_masks_folder, "sample has no masks/ folder", True),
+    "dsb_empty_masks_folder": DataCase(ds_dsb_empty_masks_folder, None),
     "coco_missing_categories": DataCase(ds_coco_missing_categories, "missing key 'categories'"),
     "coco_annotation_lacks_segmentation": DataCase(ds_coco_annotation_lacks_segmentation, "lacks 'segmentation'"),
     "coco_unknown_category": DataCase(ds_coco_unknown_category, "unknown category_id 99"),
@@ -536,6 +600,49 @@ def test_train_skip_bad_skips_bad_coco_images(tmp_path, tiny_yaml, capsys):
     assert "gone\t" in listed and "no such file" in listed
     assert "short\t" in listed and "says 50x64" in listed
     assert "good2\t" in listed and "bad RLE" in listed
+
+
+def test_train_skip_bad_skips_and_lists_bad_dsb_samples(tmp_path, tiny_yaml, capsys):
+    """A DSB folder holding every per-sample DSB case (one sample folder each) and two good ones."""
+    root = tmp_path / "dsb"
+    bad = [name for name, case in DATA_CASES.items() if case.problem and case.per_sample and name.startswith("dsb_")]
+    assert "dsb_no_masks_folder" in bad and "dsb_mask_coloured" in bad
+    root.mkdir()
+    for name in bad + ["dsb_holes_and_components", "dsb_empty_masks_folder"]:
+        DATA_CASES[name].build(tmp_path / "cases" / name)
+        (tmp_path / "cases" / name / "x").rename(root / name)  # the sample folder is named after its case
+    code, _, err = cli(capsys, "train", "--data", root, "--format", "dsb", "--out", tmp_path / "refused",
+                       "--config", tiny_yaml, "--iters", "1", "--batch-size", "1", *FAST)
+    check_one_line_error(code, err, root, "(train --skip-bad skips bad samples)")
+    run = tmp_path / "run"
+    with pytest.warns(UserWarning, match=f"skipped {len(bad)} unreadable sample"):
+        code, out, err = cli(capsys, "train", "--data", root, "--format", "dsb", "--out", run, "--config", tiny_yaml,
+                             "--iters", "1", "--batch-size", "1", "--skip-bad", *FAST)
+    assert code == 0, err
+    assert "trained 1 steps" in out and "Traceback" not in err
+    listed = dict(line.split("\t", 1) for line in (run / "skipped.txt").read_text().splitlines())
+    assert sorted(listed) == sorted(bad)
+    for name, line in listed.items():
+        assert DATA_CASES[name].problem in line, line
+    assert f"{root / 'dsb_no_masks_folder'}: sample has no masks/ folder" in listed["dsb_no_masks_folder"]
+    assert load_checkpoint(run / "last.pt").step == 1
+
+
+def test_train_skip_bad_leaves_out_coco_annotations_of_unknown_categories_and_lists_them(tmp_path, tiny_yaml,
+                                                                                         capsys):
+    """Needs the training setup to pass skip_bad to open_dataset and list reader.left_out."""
+    root = tmp_path / "coco"
+    data = coco_data(root)
+    data["annotations"][0]["category_id"] = 99  # annotation 1; annotation 2 stays good
+    args, path = coco(root, data)
+    run = tmp_path / "run"
+    with pytest.warns(UserWarning, match="left out 1 annotation"):
+        code, out, err = cli(capsys, "train", "--data", *args, "--out", run, "--config", tiny_yaml, "--iters", "1",
+                             "--batch-size", "1", "--skip-bad", *FAST)
+    assert code == 0, err
+    assert "trained 1 steps" in out and "Traceback" not in err
+    assert (run / "skipped.txt").read_text() == f"annotation 1\t{path}: annotation 1 has unknown category_id 99\n"
+    assert load_checkpoint(run / "last.pt").step == 1
 
 
 # --- predict on every image case -----------------------------------------------------------------------

@@ -33,13 +33,14 @@ def box_mask(shape: tuple[int, int], y0: int, y1: int, x0: int, x1: int) -> np.n
 # --- DSB layout ----------------------------------------------------------------------------------
 
 def make_dsb(root: Path) -> list[np.ndarray]:
-    """Two samples: 'a' with two masks, an empty one and an overlap; 'b' with no masks folder."""
+    """Two samples: 'a' with two masks, an empty one and an overlap; 'b' with an empty masks folder."""
     masks = [box_mask((12, 16), 1, 5, 1, 6), box_mask((12, 16), 4, 10, 5, 15)]  # overlap at (4, 5)
     save(root / "a" / "images" / "a.png", RNG.integers(0, 255, (12, 16, 4), dtype=np.uint8))
     for i, mask in enumerate(masks):
         save(root / "a" / "masks" / f"m{i}.png", mask.astype(np.uint8) * 255)
     save(root / "a" / "masks" / "empty.png", np.zeros((12, 16), np.uint8))
     save(root / "b" / "images" / "b.png", RNG.integers(0, 255, (7, 9), dtype=np.uint8))
+    (root / "b" / "masks").mkdir()  # an empty masks/ folder: no instances
     return masks
 
 
@@ -64,6 +65,43 @@ def test_dsb_mask_of_wrong_size_names_the_mask(tmp_path):
     make_dsb(tmp_path)
     bad = save(tmp_path / "a" / "masks" / "wrong.png", np.zeros((5, 5), np.uint8))
     with pytest.raises(DataError, match="5x5") as info:
+        DsbDataset(tmp_path)[0]
+    assert info.value.path == str(bad)
+
+
+def test_dsb_sample_without_masks_folder_is_refused_when_read_unless_allowed(tmp_path):
+    make_dsb(tmp_path)
+    save(tmp_path / "c" / "images" / "c.png", np.zeros((5, 6), np.uint8))  # a test-set sample
+    dataset = open_dataset(tmp_path)  # the layout is fine: the sample is refused when read
+    assert dataset.names == ["a", "b", "c"]
+    assert len(dataset[0].masks) == 2 and len(dataset[1].masks) == 0
+    with pytest.raises(DataError, match="no masks/ folder") as info:
+        dataset[2]
+    assert info.value.path == str(tmp_path / "c")
+    allowed = open_dataset(tmp_path, allow_missing_masks=True)
+    assert isinstance(allowed, DsbDataset) and allowed[2].masks.shape == (0, 5, 6)
+    assert len(allowed[0].masks) == 2  # samples with masks read as before
+
+
+def test_dsb_masks_that_is_a_file_is_refused(tmp_path):
+    make_dsb(tmp_path)
+    (tmp_path / "b" / "masks").rmdir()
+    (tmp_path / "b" / "masks").write_text("not a folder")
+    with pytest.raises(DataError, match="not a folder") as info:
+        DsbDataset(tmp_path, allow_missing_masks=True)[1]
+    assert info.value.path == str(tmp_path / "b" / "masks")
+
+
+def test_dsb_reads_grey_masks_saved_in_colour_and_refuses_coloured_ones(tmp_path):
+    expected = make_dsb(tmp_path)
+    for i, mask in enumerate(expected):  # the same masks as an editor saves them
+        grey = mask.astype(np.uint8) * 255
+        rgba = np.dstack([grey, grey, grey, np.full_like(grey, 255)]) if i else np.dstack([grey] * 3)
+        save(tmp_path / "a" / "masks" / f"m{i}.png", rgba)
+    np.testing.assert_array_equal(DsbDataset(tmp_path)[0].masks, np.stack(expected))
+    coloured = np.dstack([expected[0].astype(np.uint8) * 255] + [np.zeros((12, 16), np.uint8)] * 2)  # red
+    bad = save(tmp_path / "a" / "masks" / "m0.png", coloured)
+    with pytest.raises(DataError, match="colour image whose channels differ") as info:
         DsbDataset(tmp_path)[0]
     assert info.value.path == str(bad)
 
@@ -104,6 +142,15 @@ def test_labels_without_masks_folder(tmp_path):
     with pytest.raises(DataError, match="allow_missing_masks"):
         LabelsDataset(tmp_path)
     assert len(LabelsDataset(tmp_path, allow_missing_masks=True)[0].masks) == 0
+
+
+def test_labels_reads_grey_label_image_saved_as_rgb(tmp_path):
+    labels = np.zeros((10, 12), np.uint8)
+    labels[1:4, 1:4], labels[5:9, 2:6] = 3, 90
+    save(tmp_path / "images" / "x.png", RNG.integers(0, 255, (10, 12), dtype=np.uint8))
+    save(tmp_path / "masks" / "x.png", np.dstack([labels] * 3))
+    masks = LabelsDataset(tmp_path)[0].masks
+    np.testing.assert_array_equal(masks, np.stack([labels == 3, labels == 90]))
 
 
 def test_labels_size_mismatch_and_ambiguous_stems(tmp_path):
@@ -200,6 +247,36 @@ def test_coco_structural_problems_raise_data_error(tmp_path, change, words):
     with pytest.raises(DataError, match=words) as info:
         CocoDataset(path, tmp_path / "imgs")
     assert info.value.path == str(path)
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda d: d["annotations"][1].update(category_id=99), "annotation 2 has unknown category_id 99"),
+    (lambda d: d["annotations"][1].update(image_id=77), "annotation 2 refers to unknown image_id 77"),
+])
+def test_coco_skip_bad_leaves_out_annotations_with_unknown_ids_and_lists_them(tmp_path, change, words):
+    _, data, expected = make_coco(tmp_path)
+    change(data)
+    path = write_coco(tmp_path, data)
+    with pytest.raises(DataError, match="--skip-bad"):  # refused by default, with the way out
+        CocoDataset(path, tmp_path / "imgs")
+    with pytest.warns(UserWarning) as caught:
+        dataset = open_dataset(path, image_dir=tmp_path / "imgs", skip_bad=True)
+    assert any("left out 1 annotation" in str(w.message) and words in str(w.message) for w in caught)
+    assert isinstance(dataset, CocoDataset)
+    assert dataset.left_out == [("annotation 2", f"{path}: {words}")]
+    sample = dataset[0]  # the image keeps its other annotations
+    np.testing.assert_array_equal(sample.masks, np.stack([expected[0], expected[2]]))
+    np.testing.assert_array_equal(sample.labels, [2, 2])
+    assert dataset.class_names == ["background", "nucleus", "cell"]
+
+
+def test_readers_without_anything_left_out_say_so(tmp_path):
+    make_dsb(tmp_path / "dsb")
+    path, _, _ = make_coco(tmp_path / "coco")
+    with pytest.warns(UserWarning, match="skipped 1 annotation"):  # the short polygon, as always
+        coco = open_dataset(path, image_dir=tmp_path / "coco" / "imgs", skip_bad=True)
+    assert coco.left_out == []
+    assert list(open_dataset(tmp_path / "dsb", skip_bad=True).left_out) == []
 
 
 def test_coco_image_size_disagreeing_with_json_names_the_image(tmp_path):

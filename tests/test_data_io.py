@@ -11,7 +11,7 @@ import tifffile
 from PIL import Image
 
 import maskrcnn.data.io
-from maskrcnn.data.io import read_image, read_label_image, write_label_image
+from maskrcnn.data.io import read_binary_mask, read_image, read_label_image, write_label_image
 from maskrcnn.errors import DataError
 
 RNG = np.random.default_rng(0)
@@ -145,6 +145,94 @@ def test_bad_label_images_are_rejected(tmp_path, name, array, words):
     with pytest.raises(DataError, match=words) as info:
         read_label_image(path)
     assert str(path) in str(info.value)
+
+
+# --- masks and label images saved in colour by image editors ------------------------------------
+def grey_labels() -> np.ndarray:
+    labels = np.zeros((6, 8), np.uint8)
+    labels[1:3, 1:4], labels[4:6, 5:8] = 7, 200
+    return labels
+
+
+def as_colour(grey: np.ndarray, alpha: np.ndarray | None = None) -> np.ndarray:
+    channels = [grey] * 3 + ([] if alpha is None else [alpha])
+    return np.stack(channels, axis=-1)
+
+
+@pytest.mark.parametrize("kind", ["rgb_png", "rgba_opaque_png", "grey_alpha_png", "rgb_tiff16", "rgb_npy"])
+def test_grey_masks_saved_in_colour_read_as_one_channel(tmp_path, kind):
+    labels = grey_labels()
+    opaque = np.full(labels.shape, 255, np.uint8)
+    if kind == "rgb_png":
+        path = save_png(tmp_path / "m.png", as_colour(labels))
+    elif kind == "rgba_opaque_png":
+        path = save_png(tmp_path / "m.png", as_colour(labels, opaque))
+    elif kind == "grey_alpha_png":
+        path = tmp_path / "m.png"
+        Image.fromarray(np.stack([labels, opaque], axis=-1), mode="LA").save(path)
+        assert Image.open(path).mode == "LA"
+    elif kind == "rgb_tiff16":
+        labels = labels.astype(np.uint16) * 300  # ids beyond 8 bits
+        path = tmp_path / "m.tif"
+        tifffile.imwrite(path, as_colour(labels), photometric="rgb")
+    else:
+        path = tmp_path / "m.npy"
+        np.save(path, as_colour(labels))
+    out = read_label_image(path)
+    assert out.shape == labels.shape and out.dtype == np.int64
+    np.testing.assert_array_equal(out, labels)
+    np.testing.assert_array_equal(read_binary_mask(path), labels != 0)
+
+
+def test_fully_transparent_pixels_are_background_whatever_colour_they_store(tmp_path):
+    labels = grey_labels()
+    alpha = np.where(labels != 0, 255, 0).astype(np.uint8)
+    alpha[4, 5] = 40  # a partly transparent (anti-aliased) edge pixel still counts
+    colour = as_colour(np.full(labels.shape, 255, np.uint8))  # white canvas under the transparency
+    colour[labels != 0] = labels[labels != 0, None]
+    colour[0, 0] = (255, 0, 0)  # hidden colour under a transparent pixel: not checked
+    path = save_png(tmp_path / "m.png", np.dstack([colour, alpha]))
+    assert Image.open(path).mode == "RGBA"
+    np.testing.assert_array_equal(read_label_image(path), labels)
+    np.testing.assert_array_equal(read_binary_mask(path), labels != 0)
+
+
+def test_white_shape_on_transparent_canvas_is_the_shape(tmp_path):
+    shape = grey_labels() != 0
+    rgba = np.zeros((*shape.shape, 4), np.uint8)
+    rgba[shape] = 255
+    np.testing.assert_array_equal(read_binary_mask(save_png(tmp_path / "m.png", rgba)), shape)
+
+
+@pytest.mark.parametrize("reader", [read_binary_mask, read_label_image])
+def test_colour_masks_whose_channels_differ_are_refused_naming_the_file_and_a_pixel(tmp_path, reader):
+    colour = as_colour(grey_labels())
+    colour[4, 6] = (200, 10, 200)  # one differing pixel is enough
+    for path in (save_png(tmp_path / "rgb.png", colour),
+                 save_png(tmp_path / "rgba.png", np.dstack([colour, np.full(colour.shape[:2], 255, np.uint8)]))):
+        with pytest.raises(DataError, match="colour image whose channels differ") as info:
+            reader(path)
+        assert info.value.path == str(path)
+        assert "row 4, column 6" in info.value.problem and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("reader", [read_binary_mask, read_label_image])
+def test_mask_drawn_only_in_alpha_is_refused(tmp_path, reader):
+    rgba = np.zeros((6, 8, 4), np.uint8)
+    rgba[1:4, 2:5, 3] = 255  # a black shape on a transparent canvas
+    path = save_png(tmp_path / "m.png", rgba)
+    with pytest.raises(DataError, match="only in its alpha channel") as info:
+        reader(path)
+    assert info.value.path == str(path)
+
+
+@pytest.mark.parametrize("alpha", [0, 255], ids=["transparent", "opaque"])
+def test_empty_colour_masks_are_empty(tmp_path, alpha):
+    rgba = np.zeros((6, 8, 4), np.uint8)
+    rgba[..., 3] = alpha
+    path = save_png(tmp_path / "m.png", rgba)
+    assert not read_binary_mask(path).any()
+    assert not read_label_image(path).any()
 
 
 def test_write_label_image_round_trips_png_and_tiff(tmp_path):

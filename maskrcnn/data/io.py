@@ -54,20 +54,25 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def read_binary_mask(path: str | Path) -> np.ndarray:
-    """Read a one-instance mask file as (H, W) bool: every nonzero pixel is the instance."""
+    """Read a one-instance mask file as (H, W) bool: every nonzero pixel is the instance.
+
+    Grey masks saved in colour (R == G == B, with or without alpha) read as their one channel;
+    see :func:`mask_channel` for what alpha means and which colour masks are refused.
+    """
     path = Path(path)
-    return _single_channel(path, _drop_unit_axes(_load(path, keep_palette=True))) != 0
+    return mask_channel(path, _drop_unit_axes(_load(path, keep_palette=True))) != 0
 
 
 def read_label_image(path: str | Path) -> np.ndarray:
     """Read an instance label image as (H, W) int64 ids, 0 = background.
 
     Accepts 8/16/32-bit integer PNG/TIFF/npy (palette PNGs give their palette indices, the usual
-    way label maps are stored), boolean images, and float images holding whole numbers.
-    RGB(A) images, negative ids and fractional values raise :class:`DataError`.
+    way label maps are stored), boolean images, float images holding whole numbers, and grey
+    images saved in colour (R == G == B, alpha as in :func:`mask_channel`). Colour-coded label
+    images (channels that differ), negative ids and fractional values raise :class:`DataError`.
     """
     path = Path(path)
-    labels = _single_channel(path, _drop_unit_axes(_load(path, keep_palette=True)))
+    labels = mask_channel(path, _drop_unit_axes(_load(path, keep_palette=True)))
     if labels.dtype.kind == "f":
         if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
             raise DataError(path, "label image holds non-integer values; expected integer ids")
@@ -166,13 +171,43 @@ def _load_pil(path: Path, keep_palette: bool) -> np.ndarray:
         return np.array(image)
 
 
-def _single_channel(path: Path, array: np.ndarray) -> np.ndarray:
-    """Check that a mask or label image is one (H, W) channel."""
-    if array.ndim != 2:
-        kind = "a colour image" if array.ndim == 3 and array.shape[-1] in (3, 4) else "not 2-D"
-        raise DataError(path, f"mask is {kind} (shape {array.shape}); expected one channel "
+def mask_channel(path: str | Path, array: np.ndarray) -> np.ndarray:
+    """The one (H, W) channel of a mask or label image read from ``path``.
+
+    Image editors often save a grey mask in colour. Channels-last arrays are read as:
+
+    - (H, W, 3) RGB: the channels must be equal at every pixel; the result is that value.
+    - (H, W, 2) grey + alpha and (H, W, 4) RGBA: the last channel is alpha. A fully transparent
+      pixel (alpha 0) shows nothing, so it is background (0) whatever colour it stores, and its
+      colour is not checked. Every other pixel, partly transparent ones included, takes its
+      colour value (R == G == B required for RGBA). A fully opaque image thus reads as if it
+      had no alpha, and a white shape on a transparent canvas as that shape.
+
+    Refused with :class:`DataError` naming the file: colour channels that differ at a visible
+    pixel (a coloured drawing or a colour-coded label image: save grey values or integer ids),
+    a mask drawn only in alpha (every visible pixel is 0 while others are transparent, e.g. a
+    black shape on a transparent canvas: the shape would be read as nothing), and other shapes.
+    """
+    if array.ndim == 2:
+        return array
+    if array.ndim != 3 or array.shape[-1] not in (2, 3, 4):
+        raise DataError(path, f"mask is not 2-D (shape {array.shape}); expected one channel "
                               "of instance ids or 0/nonzero values")
-    return array
+    has_alpha = array.shape[-1] in (2, 4)
+    colour = array[..., :-1] if has_alpha else array
+    visible = array[..., -1] != 0 if has_alpha else np.ones(array.shape[:2], dtype=bool)
+    differ = np.any(colour != colour[..., :1], axis=-1) & visible
+    if differ.any():
+        y, x = np.unravel_index(np.argmax(differ), differ.shape)
+        raise DataError(path, f"mask is a colour image whose channels differ (shape {array.shape}; "
+                              f"e.g. {tuple(array[y, x].tolist())} at row {y}, column {x}); expected "
+                              "one channel of instance ids or 0/nonzero values, or R = G = B")
+    value = np.where(visible, colour[..., 0], np.zeros((), dtype=array.dtype))
+    if has_alpha and not visible.all() and visible.any() and not value.any():
+        raise DataError(path, "mask is drawn only in its alpha channel (every visible pixel is 0, "
+                              "the others transparent); save the instance in a nonzero colour, "
+                              "e.g. white on black")
+    return value
 
 
 def _drop_unit_axes(array: np.ndarray) -> np.ndarray:

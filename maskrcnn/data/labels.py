@@ -1,0 +1,60 @@
+"""The image + label-image layout: one integer label image per image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+from .io import read_image, read_label_image
+from .reader import DEFAULT_CLASS_NAMES, InstanceReader, Sample, check_shape, existing_dir, files_by_stem
+
+
+class LabelsDataset(InstanceReader):
+    """``ROOT/images/NAME.ext`` + ``ROOT/masks/NAME.ext2`` integer label images (0 = background).
+
+    Images and masks pair by file stem; the extensions may differ. Every distinct nonzero id is
+    one instance of class 1 (ids need not be contiguous). Grey label images saved as RGB or RGBA
+    are read as :func:`maskrcnn.data.io.mask_channel` describes. A missing mask file is an error
+    unless ``allow_missing_masks``, in which case the image has no instances.
+    """
+
+    def __init__(self, root: str | Path, allow_missing_masks: bool = False):
+        self.root = existing_dir(root)
+        self.class_names = list(DEFAULT_CLASS_NAMES)
+        self._images = files_by_stem(existing_dir(self.root / "images"))
+        mask_dir = self.root / "masks"
+        if not mask_dir.is_dir() and not allow_missing_masks:
+            raise DataError(mask_dir, "missing folder of label images (pass allow_missing_masks "
+                                      "to read images without annotations)")
+        self._masks = files_by_stem(mask_dir) if mask_dir.is_dir() else {}
+        self.names = sorted(self._images)
+        if not self.names:
+            raise DataError(self.root / "images", "no image files found")
+        missing = [n for n in self.names if n not in self._masks]
+        if missing and not allow_missing_masks:
+            raise DataError(mask_dir, f"no label image for {len(missing)} image(s), "
+                                      f"e.g. '{missing[0]}'")
+
+    def _load(self, index: int) -> Sample:
+        name = self.names[index]
+        image = read_image(self._images[name])
+        if name in self._masks:
+            masks = _label_masks(self._masks[name], image.shape[:2])
+        else:
+            masks = np.zeros((0, *image.shape[:2]), dtype=bool)
+        return Sample(name, image, masks, np.ones(len(masks), dtype=np.int64), str(self._images[name]))
+
+
+def _label_masks(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """(G, H, W) bool masks, one per distinct nonzero id of a label image, in increasing id order."""
+    labels = read_label_image(path)
+    check_shape(path, labels.shape, shape)
+    ids, inverse = np.unique(labels, return_inverse=True)
+    inverse = inverse.reshape(labels.shape)
+    first = 1 if ids[0] == 0 else 0  # index of the first nonzero id
+    masks = np.zeros((len(ids) - first, *shape), dtype=bool)
+    rows, cols = np.nonzero(labels)
+    masks[inverse[rows, cols] - first, rows, cols] = True  # one pass instead of G comparisons
+    return masks
