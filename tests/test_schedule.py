@@ -6,9 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from maskrcnn import train
+from maskrcnn.train import schedule as train  # the module whose clock the test stops
 from maskrcnn.distributed import DistContext
-from maskrcnn.train import Trainer, learning_rate
+from maskrcnn.train import LR_FLOOR, Trainer, learning_rate
 
 
 def test_warmup_then_cosine_to_five_percent():
@@ -33,3 +33,9 @@ def test_time_budget_fits_the_decay_to_the_measured_step_rate(monkeypatch):
     # a fixed length (--iters / --epochs) is kept; the budget only stops the run
     assert Trainer.budget(state, 500, deadline, started) == (True, 500)
     assert Trainer.budget(state, 500, None, started) == (False, 500)
+
+
+def test_the_decay_ends_at_the_floor_it_is_given():
+    assert learning_rate(110, 2.0, 10, 110) == pytest.approx(2.0 * LR_FLOOR)
+    assert learning_rate(110, 2.0, 10, 110, floor=0.0) == pytest.approx(0.0, abs=1e-12)
+    assert learning_rate(60, 2.0, 10, 110, floor=0.5) == pytest.approx(1.5)  # halfway: the mean of 2 and 1

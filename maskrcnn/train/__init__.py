@@ -1,0 +1,19 @@
+"""Training: the engine behind ``maskrcnn train``.
+
+Reproducible and resumable: the sample order comes from (seed, epoch), augmentations from
+(seed, epoch, index), and checkpoints carry the model, optimizer, counters and RNG state, so a
+run resumed from ``last.pt`` continues exactly as if it had never stopped.
+
+- :mod:`.engine`: ``Trainer``, the loop (``run``, ``train_step``) that calls the hooks
+- :mod:`.hooks`: time budget, non-finite steps, progress, metrics log, validation, checkpoints
+- :mod:`.setup`: ``TrainOptions``, data checks and splits, building the model and optimizer
+- :mod:`.schedule`: the learning rate (warm-up, cosine decay) and the time budget's length
+"""
+
+from .engine import Trainer, TrainResult, train
+from .hooks import MAX_BAD_STEPS, HookBase
+from .schedule import LR_FLOOR, learning_rate
+from .setup import TrainOptions
+
+__all__ = ["HookBase", "LR_FLOOR", "MAX_BAD_STEPS", "TrainOptions", "TrainResult", "Trainer", "learning_rate",
+           "train"]

@@ -1,0 +1,187 @@
+"""The training engine: a short loop that steps the model and calls hooks for everything else.
+
+``Trainer(opts)`` builds a run (setup.py) and, with --resume, restores it from last.pt;
+``run()`` then steps until --iters or --epochs is reached or a hook asks to stop. Around the
+loop and each step the hooks (hooks.py) do the rest, in this order:
+
+    TimeBudget     --max-minutes: stop when the time is up; fit the decay to the steps left
+    SkipNonFinite  undo a skipped step's BatchNorm statistics; abort after MAX_BAD_STEPS in a row
+    ProgressBar    the bar with the loss parts (rank 0)
+    MetricsLog     a metrics.jsonl record per step (and the validations', written by Validation)
+    Validation     every --val-every steps and at the end: score, log, save last/best.pt, plot
+    Checkpointer   last.pt every --checkpoint-every steps, and at an interrupted stop
+
+A hook that must end the run after the current step (a signal, say) registers after these and
+calls ``trainer.request_stop(reason, interrupted=True)`` in ``after_step``: the loop ends, the
+final validation is left out and the Checkpointer writes last.pt at that step, before the later
+hook's ``after_train`` runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data.loader import collate
+from ..distributed import DistContext, epoch_batches, resolve_device
+from .hooks import Checkpointer, HookBase, MetricsLog, ProgressBar, SkipNonFinite, TimeBudget, Validation
+from .schedule import learning_rate, time_budget
+from .setup import (TrainOptions, build_data, build_model, build_optimizer, build_scaler, prepare_run_dir,
+                    warn_if_slow_amp)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    last: Path
+    best: Path | None
+    final_metrics: dict[str, float]
+    stopped_by: str  # "iterations", "epochs", "time", or the reason a hook gave
+
+
+class Trainer:
+    """One run's state and its loop; ``run()`` trains until the first of iterations, epochs or time."""
+
+    def __init__(self, opts: TrainOptions, dist: DistContext | None = None) -> None:
+        self.opts = opts
+        self.dist = dist or DistContext.single()
+        self.device = self.dist.device if dist else resolve_device(opts.device)
+        self.run_dir = prepare_run_dir(opts.out, self.dist)
+        data = build_data(opts, self.dist, self.run_dir)
+        self.cfg, self.normalizer, self.train_set, self.val_reader = (data.config, data.normalizer,
+                                                                      data.train_set, data.val_reader)
+        self.global_batch = opts.batch_size * self.dist.world_size  # images per optimizer step
+        self.batches_per_epoch = max(1, math.ceil(len(self.train_set) / self.global_batch))
+        self.total_steps = opts.iters or (opts.epochs * self.batches_per_epoch if opts.epochs else None)
+        self.schedule_steps = self.total_steps  # what the learning rate decays over; TimeBudget fits it
+
+        torch.manual_seed(opts.seed)  # the initial weights come from --seed
+        self.model = build_model(self.cfg, self.device)
+        self.optimizer = build_optimizer(self.model, opts)
+        self.scaler = build_scaler(opts, self.device)
+        self.step = self.epoch = self.batch_in_epoch = 0  # where the run is: checkpoints carry these
+        self.best_score: float | None = None  # the best validation mask AP so far
+        self.metrics: dict[str, float] = {}  # the latest validation's scores
+        self.losses: dict[str, float] | None = None  # the latest step's; None when it was skipped
+        self.skip_reason: str | None = None  # why it was: "loss" or "gradients"
+        self.stop_reason: str | None = None
+        self.interrupted = False
+
+        self.hooks: list[HookBase] = []
+        self.log = MetricsLog(self.run_dir, self.dist.is_main)
+        self.checkpoints = Checkpointer(self.run_dir, opts.checkpoint_every)
+        self.register(TimeBudget(opts.max_minutes), SkipNonFinite(), ProgressBar(opts.progress and self.dist.is_main),
+                      self.log, Validation(opts.val_every, self.log, self.checkpoints), self.checkpoints)
+        if opts.resume:
+            self.checkpoints.resume()  # may rebuild the model with the checkpoint's config
+            self.log.rewind(self.step)
+        self.net = self.dist.wrap(self.model, sync_bn=opts.sync_bn)  # what steps call: DDP under torchrun
+        warn_if_slow_amp(opts, self.device)
+
+    def register(self, *hooks: HookBase) -> None:
+        """Add hooks after those registered already: at every point they run in this order."""
+        for hook in hooks:
+            hook.trainer = self
+            self.hooks.append(hook)
+
+    def request_stop(self, reason: str, interrupted: bool = False) -> None:
+        """End the run before the next step (from ``before_step``: before this one). ``interrupted``:
+        the run is cut short (e.g. a signal) and skips its final validation; last.pt is still
+        written at the step reached."""
+        self.stop_reason, self.interrupted = reason, interrupted
+
+    # --- the loop ---------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        for hook in self.hooks:
+            hook.before_train()
+        while not self.length_reached():
+            for hook in self.hooks:
+                hook.before_step()
+            if self.stop_reason:
+                break
+            lr = learning_rate(self.step, self.opts.lr, self.opts.warmup_iters, self.schedule_steps)
+            self.losses = self.train_step(self.next_batch(), lr)
+            self.batch_in_epoch += 1
+            if self.losses is not None:  # a skipped step used up its batch but is no step
+                self.step += 1
+            for hook in self.hooks:
+                hook.after_step()
+            if self.stop_reason:
+                break
+        for hook in self.hooks:
+            hook.after_train()
+        best = self.checkpoints.best
+        return TrainResult(self.run_dir, self.step, self.checkpoints.last, best if best.exists() else None,
+                           self.metrics, self.stop_reason)
+
+    def length_reached(self) -> bool:
+        """Whether --epochs or --iters is reached (``stop_reason`` says which). A used-up epoch gives
+        way to the next only after the check: a run that ends with its epoch stays at that epoch's
+        end, in its last checkpoint and log."""
+        self.stop_reason = self._length_stop()
+        if self.stop_reason is None and self.batch_in_epoch >= self.batches_per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            self.stop_reason = self._length_stop()  # --epochs counts the epoch begun
+        return self.stop_reason is not None
+
+    def _length_stop(self) -> str | None:
+        if self.opts.epochs and self.epoch >= self.opts.epochs:
+            return "epochs"
+        if self.total_steps is not None and self.step >= self.total_steps:  # with --epochs: epochs' worth
+            return "epochs" if self.opts.epochs else "iterations"
+        return None
+
+    def next_batch(self) -> list[int]:
+        """This rank's samples for the step: a permutation drawn from (seed, epoch), dealt to ranks."""
+        self.train_set.set_epoch(self.epoch)  # augmentations come from (seed, epoch, index)
+        batches = epoch_batches(len(self.train_set), self.opts.batch_size, self.dist.rank, self.dist.world_size,
+                                self.opts.seed, self.epoch)
+        return batches[self.batch_in_epoch].tolist()
+
+    def train_step(self, indices: list[int], lr: float) -> dict[str, float] | None:
+        """One optimizer step; None (and no update) when the loss, or with AMP off the gradients,
+        are not finite (``skip_reason`` says which)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        images, targets = collate([self.train_set[i] for i in indices])
+        self.net.train()
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.opts.amp):
+            losses = self.net(images, targets).losses
+        # The global batch's losses: what one process would log, and one skip decision for all
+        # ranks (a rank skipping backward alone would leave the others waiting in DDP's all-reduce).
+        logged = self.dist.mean_floats(losses.as_floats())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skip_reason = None
+        if not all(math.isfinite(v) for v in logged.values()):
+            self.skip_reason = "loss"
+            return None
+        self.scaler.scale(losses.total).backward()
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.opts.grad_clip)
+        # DDP averaged the gradients, so every rank sees the same norm and skips alike. With loss
+        # scaling the scaler skips such a step itself (and lowers the scale).
+        if not self.scaler.is_enabled() and not torch.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skip_reason = "gradients"
+            return None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return logged | {"lr": lr}
+
+    @property
+    def amp_dtype(self) -> torch.dtype:
+        # float16 needs loss scaling and is CUDA's fast path; CPUs autocast to bfloat16.
+        return torch.float16 if self.device.type == "cuda" else torch.bfloat16
+
+    def budget(self, total: int | None, deadline: float | None,
+               started: tuple[float, int]) -> tuple[bool, int | None]:
+        """(out of time?, steps the schedule decays over) at the current step: schedule.time_budget."""
+        return time_budget(self.step, self.dist, total, deadline, started)
+
+
+def train(opts: TrainOptions, dist: DistContext | None = None) -> TrainResult:
+    return Trainer(opts, dist).run()
