@@ -285,7 +285,7 @@ def test_amp_on_cpu_autocasts_to_bfloat16_and_keeps_the_losses_in_float32(worksp
     def record_losses(module, inputs, output) -> None:
         seen["losses"] = {n: getattr(output.losses, n).dtype for n in LOSS_PARTS}
 
-    trainer.model.rcnn.register_forward_hook(record_head)
+    trainer.model.rcnn.head.register_forward_hook(record_head)
     trainer.model.register_forward_hook(record_losses)
     before = [p.detach().clone() for p in trainer.model.parameters()]
     logged = trainer.train_step([0, 1], 1e-4)
