@@ -58,7 +58,7 @@ def build_ours(backbone: str = "resnet50", seed: int = SEED, **changes) -> MaskR
     torch.manual_seed(seed)
     model = MaskRCNN(ours_config(backbone, **changes))
     with torch.no_grad():
-        for conv in model.rpn.deltas:  # see the module docstring
+        for conv in model.rpn.head.deltas:  # see the module docstring
             conv.weight.zero_()
             conv.bias.fill_(0.5)
     return model

@@ -8,7 +8,7 @@
 Same models, settings and inputs as benchmarks/run.py (see bench_common.py). The per-stage
 breakdown times the model's own calls without editing the model: forward hooks on its submodules
 and timing wrappers around the functions and helper objects that ``MaskRCNN.forward`` calls
-(``maskrcnn.model.make_proposals``, ``make_detections``, ``make_instance_result`` and the mask
+(the stage modules' ``make_proposals``, ``make_detections``, ``make_instance_result`` and the mask
 post-processing helpers it uses, the RoIAlign callables, the target makers and losses in training).
 torchvision gets the same treatment (hooks on transform, backbone body / FPN, RPN head, RoI pools,
 heads, and wrappers around its proposal filtering, detection post-processing, mask inference and
@@ -140,8 +140,10 @@ class StageTimer:
 
 # ----------------------------------------------------------------------------------------------
 def instrument_ours(model, timer: StageTimer, training: bool) -> None:
-    import maskrcnn.model as mm
-    import maskrcnn.results as mr
+    import maskrcnn.mask.postprocess as post
+    import maskrcnn.mask.stage as ms
+    import maskrcnn.rcnn.stage as rs
+    import maskrcnn.rpn.stage as ps
 
     timer.patch_attr(model, "prepare", "prepare (normalise + pad)")
     timer.hook(model.backbone, "backbone")
@@ -149,25 +151,28 @@ def instrument_ours(model, timer: StageTimer, training: bool) -> None:
     for i, layer in enumerate(model.backbone.layers):
         timer.hook(layer, f"resnet layer{i + 1}")
     timer.hook(model.backbone.fpn, "fpn")
-    timer.hook(model.rpn, "rpn head")
-    timer.patch_attr(model, "anchors", "anchors")
-    timer.patch_attr(mm, "make_rpn_targets", "rpn targets")
-    timer.patch_attr(mm, "rpn_loss", "rpn loss")
-    timer.patch_attr(mm, "make_proposals", "proposals (decode + NMS)")
-    timer.patch_attr(mm, "make_rcnn_targets", "rcnn targets")
-    timer.patch_attr(model, "rcnn_crop", "rcnn crop (RoIAlign)")
-    timer.hook(model.rcnn, "rcnn head", count_rois=True)
-    timer.patch_attr(mm, "rcnn_loss", "rcnn loss")
-    timer.patch_attr(mm, "make_detections", "rcnn detections (decode + NMS)")
-    timer.patch_attr(mm, "make_mask_targets", "mask targets")
-    timer.patch_attr(model, "mask_crop", "mask crop (RoIAlign)")
-    timer.hook(model.mask, "mask head", count_rois=True)
-    timer.patch_attr(mm, "mask_loss", "mask loss")
-    timer.patch_attr(mm, "make_instance_result", "post-processing (make_instance_result)")
+    timer.hook(model.rpn, "rpn stage")
+    timer.hook(model.rpn.head, "rpn head")
+    timer.patch_attr(model.rpn, "anchors", "anchors")
+    timer.patch_attr(ps, "make_rpn_targets", "rpn targets")
+    timer.patch_attr(ps, "rpn_loss", "rpn loss")
+    timer.patch_attr(ps, "make_proposals", "proposals (decode + NMS)")
+    timer.hook(model.rcnn, "rcnn stage")
+    timer.patch_attr(rs, "make_rcnn_targets", "rcnn targets")
+    timer.patch_attr(model.rcnn.crop, "crop", "rcnn crop (RoIAlign)")
+    timer.hook(model.rcnn.head, "rcnn head", count_rois=True)
+    timer.patch_attr(rs, "rcnn_loss", "rcnn loss")
+    timer.patch_attr(rs, "make_detections", "rcnn detections (decode + NMS)")
+    timer.hook(model.mask, "mask stage")
+    timer.patch_attr(ms, "make_mask_targets", "mask targets")
+    timer.patch_attr(model.mask.crop, "crop", "mask crop (RoIAlign)")
+    timer.hook(model.mask.head, "mask head", count_rois=True)
+    timer.patch_attr(ms, "mask_loss", "mask loss")
+    timer.patch_attr(ms, "make_instance_result", "post-processing (make_instance_result)")
     for fn, label in [("largest_component", "largest_component"), ("mask_areas", "mask_areas"),
                       ("assemble_result", "assemble_result"), ("mask_nms", "mask_nms (mask IoU)"),
                       ("paste_label_image", "paste_label_image")]:
-        timer.patch_attr(mr, fn, label)
+        timer.patch_attr(post, fn, label)
 
 
 def instrument_torchvision(model, timer: StageTimer) -> None:

@@ -1,6 +1,10 @@
-"""Box primitives shared by the stages: the two box codings, clipping, filtering, matching, sampling.
+"""Box operations shared by the stages: the two box codings, clipping and filtering, and the
+per-image selection over a flat batch (NMS grouped by image, top-k per image, splitting).
 
-Boxes are ``xyxy`` float tensors in input pixels, shape (..., 4).
+Boxes are ``xyxy`` float tensors in input pixels, shape (..., 4). Inference keeps a batch flat:
+(R, 4) boxes with an (R,) image index, grouped by image; see docs/design.md. Everything on that
+path traces for any image size (no Python decisions on tensor values), so the exported graph runs
+this very code.
 """
 
 from __future__ import annotations
@@ -9,7 +13,8 @@ import math
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou
+import torchvision
+from torchvision.ops import nms
 
 # exp() of a log-size delta is clamped so that an untrained head cannot overflow the decode.
 _LOG_SCALE_CLAMP = math.log(1000.0 / 16)
@@ -86,72 +91,40 @@ def is_large_enough(boxes: Tensor, min_size: float) -> Tensor:
     return ((boxes[..., 2] - boxes[..., 0]) >= min_size) & ((boxes[..., 3] - boxes[..., 1]) >= min_size)
 
 
-def match_boxes(boxes: Tensor, truth: Tensor) -> tuple[Tensor, Tensor]:
-    """Best truth box of each box. boxes (R, 4), truth (G, 4), G >= 1 -> IoU (R,), index (R,)."""
-    iou = box_iou(boxes, truth)
-    return iou.max(dim=1)
+def top_k(n: Tensor | int, k: int) -> Tensor | int:
+    """min(n, k) for ``topk``; while tracing ``n`` is a shape value and must stay one (not a constant)."""
+    return torch.clamp(n, max=k) if isinstance(n, Tensor) else min(n, k)
 
 
-def sample_indices(candidates: Tensor, count: int, generator: torch.Generator | None = None,
-                   weights: Tensor | None = None) -> Tensor:
-    """``count`` entries of the 1-D ``candidates``: without replacement when there are enough, with
-    replacement when there are too few (so a head always trains on a fixed-size batch).
+def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, threshold: float) -> Tensor:
+    """NMS within each group: boxes (R, 4), scores (R,), groups (R,) int -> kept indices by score.
 
-    ``weights`` (same length, > 0) makes the draw proportional to them instead of uniform.
+    Eagerly this is torchvision's ``batched_nms``. While tracing it is its coordinate trick (what
+    torchvision runs for up to 4000 boxes) without torchvision's empty-input branch, which a trace
+    would freeze: the largest coordinate is taken with a 0 beside the boxes, so no boxes is not a
+    special case (boxes are clipped, so >= 0).
     """
-    n = candidates.numel()
-    if count <= 0 or n == 0:
-        return candidates[:0]
-    device = candidates.device
-    if weights is not None:
-        pick = torch.multinomial(weights.detach().to("cpu", torch.float64), count, replacement=n < count,
-                                 generator=generator).to(device)
-    elif n >= count:
-        pick = torch.randperm(n, generator=generator, device="cpu")[:count].to(device)
-    else:
-        pick = torch.randint(n, (count,), generator=generator, device="cpu").to(device)
-    return candidates[pick]
+    if not torch.jit.is_tracing():
+        return torchvision.ops.batched_nms(boxes, scores, groups, threshold)
+    largest = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)]).max()
+    offsets = groups.to(boxes) * (largest + 1)
+    return nms(boxes + offsets[:, None], scores, threshold)
 
 
-def per_instance_weights(assign: Tensor) -> Tensor:
-    """(F,) truth index of each foreground candidate -> (F,) weights 1 / (candidates of that truth).
-
-    Drawing with these weights picks every instance about equally often: a large nucleus covered
-    by dozens of overlapping proposals no longer crowds the small ones (one or two) out of the sample.
-    """
-    return 1.0 / torch.bincount(assign)[assign].float()
-
-
-def sample_balanced(fg: Tensor, bg: Tensor, batch_size: int, fg_fraction: float,
-                    generator: torch.Generator | None = None, fg_weights: Tensor | None = None
-                    ) -> tuple[Tensor, Tensor]:
-    """The spec's balanced sampling of foreground/background indices to exactly ``batch_size``.
-
-    With both kinds present: up to ``round(fg_fraction * batch_size)`` foregrounds (no repeats) and
-    backgrounds for the rest (repeated when too few). With one kind only, all ``batch_size`` come
-    from it. With neither, both are empty. ``fg_weights`` weighs the foreground draw.
-    """
-    if fg.numel() and bg.numel():
-        num_fg = min(int(round(fg_fraction * batch_size)), fg.numel())
-        return (sample_indices(fg, num_fg, generator, fg_weights),
-                sample_indices(bg, batch_size - num_fg, generator))
-    if fg.numel():
-        return sample_indices(fg, batch_size, generator, fg_weights), bg
-    return fg, sample_indices(bg, batch_size, generator)
-
-
-def first_k_per_image(image_index: Tensor, k: int) -> Tensor:
+def first_k_per_image(image_index: Tensor, k: int, num_images: Tensor | int | None = None) -> Tensor:
     """Indices that keep at most the first ``k`` entries of each image, order otherwise preserved.
 
     image_index (R,) is the image of each entry, entries already in priority order (e.g. by score)
-    -> (R',) indices into it, grouped by image.
+    -> (R',) indices into it, grouped by image. ``num_images`` defaults to the largest index + 1.
+    Written with ops that trace and export to ONNX (cumsum and sort, no bincount).
     """
-    order = torch.argsort(image_index, stable=True)
-    grouped = image_index[order]
-    counts = torch.bincount(grouped)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(grouped.numel(), device=grouped.device) - starts[grouped]
-    return order[rank < k]
+    if num_images is None:
+        num_images = int(image_index.max()) + 1 if image_index.numel() else 0
+    same = (image_index[:, None] == torch.arange(num_images, device=image_index.device)[None]).long()  # (R, B)
+    rank = (same.cumsum(dim=0) * same).sum(dim=1) - 1          # earlier entries of the same image
+    keep = torch.nonzero(rank < k).squeeze(1)
+    # grouped by image, priority order within each: the keys are unique, so any sort is stable
+    return keep[torch.argsort(image_index[keep] * image_index.shape[0] + keep)]
 
 
 def split_by_image(image_index: Tensor, num_images: int, *tensors: Tensor) -> list[tuple[Tensor, ...]]:
@@ -161,11 +134,3 @@ def split_by_image(image_index: Tensor, num_images: int, *tensors: Tensor) -> li
     return [tuple(p[i] for p in parts) for i in range(num_images)]
 
 
-def candidates_with_truth(proposals: Tensor, truth: Tensor, min_size: float) -> Tensor:
-    """Proposals (R, 4) plus the truth boxes (G, 4), boxes smaller than ``min_size`` dropped.
-
-    Adding the truth boxes gives the heads perfect positives from the first step on, before the
-    RPN proposes anything.
-    """
-    boxes = torch.cat([proposals, truth.to(proposals)])
-    return boxes[is_large_enough(boxes, min_size)]

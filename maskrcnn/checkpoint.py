@@ -101,6 +101,20 @@ def _refused_object(message: str) -> bool:
     return "GLOBAL" in message or "add_safe_globals" in message
 
 
+_STAGES = ("rpn.", "rcnn.", "mask.")
+
+
+def stage_weight_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights of checkpoints written before the heads moved into their stage modules
+    (``rpn.convs.0.weight`` -> ``rpn.head.convs.0.weight``), renamed; newer ones pass unchanged."""
+    def renamed(name: str) -> str:
+        stage = next((s for s in _STAGES if name.startswith(s)), None)
+        if stage is None or name.startswith(stage + "head."):
+            return name
+        return stage + "head." + name[len(stage):]
+    return {renamed(name): value for name, value in state.items()}
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Load a checkpoint safely; every problem is a one-line UserError naming the file."""
     path = Path(path)
@@ -124,7 +138,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except ConfigError as err:
         raise UserError(str(err)) from None
     return Checkpoint(
-        config=config, model_state=payload["model"], normalizer=payload["normalizer"],
+        config=config, model_state=stage_weight_names(payload["model"]), normalizer=payload["normalizer"],
         step=payload["step"], epoch=payload["epoch"], batch_in_epoch=payload["batch_in_epoch"],
         global_batch=payload.get("global_batch"),
         optimizer_state=payload["optimizer"], rng_state=payload["rng_state"],

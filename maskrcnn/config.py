@@ -31,6 +31,22 @@ def _spec_aspect_ratios() -> list[list[tuple[float, float]]]:
     return [list(level) for _ in range(4)]
 
 
+@dataclass(frozen=True)
+class NmsSettings:
+    """One NMS step's settings, grouped from the Config fields of one stage and phase.
+
+    Candidates above ``score_threshold`` with both sides >= ``min_size`` are suppressed at IoU
+    ``overlap_threshold``; each image keeps its ``max_per_image`` best. ``pre_top_k``, when set,
+    first keeps each image's best-scoring candidates (the RPN's pre-NMS top-k).
+    """
+
+    score_threshold: float
+    overlap_threshold: float
+    min_size: float
+    max_per_image: int
+    pre_top_k: int | None = None
+
+
 class ConfigError(UserError, ValueError):
     """A configuration value is missing, of the wrong type or impossible."""
 
@@ -94,6 +110,7 @@ class Config:
     rcnn_test_nms_overlap_threshold: float = 0.5
     rcnn_test_nms_min_size: float = 5
     rcnn_test_max_detections: int = 3000  # microscopy images hold 1000+ nuclei: no 100 cap
+    rcnn_delta_sigma: float = 1.0  # smooth-L1 of the box deltas: quadratic for |d| < 1 / sigma^2
 
     # --- mask -----------------------------------------------------------------------------------
     mask_crop_size: int = 14
@@ -182,6 +199,21 @@ class Config:
         if len(self.rcnn_box_weights) != 4 or min(self.rcnn_box_weights) <= 0:
             raise ConfigError("rcnn_box_weights must be four positive numbers")
 
+    # --- settings grouped for the stage that uses them -----------------------------------------
+    def rpn_nms(self, training: bool) -> NmsSettings:
+        """The RPN's proposal settings: looser in training, to sample RCNN and mask targets from."""
+        if training:
+            return NmsSettings(self.rpn_train_nms_pre_score_threshold, self.rpn_train_nms_overlap_threshold,
+                               self.rpn_train_nms_min_size, self.rpn_train_post_nms_top_k,
+                               self.rpn_train_pre_nms_top_k)
+        return NmsSettings(self.rpn_test_nms_pre_score_threshold, self.rpn_test_nms_overlap_threshold,
+                           self.rpn_test_nms_min_size, self.rpn_test_post_nms_top_k, self.rpn_test_pre_nms_top_k)
+
+    def rcnn_nms(self) -> NmsSettings:
+        """The RCNN's detection settings (inference only: training samples, it does not suppress)."""
+        return NmsSettings(self.rcnn_test_nms_pre_score_threshold, self.rcnn_test_nms_overlap_threshold,
+                           self.rcnn_test_nms_min_size, self.rcnn_test_max_detections)
+
     # --- YAML -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -242,7 +274,7 @@ _POSITIVE_INTS = [
 ]
 _NON_NEGATIVE = [
     "rpn_train_nms_min_size", "rpn_test_nms_min_size", "rcnn_train_min_size", "rcnn_test_nms_min_size",
-    "mask_train_min_size", "mask_test_mask_min_area", "rpn_focal_gamma", "rpn_delta_sigma",
+    "mask_train_min_size", "mask_test_mask_min_area", "rpn_focal_gamma", "rpn_delta_sigma", "rcnn_delta_sigma",
 ]
 
 

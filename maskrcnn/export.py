@@ -1,11 +1,9 @@
 """Export a trained model to TorchScript or ONNX: ``maskrcnn export``.
 
-:class:`InferenceGraph` is the model's inference path for one image, written so that tracing
-records it for any image size: every size is read from a tensor's shape (tracing keeps those as
-graph values), nothing branches on data, and the batched helpers that do (``split_by_image``,
-``batched_nms``' empty-input check, ``MultiLevelRoiAlign``'s skipped empty levels) are replaced
-by their single-image equivalents. It reuses the model's own submodules and weights and the same
-box functions, thresholds and top-k values, so it computes what ``MaskRCNN`` computes.
+:class:`InferenceGraph` traces ``MaskRCNN.prepare`` + ``MaskRCNN.detect``, the model's one
+inference path, for one image. That path is written to trace for any image size (every size is
+read from a tensor's shape, which tracing keeps as a graph value, and nothing branches on data; see
+``maskrcnn.boxes``), so the exported graph computes what eager inference computes.
 
     image (1, C, H, W) float32 in [0, 1] (the Normalizer's output)
       -> boxes (D, 4), scores (D,), labels (D,) int64, mask_probs (D, M, M)
@@ -28,18 +26,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import nms, roi_align
 
 from . import __version__
 from .atomic import atomic_write_bytes
-from .boxes import clip_boxes, is_large_enough, rcnn_decode, rpn_decode
 from .config import Config
 from .errors import UserError
-from .model import SIZE_DIVISOR, MaskRCNN
-from .roi_align import assign_levels
-from .rpn.anchors import make_level_anchors
+from .model import MaskRCNN
 
 FORMATS = ("torchscript", "onnx")
 EXPORT_FORMAT = "maskrcnn-export/1"
@@ -48,101 +41,17 @@ OUTPUT_NAMES = ["boxes", "scores", "labels", "mask_probs"]
 ONNX_OPSET = 17                      # >= 16: RoiAlign with torchvision's pixel convention
 
 
-def _top_k(n: Tensor | int, k: int) -> Tensor | int:
-    """min(n, k) for topk; while tracing ``n`` is a shape value and must stay one (not a constant)."""
-    return torch.clamp(n, max=k) if isinstance(n, Tensor) else min(n, k)
-
-
 class InferenceGraph(nn.Module):
-    """``MaskRCNN`` inference on one image, traceable for any height and width (see module doc)."""
+    """``MaskRCNN`` inference on one image, up to the per-image post-processing (see module doc)."""
 
     def __init__(self, model: MaskRCNN) -> None:
         super().__init__()
-        cfg = model.cfg
-        self.cfg = cfg
-        self.backbone, self.rpn, self.rcnn, self.mask = model.backbone, model.rpn, model.rcnn, model.mask
-        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).reshape(1, -1, 1, 1))
-        self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).reshape(1, -1, 1, 1))
-        self.register_buffer("base_sizes", torch.tensor(cfg.rpn_base_sizes, dtype=torch.float32))
-        # float64 anchor bases, as AnchorGenerator builds them: anchors are identical to eager's
-        self.anchor_bases = list(model.anchors.bases)
-        self.strides = list(cfg.rpn_scales)
-        # (output size, sampling ratio) of the model's two MultiLevelRoiAlign crops
-        self.rcnn_crop = (model.rcnn_crop.output_size, model.rcnn_crop.sampling_ratio)
-        self.mask_crop = (model.mask_crop.output_size, model.mask_crop.sampling_ratio)
+        self.model = model
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        height, width = image.shape[-2], image.shape[-1]
-        features = self.backbone(self._prepare(image, height, width))
-        logits, deltas = self.rpn(features)
-        anchors = torch.cat([make_level_anchors(bases, f.shape[-2], f.shape[-1], stride)
-                             for bases, f, stride in zip(self.anchor_bases, features, self.strides)]).float()
-        proposals = self._proposals(anchors, logits[0], deltas[0], height, width)
-        boxes, scores, labels = self._detections(features, proposals, height, width)
-        return boxes, scores, labels, self._mask_probs(features, boxes, labels)
-
-    def _prepare(self, image: Tensor, height, width) -> Tensor:
-        """MaskRCNN.prepare for one image: normalise, then zero-pad to a multiple of 32."""
-        x = (image.float() - self.pixel_mean) / self.pixel_std
-        pad_h = (SIZE_DIVISOR - height % SIZE_DIVISOR) % SIZE_DIVISOR
-        pad_w = (SIZE_DIVISOR - width % SIZE_DIVISOR) % SIZE_DIVISOR
-        return F.pad(x, [0, pad_w, 0, pad_h])
-
-    def _proposals(self, anchors: Tensor, logits: Tensor, deltas: Tensor, height, width) -> Tensor:
-        """make_proposals (test settings) for one image: logits (N, 2), deltas (N, 2, 4) -> (R, 4)."""
-        cfg = self.cfg
-        scores = logits.softmax(dim=-1)[:, 1]
-        top_scores, top = scores.topk(_top_k(scores.shape[0], cfg.rpn_test_pre_nms_top_k))
-        boxes = rpn_decode(anchors[top], deltas[top, 1])
-        boxes = clip_boxes(boxes, height, width)
-        keep = (top_scores > cfg.rpn_test_nms_pre_score_threshold) & is_large_enough(boxes, cfg.rpn_test_nms_min_size)
-        boxes, top_scores = boxes[keep], top_scores[keep]
-        kept = nms(boxes, top_scores, cfg.rpn_test_nms_overlap_threshold)[:cfg.rpn_test_post_nms_top_k]
-        return boxes[kept]
-
-    def _detections(self, features: list[Tensor], proposals: Tensor, height, width):
-        """make_detections for one image -> boxes (D, 4), scores (D,), labels (D,), by score."""
-        cfg = self.cfg
-        num_classes = cfg.num_classes
-        logits, deltas = self.rcnn(self._crop(features, proposals, *self.rcnn_crop))
-        boxes = rcnn_decode(proposals[:, None], deltas, cfg.rcnn_box_weights)[:, 1:]     # (R, K-1, 4)
-        boxes = clip_boxes(boxes, height, width)
-        scores = logits.softmax(dim=1)[:, 1:]
-        labels = torch.arange(1, num_classes, device=scores.device).expand_as(scores)
-        keep = (scores > cfg.rcnn_test_nms_pre_score_threshold) & is_large_enough(boxes, cfg.rcnn_test_nms_min_size)
-        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        # batched_nms' coordinate trick (what eager runs for up to 4000 boxes), with the largest
-        # coordinate taken so that no boxes is not a special case: boxes are clipped, so >= 0.
-        largest = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)]).max()
-        offsets = labels.to(boxes) * (largest + 1)   # eager's NMS group: image * K + label, image 0
-        kept = nms(boxes + offsets[:, None], scores, cfg.rcnn_test_nms_overlap_threshold)
-        kept = kept[:cfg.rcnn_test_max_detections]
-        return boxes[kept], scores[kept], labels[kept]
-
-    def _crop(self, features: list[Tensor], boxes: Tensor, size: int, sampling_ratio: int) -> Tensor:
-        """MultiLevelRoiAlign for one image: every box from the level of nearest base size.
-
-        Each level runs even when it has no boxes (empty RoIAlign), so nothing depends on data.
-        The crops come level by level and are put back in the boxes' order by one gather (no
-        scatter into a zero-filled tensor, and no ``out[index] = crops``: setitem drops leading
-        size-1 dims, which a trace with exactly one box on a level would record as a fixed reshape).
-        """
-        rois = torch.cat([boxes.new_zeros(boxes.shape[0], 1), boxes], dim=1)
-        levels = assign_levels(boxes, self.base_sizes)
-        crops, order = [], []
-        for level, (feature, stride) in enumerate(zip(features, self.strides)):
-            index = torch.nonzero(levels == level).squeeze(1)
-            crops.append(roi_align(feature, rois[index], size, spatial_scale=1.0 / stride,
-                                   sampling_ratio=sampling_ratio, aligned=False))
-            order.append(index)
-        return torch.cat(crops)[torch.argsort(torch.cat(order))]
-
-    def _mask_probs(self, features: list[Tensor], boxes: Tensor, labels: Tensor) -> Tensor:
-        """Each detection's mask probabilities for its own class: (D, M, M)."""
-        m = self.cfg.mask_size
-        logits = self.mask(self._crop(features, boxes, *self.mask_crop))                   # (D, K, M, M)
-        own = logits.gather(1, labels.reshape(-1, 1, 1, 1).expand(-1, 1, m, m))[:, 0]
-        return torch.sigmoid(own)
+        raw = self.model.detect(*self.model.prepare(image))
+        d = raw.detections  # one image: its image index is all zeros and is left out
+        return d.boxes, d.scores, d.labels, raw.mask_probs
 
 
 # --- writing the files ----------------------------------------------------------------------------

@@ -1,34 +1,35 @@
-"""MaskRCNN: backbone -> RPN -> RoIAlign -> RCNN -> mask, as in the spec's figures.
+"""MaskRCNN: backbone -> RPN -> RCNN -> mask -> results, as in the spec's figure (docs/design.md).
 
-Shape shorthand: B images, N anchors, R proposals, S sampled boxes, D detections, K classes,
-M mask size.
+Shape shorthand: B images, N anchors, R proposals, D detections, K classes, M mask size.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbone import Backbone
-from .losses import zero_loss
 from .config import Config
-from .mask.head import MaskHead
-from .mask.loss import mask_loss
-from .mask.targets import make_mask_targets
-from .rcnn.detections import make_detections
-from .rcnn.head import RcnnHead
-from .rcnn.loss import rcnn_loss
-from .rcnn.targets import make_rcnn_targets
-from .mask.postprocess import make_instance_result
-from .roi_align import MultiLevelRoiAlign
-from .rpn.anchors import AnchorGenerator
-from .rpn.head import RpnMultiHead
-from .rpn.loss import rpn_loss
-from .rpn.proposals import make_proposals
-from .rpn.targets import make_rpn_targets
-from .structures import Detections, InstanceResult, Losses, ModelOutput, Proposals, Target
+from .mask.stage import MaskStage
+from .rcnn.stage import RcnnStage
+from .rpn.stage import RpnStage
+from .structures import BatchDetections, Losses, ModelOutput, Target
 
 SIZE_DIVISOR = 32  # the coarsest FPN stride: padded inputs keep every level's grid aligned
+
+
+@dataclass
+class RawDetections:
+    """Inference up to, not including, the per-image post-processing: the exported graph's outputs.
+
+    detections: the batch's detections (D rows, grouped by image); mask_probs (D, M, M).
+    """
+
+    detections: BatchDetections
+    mask_probs: Tensor
 
 
 class MaskRCNN(nn.Module):
@@ -44,109 +45,66 @@ class MaskRCNN(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = Backbone(cfg)
-        self.anchors = AnchorGenerator(cfg)
-        self.rpn = RpnMultiHead(cfg, self.backbone.out_channels)
-        self.rcnn_crop = MultiLevelRoiAlign(cfg.rpn_base_sizes, cfg.rpn_scales, cfg.rcnn_crop_size)
-        self.rcnn = RcnnHead(cfg, self.backbone.out_channels)
-        self.mask_crop = MultiLevelRoiAlign(cfg.rpn_base_sizes, cfg.rpn_scales, cfg.mask_crop_size)
-        self.mask = MaskHead(cfg, self.backbone.out_channels)
+        self.rpn = RpnStage(cfg, self.backbone.out_channels)
+        self.rcnn = RcnnStage(cfg, self.backbone.out_channels)
+        self.mask = MaskStage(cfg, self.backbone.out_channels)
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).reshape(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).reshape(-1, 1, 1), persistent=False)
 
-    # ----------------------------------------------------------------------------------------
     def forward(self, images: Tensor | list[Tensor], targets: list[Target] | None = None) -> ModelOutput:
+        batch, sizes = self.prepare(images)
         if not self.training:
             with torch.no_grad():  # results are thresholded masks: nothing to differentiate
-                return ModelOutput(results=self._detect(*self._features(images)))
-        features, anchors, logits, deltas, sizes = self._features(images)
-        if targets is None or len(targets) != len(sizes):
+                raw = self.detect(batch, sizes)
+            return ModelOutput(results=self.mask.results(raw.detections, raw.mask_probs, size_list(sizes)))
+        if targets is None or len(targets) != batch.shape[0]:
             raise ValueError("training needs one Target per image")
-        targets = [t.to(logits.device) for t in targets]
-        return ModelOutput(losses=self._losses(features, anchors, logits, deltas, sizes, targets))
+        return ModelOutput(losses=self.losses(batch, sizes, [t.to(batch.device) for t in targets]))
 
-    def _features(self, images: Tensor | list[Tensor]):
-        """Backbone and RPN head: (features, anchors (N, 4), logits (B, N, 2), deltas (B, N, 2, 4), sizes)."""
-        batch, sizes = self.prepare(images)
-        features = self.backbone(batch)
-        logits, deltas = self.rpn(features)
-        anchors = self.anchors([tuple(f.shape[-2:]) for f in features], batch.device)
-        return features, anchors, logits, deltas, sizes
+    def prepare(self, images: Tensor | list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Normalise and zero-pad to a multiple of 32 -> (B, C, H', W') and the sizes (B, 2) (H, W).
 
-    def prepare(self, images: Tensor | list[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
-        """Normalise and zero-pad to a multiple of 32 -> (B, C, H', W') and the original sizes."""
+        Written to trace: under ``torch.jit.trace`` the sizes are graph values, not constants.
+        """
         if isinstance(images, Tensor) and images.dim() == 3:
             images = images[None]
         if len(images) == 0:
             raise ValueError("no images given")
-        device = self.pixel_mean.device
-        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-        height = -(-max(h for h, _ in sizes) // SIZE_DIVISOR) * SIZE_DIVISOR
-        width = -(-max(w for _, w in sizes) // SIZE_DIVISOR) * SIZE_DIVISOR
         channels = self.cfg.in_channels
-        batch = torch.zeros(len(images), channels, height, width, device=device)
-        for i, (image, (h, w)) in enumerate(zip(images, sizes)):
+        for i, image in enumerate(images):
             if image.dim() != 3 or image.shape[0] != channels:
                 raise ValueError(f"image {i} has shape {tuple(image.shape)}; the model expects ({channels}, H, W)")
-            batch[i, :, :h, :w] = (image.to(device, torch.float32) - self.pixel_mean) / self.pixel_std
-        return batch, sizes
+        sizes = [(image.shape[-2], image.shape[-1]) for image in images]
+        # rounded up with positive operands only: ONNX's integer division truncates toward zero
+        height = (max(h for h, _ in sizes) + SIZE_DIVISOR - 1) // SIZE_DIVISOR * SIZE_DIVISOR
+        width = (max(w for _, w in sizes) + SIZE_DIVISOR - 1) // SIZE_DIVISOR * SIZE_DIVISOR
+        device = self.pixel_mean.device
+        batch = torch.stack([F.pad((image.to(device, torch.float32) - self.pixel_mean) / self.pixel_std,
+                                   [0, width - w, 0, height - h]) for image, (h, w) in zip(images, sizes)])
+        size_tensor = torch.stack([torch.stack([torch.as_tensor(h), torch.as_tensor(w)]) for h, w in sizes])
+        return batch, size_tensor.to(device)
 
-    # ----------------------------------------------------------------------------------------
-    def _proposals(self, anchors: Tensor, logits: Tensor, deltas: Tensor,
-                   sizes: list[tuple[int, int]]) -> list[Proposals]:
-        cfg = self.cfg
-        if self.training:  # looser thresholds: more proposals to sample RCNN and mask targets from
-            settings = dict(score_threshold=cfg.rpn_train_nms_pre_score_threshold,
-                            nms_threshold=cfg.rpn_train_nms_overlap_threshold, min_size=cfg.rpn_train_nms_min_size,
-                            pre_nms_top_k=cfg.rpn_train_pre_nms_top_k, post_nms_top_k=cfg.rpn_train_post_nms_top_k)
-        else:
-            settings = dict(score_threshold=cfg.rpn_test_nms_pre_score_threshold,
-                            nms_threshold=cfg.rpn_test_nms_overlap_threshold, min_size=cfg.rpn_test_nms_min_size,
-                            pre_nms_top_k=cfg.rpn_test_pre_nms_top_k, post_nms_top_k=cfg.rpn_test_post_nms_top_k)
-        # float32 under autocast too: NMS needs boxes and scores of one dtype, and these are targets
-        return make_proposals(anchors, logits.detach().float(), deltas.detach().float(), sizes, **settings)
+    def detect(self, batch: Tensor, sizes: Tensor) -> RawDetections:
+        """Inference on a prepared batch (B, C, H', W') with sizes (B, 2): the one inference path,
+        which ``maskrcnn.export`` traces as it is."""
+        features = self.backbone(batch)
+        proposals, _ = self.rpn(features, sizes)
+        detections, _ = self.rcnn(features, sizes, proposals)
+        mask_probs, _ = self.mask(features, sizes, detections)
+        return RawDetections(detections, mask_probs)
 
-    def _losses(self, features: list[Tensor], anchors: Tensor, logits: Tensor, deltas: Tensor,
-                sizes: list[tuple[int, int]], targets: list[Target]) -> Losses:
-        cfg = self.cfg
-        rpn_targets = make_rpn_targets(anchors, [t.boxes for t in targets], cfg.rpn_train_fg_thresh_low,
-                                       cfg.rpn_train_bg_thresh_high)
-        rpn_cls, rpn_reg = rpn_loss(logits, deltas, rpn_targets, cfg.rpn_focal_gamma, cfg.rpn_delta_sigma)
-        proposals = self._proposals(anchors, logits, deltas, sizes)
+    def losses(self, batch: Tensor, sizes: Tensor, targets: list[Target]) -> Losses:
+        """The five training losses of a prepared batch."""
+        features = self.backbone(batch)
+        proposals, (rpn_cls, rpn_reg) = self.rpn(features, sizes, targets)
         # One generator per image, from its Target's seed: an image samples the same boxes in a
         # batch of any size on any process (DDP then trains as one process on the global batch).
         generators = [t.sampling_generator() for t in targets]
+        _, (rcnn_cls, rcnn_reg) = self.rcnn(features, sizes, proposals, targets, generators)
+        _, mask = self.mask(features, sizes, proposals, targets, generators)
+        return Losses(rpn_cls, rpn_reg, rcnn_cls, rcnn_reg, mask)
 
-        rcnn_targets = make_rcnn_targets(proposals, targets, cfg, generators)
-        rcnn_logits, rcnn_deltas = self.rcnn(self.rcnn_crop(features, rcnn_targets.proposals))
-        rcnn_cls, rcnn_reg = rcnn_loss(rcnn_logits, rcnn_deltas, rcnn_targets)
 
-        mask_targets = make_mask_targets(proposals, targets, cfg, generators)
-        if mask_targets.labels.numel():
-            mask_logits = self.mask(self.mask_crop(features, mask_targets.proposals))
-            loss_mask = mask_loss(mask_logits, mask_targets)
-        else:  # no instance in the batch; batch norm cannot run on an empty batch
-            loss_mask = zero_loss(*self.mask.parameters())
-        return Losses(rpn_cls, rpn_reg, rcnn_cls, rcnn_reg, loss_mask)
-
-    def _detect(self, features: list[Tensor], anchors: Tensor, logits: Tensor, deltas: Tensor,
-                sizes: list[tuple[int, int]]) -> list[InstanceResult]:
-        cfg = self.cfg
-        proposals = [p.boxes for p in self._proposals(anchors, logits, deltas, sizes)]
-        rcnn_logits, rcnn_deltas = self.rcnn(self.rcnn_crop(features, proposals))
-        detections = make_detections(
-            proposals, rcnn_logits, rcnn_deltas, sizes, box_weights=cfg.rcnn_box_weights,
-            score_threshold=cfg.rcnn_test_nms_pre_score_threshold,
-            nms_threshold=cfg.rcnn_test_nms_overlap_threshold, min_size=cfg.rcnn_test_nms_min_size,
-            max_detections=cfg.rcnn_test_max_detections)
-        probs = self._mask_probs(features, detections)
-        return [make_instance_result(d, p, size, cfg) for d, p, size in zip(detections, probs, sizes)]
-
-    def _mask_probs(self, features: list[Tensor], detections: list[Detections]) -> list[Tensor]:
-        """Each detection's mask probabilities for its own class: B tensors (D_b, M, M)."""
-        labels = torch.cat([d.labels for d in detections])
-        if labels.numel() == 0:
-            empty = features[0].new_zeros(0, self.cfg.mask_size, self.cfg.mask_size)
-            return [empty for _ in detections]
-        logits = self.mask(self.mask_crop(features, [d.boxes for d in detections]))
-        probs = torch.sigmoid(logits[torch.arange(labels.numel(), device=labels.device), labels])
-        return list(probs.split([len(d) for d in detections]))
+def size_list(sizes: Tensor) -> list[tuple[int, int]]:
+    """(B, 2) sizes -> [(H, W)] as Python ints."""
+    return [(int(h), int(w)) for h, w in sizes.tolist()]

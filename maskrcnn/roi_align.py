@@ -15,7 +15,8 @@ def assign_levels(boxes: Tensor, base_sizes: Tensor) -> Tensor:
 
 
 class MultiLevelRoiAlign:
-    """Crops (R, C, S, S) from features [p2..p5] for per-image box lists."""
+    """Crops (R, C, S, S) from features [p2..p5]: ``crop`` for a flat batch, ``__call__`` for
+    per-image box lists (the training samplers' form)."""
 
     def __init__(self, base_sizes: list[float], strides: list[int], output_size: int,
                  sampling_ratio: int = 2) -> None:
@@ -26,14 +27,24 @@ class MultiLevelRoiAlign:
 
     def __call__(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
         """features: L tensors (B, C, H_l, W_l); boxes: B tensors (R_b, 4) -> (sum R_b, C, S, S)."""
-        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
-        levels = assign_levels(rois[:, 1:], self.base_sizes.to(rois.device))
-        channels = features[0].shape[1]
-        out = features[0].new_zeros(rois.shape[0], channels, self.output_size, self.output_size)
+        image = torch.cat([torch.full_like(b[:, 0], i, dtype=torch.int64) for i, b in enumerate(boxes)])
+        return self.crop(features, torch.cat(boxes), image)
+
+    def crop(self, features: list[Tensor], boxes: Tensor, image: Tensor) -> Tensor:
+        """features: L tensors (B, C, H_l, W_l); boxes (R, 4) of images ``image`` (R,) -> (R, C, S, S).
+
+        Every level runs, with no boxes too (an empty RoIAlign), so that nothing depends on the data
+        and a trace holds for any box count. The crops come level by level and are put back in the
+        boxes' order by one gather: not ``out[index] = crops``, whose setitem drops leading size-1
+        dims, which a trace with exactly one box on a level would record as a fixed reshape.
+        """
+        rois = torch.cat([image[:, None].to(boxes.dtype), boxes], dim=1)
+        levels = assign_levels(boxes, self.base_sizes.to(boxes.device))
+        crops, order = [], []
         for level, (feature, stride) in enumerate(zip(features, self.strides)):
             index = torch.nonzero(levels == level).squeeze(1)
-            if index.numel():
-                # aligned=False: feature pixel x is centred at x * stride, the spec's anchor centres.
-                out[index] = roi_align(feature, rois[index], self.output_size, spatial_scale=1.0 / stride,
-                                       sampling_ratio=self.sampling_ratio, aligned=False).to(out.dtype)
-        return out
+            # aligned=False: feature pixel x is centred at x * stride, the spec's anchor centres.
+            crops.append(roi_align(feature, rois[index], self.output_size, spatial_scale=1.0 / stride,
+                                   sampling_ratio=self.sampling_ratio, aligned=False).to(features[0].dtype))
+            order.append(index)
+        return torch.cat(crops)[torch.argsort(torch.cat(order))]

@@ -99,6 +99,33 @@ class Detections:
         return self.boxes.shape[0]
 
 
+@dataclass
+class BatchDetections:
+    """Boxes of a whole batch, flat: what inference passes from stage to stage (and what traces).
+
+    boxes (R, 4), scores (R,), labels (R,) int64 (1, foreground, for RPN proposals) and image
+    (R,) int64, the image of each row; rows are grouped by image, by descending score within one.
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    image: Tensor
+
+    def __len__(self) -> int:
+        return self.boxes.shape[0]
+
+    def per_image(self, num_images: int) -> list[Detections]:
+        """One Detections per image (eager only: the split sizes are read from the data)."""
+        counts = torch.bincount(self.image, minlength=num_images).tolist()
+        parts = zip(self.boxes.split(counts), self.scores.split(counts), self.labels.split(counts))
+        return [Detections(*part) for part in parts]
+
+    def proposals(self, num_images: int) -> list[Proposals]:
+        """One Proposals per image, for the training-time samplers."""
+        return [Proposals(d.boxes, d.scores) for d in self.per_image(num_images)]
+
+
 LOSS_NAMES = ("rpn_cls", "rpn_reg", "rcnn_cls", "rcnn_reg", "mask")
 
 

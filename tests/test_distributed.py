@@ -5,10 +5,13 @@ LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and run the real ``maskrcnn train`` 
 reference is the same command in one process with the whole global batch. The config uses
 ``norm: group``: BatchNorm would normalise each process's half batch on its own.
 
-Both sides run with oneDNN off. oneDNN picks different convolution kernels for a batch of 2 and
-a batch of 1, whose rounding (~1e-6) flips a few ReLUs near zero; on the 2x2 maps of the last
-stage one flip changes a weight's gradient visibly. PyTorch's own kernels compute every image
-of a batch alike, so what is compared is the training arithmetic, not kernel rounding.
+Both sides run with oneDNN and NNPACK off. oneDNN picks different convolution kernels for a
+batch of 2 and a batch of 1, whose rounding (~1e-6) flips a few ReLUs near zero; on the 2x2 maps
+of the last stage one flip changes a weight's gradient visibly. NNPACK is chosen by PyTorch for
+convolutions of 16 or more inputs: the mask head's 16 crops of a batch of 2 (8 per image) would
+go through it while each rank's 8 go through PyTorch's own kernel, a gradient difference of ~1e-4
+that AdamW grows past the loss tolerance within 4 steps. PyTorch's own kernels compute every
+image of a batch alike, so what is compared is the training arithmetic, not kernel rounding.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ TINY_CONFIG = {
 # 8 images: 2 held out for validation (one per rank), 6 to train on, 64-pixel crops of 80x96.
 COMMON = ["--crop", "64", "--device", "cpu", "--no-progress", "--val-every", str(STEPS), "--seed", str(SEED)]
 WORKER = ("import sys, torch; torch.backends.mkldnn.enabled = False; "
+          "torch.backends.nnpack.set_flags(False); "
           "from maskrcnn.cli import main; sys.exit(main(sys.argv[1:]))")
 RUN_FILES = {"last.pt", "best.pt", "metrics.jsonl", "curves.png"}
 LOSS_PARTS = ("rpn_cls", "rpn_reg", "rcnn_cls", "rcnn_reg", "mask")
@@ -91,12 +95,13 @@ def launch(world_size: int, argv: list[str], timeout: float = 120) -> list[subpr
 
 @contextmanager
 def no_onednn():
-    """One thread and oneDNN off, as in the workers."""
+    """One thread, oneDNN and NNPACK off, as in the workers."""
     threads, enabled = torch.get_num_threads(), torch.backends.mkldnn.enabled
     torch.set_num_threads(1)
     torch.backends.mkldnn.enabled = False
     try:
-        yield
+        with torch.backends.nnpack.flags(enabled=False):
+            yield
     finally:
         torch.backends.mkldnn.enabled = enabled
         torch.set_num_threads(threads)
@@ -133,9 +138,9 @@ def training_difference(run_a: Path, run_b: Path) -> tuple[float, float]:
     each gradient by its own running size, so a weight whose gradient is ~1e-9 (within float32
     rounding of zero) moves by a full +-lr step whose sign is rounding noise; and the 2x2 maps of
     the last ResNet stage turn 1e-7 changes in the activations into a different ReLU here and
-    there. The two agree to ~1e-5 after one step and drift apart a little with each step
-    (measured: 0.6%, 1.1%, 2%, 3.5% over steps 1-4); weighting the two images 55:45 instead of
-    50:50 gives 18-28%, different sampled boxes 76-95%.
+    there. The two agree to ~1e-7 after one step and drift apart with each step (measured:
+    0.00002%, 0.001%, 0.06%, 0.7% over steps 1-4; with NNPACK on, 0.7%, 1.7%, 2.5%, 3.9%);
+    weighting the two images 55:45 instead of 50:50 gives 18-28%, different sampled boxes 76-95%.
     """
     a, b = load_checkpoint(run_a / "last.pt"), load_checkpoint(run_b / "last.pt")
     start = initial_weights(a.config)
@@ -285,7 +290,7 @@ def test_amp_on_cpu_autocasts_to_bfloat16_and_keeps_the_losses_in_float32(worksp
     def record_losses(module, inputs, output) -> None:
         seen["losses"] = {n: getattr(output.losses, n).dtype for n in LOSS_PARTS}
 
-    trainer.model.rcnn.register_forward_hook(record_head)
+    trainer.model.rcnn.head.register_forward_hook(record_head)
     trainer.model.register_forward_hook(record_losses)
     before = [p.detach().clone() for p in trainer.model.parameters()]
     logged = trainer.train_step([0, 1], 1e-4)

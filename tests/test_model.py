@@ -116,3 +116,39 @@ def test_training_needs_one_target_per_image(squares):
         model(two_images())
     with pytest.raises(ValueError, match="one Target per image"):
         model(two_images(), [squares(64, 64, [])])
+
+
+def test_each_stage_owns_its_head_and_checkpoints_of_the_earlier_layout_still_load(tmp_path):
+    """Weights live under their stage (rpn.head.*, rcnn.head.*, mask.head.*); a checkpoint written
+    before the heads moved into the stages (rpn.convs.0.weight, ...) loads with the same values."""
+    from maskrcnn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+
+    model = make_model()
+    state = model.state_dict()
+    for stage in ("rpn", "rcnn", "mask"):
+        names = [n for n in state if n.startswith(stage + ".")]
+        assert names and all(n.startswith(stage + ".head.") for n in names), stage
+    old = {n.replace(".head.", ".", 1) if n.split(".")[0] in ("rpn", "rcnn", "mask") else n: v
+           for n, v in state.items()}
+    assert "rpn.convs.0.weight" in old and "backbone.fpn.inner_blocks.0.0.weight" in old
+    save_checkpoint(tmp_path / "old.pt", Checkpoint(config=model.cfg, model_state=old, normalizer={}))
+    loaded = make_model()
+    loaded.load_state_dict(load_checkpoint(tmp_path / "old.pt").model_state)
+    assert all(torch.equal(v, loaded.state_dict()[n]) for n, v in state.items())
+
+
+def test_eval_and_detect_agree_and_sizes_come_back_per_image():
+    """forward in eval = prepare + detect (the traced path) + per-image post-processing."""
+    model = make_model(**OPEN).eval()
+    images = two_images()
+    batch, sizes = model.prepare(images)
+    assert batch.shape == (2, 3, 64, 64) and sizes.tolist() == [[64, 64], [48, 40]]
+    raw = model.detect(batch, sizes)
+    results = model(images).results
+    assert all(len(d) > 0 for d in raw.detections.per_image(2))
+    assert raw.mask_probs.shape == (len(raw.detections), 28, 28)
+    assert bool((raw.detections.image[1:] >= raw.detections.image[:-1]).all())  # grouped by image
+    want = model.mask.results(raw.detections, raw.mask_probs, [(64, 64), (48, 40)])
+    assert [r.label_image.shape for r in results] == [(64, 64), (48, 40)]
+    for got, expected in zip(results, want):
+        assert torch.equal(got.boxes, expected.boxes) and torch.equal(got.label_image, expected.label_image)

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from maskrcnn.boxes import rcnn_decode, rcnn_encode
-from maskrcnn.config import Config
+from maskrcnn.config import Config, NmsSettings
 from maskrcnn.mask.targets import make_mask_targets
 from maskrcnn.rcnn.detections import make_detections
 from maskrcnn.rcnn.head import RcnnHead
 from maskrcnn.rcnn.loss import rcnn_loss
 from maskrcnn.rcnn.targets import RcnnTargets, make_rcnn_targets
-from maskrcnn.structures import Proposals, Target
+from maskrcnn.structures import BatchDetections, Proposals, Target
 
 
 def box_target(boxes: list[list[float]], labels: list[int], size: int = 160) -> Target:
@@ -182,7 +182,12 @@ def detect(proposals, logits, deltas, sizes, **changes):
     options = dict(box_weights=(10.0, 10.0, 5.0, 5.0), score_threshold=0.3, nms_threshold=0.5, min_size=1.0,
                    max_detections=100)
     options.update(changes)
-    return make_detections(proposals, logits, deltas, sizes, **options)
+    settings = NmsSettings(options["score_threshold"], options["nms_threshold"], options["min_size"],
+                           options["max_detections"])
+    image = torch.cat([torch.full((len(p),), i) for i, p in enumerate(proposals)]).long()
+    flat = BatchDetections(torch.cat(proposals), torch.ones(len(image)), torch.ones_like(image), image)
+    return make_detections(flat, logits, deltas, torch.tensor(sizes), options["box_weights"],
+                           settings).per_image(len(sizes))
 
 
 def test_detections_per_image_class_and_nms():

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from maskrcnn.boxes import rpn_decode, rpn_encode
-from maskrcnn.config import Config
+from maskrcnn.config import Config, NmsSettings
 from maskrcnn.losses import focal_cross_entropy, mean_over_images, smooth_l1
 from maskrcnn.rpn.anchors import AnchorGenerator
 from maskrcnn.rpn.head import RpnMultiHead
@@ -212,7 +212,9 @@ def rpn_outputs(anchors: torch.Tensor, scores: list[list[float]],
 def proposals(anchors, logits, deltas, sizes, **changes):
     options = dict(score_threshold=0.5, nms_threshold=0.5, min_size=1.0, pre_nms_top_k=100, post_nms_top_k=100)
     options.update(changes)
-    return make_proposals(anchors, logits, deltas, sizes, **options)
+    settings = NmsSettings(options["score_threshold"], options["nms_threshold"], options["min_size"],
+                           options["post_nms_top_k"], options["pre_nms_top_k"])
+    return make_proposals(anchors, logits, deltas, torch.tensor(sizes), settings).proposals(len(sizes))
 
 
 SEPARATE = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 0.0, 30.0, 10.0],

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..boxes import candidates_with_truth, match_boxes, per_instance_weights, sample_indices
+from ..sampling import candidates_with_truth, match_boxes, per_instance_weights, sample_indices
 from ..config import Config
 from ..structures import Proposals, Target
 

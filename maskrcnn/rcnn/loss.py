@@ -10,7 +10,7 @@ from ..losses import image_index, mean_over_images, smooth_l1, zero_loss
 from .targets import RcnnTargets
 
 
-def rcnn_loss(logits: Tensor, deltas: Tensor, targets: RcnnTargets) -> tuple[Tensor, Tensor]:
+def rcnn_loss(logits: Tensor, deltas: Tensor, targets: RcnnTargets, sigma: float = 1.0) -> tuple[Tensor, Tensor]:
     """logits (S, K), deltas (S, K, 4) -> (classification loss, regression loss).
 
     Per image: cross-entropy averaged over its sampled boxes, smooth-L1 over its foregrounds;
@@ -24,6 +24,6 @@ def rcnn_loss(logits: Tensor, deltas: Tensor, targets: RcnnTargets) -> tuple[Ten
     cls = mean_over_images(F.cross_entropy(logits, targets.labels, reduction="none"),
                            torch.ones_like(logits[:, 0]), image, num_images)
     class_deltas = deltas[torch.arange(deltas.shape[0], device=deltas.device), targets.labels]
-    reg = mean_over_images(smooth_l1(class_deltas, targets.deltas, sigma=1.0), (targets.labels > 0).float(),
+    reg = mean_over_images(smooth_l1(class_deltas, targets.deltas, sigma), (targets.labels > 0).float(),
                            image, num_images)
     return cls, reg

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..boxes import candidates_with_truth, match_boxes, per_instance_weights, rcnn_encode, sample_balanced
+from ..boxes import rcnn_encode
+from ..sampling import candidates_with_truth, match_boxes, per_instance_weights, sample_balanced
 from ..config import Config
 from ..structures import Proposals, Target
 

@@ -40,14 +40,18 @@ class AnchorGenerator:
 
     def __call__(self, feature_sizes: list[tuple[int, int]], device: torch.device) -> Tensor:
         """[(H_l, W_l)] per level -> (N, 4) float32 anchors, N = sum_l H_l * W_l * A_l."""
-        key = (tuple(feature_sizes), str(device))
+        if torch.jit.is_tracing():  # sizes are graph values: a cached constant would freeze them
+            return self._make(feature_sizes, device)
+        key = (tuple(tuple(int(v) for v in size) for size in feature_sizes), str(device))
         if key not in self._cache:
             if len(self._cache) > 32:  # bounded: tiled or multi-size prediction sees few sizes
                 self._cache.clear()
-            levels = [make_level_anchors(b, h, w, s)
-                      for b, (h, w), s in zip(self.bases, feature_sizes, self.strides)]
-            self._cache[key] = torch.cat(levels).float().to(device)
+            self._cache[key] = self._make(feature_sizes, device)
         return self._cache[key]
+
+    def _make(self, feature_sizes: list[tuple[int, int]], device: torch.device) -> Tensor:
+        levels = [make_level_anchors(b, h, w, s) for b, (h, w), s in zip(self.bases, feature_sizes, self.strides)]
+        return torch.cat(levels).float().to(device)
 
     def level_sizes(self, feature_sizes: list[tuple[int, int]]) -> list[int]:
         """Number of anchors on each level."""
