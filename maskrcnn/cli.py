@@ -12,7 +12,11 @@ import sys
 import warnings
 from pathlib import Path
 
+from .config import BACKBONES
+from .data.datasets import FORMATS as DATA_FORMATS
+from .distributed import DEVICES
 from .errors import UserError
+from .export import FORMATS as EXPORT_FORMATS
 from .tiling import TILE_OVERLAP
 
 EXIT_USER_ERROR = 2
@@ -54,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "metrics.jsonl and curves.png to --out.")
     train.add_argument("--data", required=True, help="dataset folder, or COCO JSON file")
     train.add_argument("--out", required=True, help="run directory")
-    train.add_argument("--format", choices=["dsb", "labels", "coco"], help="dataset layout (detected if omitted)")
+    train.add_argument("--format", choices=DATA_FORMATS, help="dataset layout (detected if omitted)")
     train.add_argument("--images", help="image folder for --format coco (default: beside the JSON)")
     train.add_argument("--config", help="YAML config; flags given here override it")
     train.add_argument("--val", help="validation dataset (default: a held-out split of --data)")
@@ -65,11 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=_positive_int, default=2)
     train.add_argument("--lr", type=_positive_float, default=1e-3)
     train.add_argument("--crop", type=_positive_int, default=256, help="training crop size in pixels")
-    train.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50", "se_resnext50"])
+    train.add_argument("--backbone", choices=BACKBONES)
     train.add_argument("--val-every", type=_positive_int, default=200, help="validate and checkpoint every N steps")
     train.add_argument("--checkpoint-every", type=_positive_int,
                        help="also write last.pt every N steps, without validating (what --resume loses at most)")
-    train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    train.add_argument("--device", choices=DEVICES, default="auto")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     train.add_argument("--skip-bad", action="store_true", help="skip unreadable samples (listed in RUN_DIR)")
@@ -91,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--tile", type=_positive_int, help="tile size for large images")
     predict.add_argument("--overlap", type=int, default=TILE_OVERLAP, help="tile overlap in pixels (> 2x object size)")
     predict.add_argument("--kaggle", action="store_true", help="also write a DSB2018 run-length submission.csv")
-    predict.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    predict.add_argument("--device", choices=DEVICES, default="auto")
     predict.add_argument("--no-progress", action="store_true")
     predict.set_defaults(run=cmd_predict)
 
@@ -100,12 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
                                           "precision, recall, F1, PQ at IoU 0.5..0.95).")
     evaluate.add_argument("--weights", required=True, help="checkpoint, or a file from maskrcnn export")
     evaluate.add_argument("--data", required=True)
-    evaluate.add_argument("--format", choices=["dsb", "labels", "coco"])
+    evaluate.add_argument("--format", choices=DATA_FORMATS)
     evaluate.add_argument("--images", help="image folder for --format coco")
     evaluate.add_argument("--out", help="JSON report path (default: print only)")
     evaluate.add_argument("--tile", type=_positive_int)
     evaluate.add_argument("--overlap", type=int, default=TILE_OVERLAP, help="tile overlap in pixels")
-    evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    evaluate.add_argument("--device", choices=DEVICES, default="auto")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(run=cmd_evaluate)
 
@@ -114,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "detections, mask head) with dynamic height and width, plus the "
                                         "config, class names and normaliser; predict --weights runs it.")
     export.add_argument("--weights", required=True, help="checkpoint (.pt from maskrcnn train)")
-    export.add_argument("--format", required=True, choices=["torchscript", "onnx"])
+    export.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     export.add_argument("--out", required=True, help="output file (.onnx for onnx, .pt for torchscript)")
     export.add_argument("--size", type=_positive_int, default=256,
                         help="side of the example image traced (height and width stay dynamic)")
@@ -125,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo_out")
     demo.add_argument("--minutes", type=_positive_float, default=10.0, help="training time budget")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    demo.add_argument("--device", choices=DEVICES, default="auto")
     demo.set_defaults(run=cmd_demo)
     return parser
 

@@ -22,13 +22,16 @@ from torch import nn
 from .errors import UserError
 
 
+DEVICES = ("auto", "cpu", "cuda")  # what --device accepts
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' picks CUDA when present; asking for CUDA without one is a user error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
-    if name not in ("cpu", "cuda"):
+    if name not in DEVICES:
         raise UserError(f"--device must be auto, cpu or cuda, got {name!r}")
     return torch.device(name)
 
