@@ -1,15 +1,90 @@
-"""Shared fixtures: hand-drawn square instances; one torch thread for tiny-image runs."""
+"""Shared test pieces: the tiny model's config, a training helper, a replayable generator for
+fault timings, hand-drawn square instances and one torch thread for tiny-image runs.
+
+Test modules import the constants and helpers (``from conftest import TINY, tiny_config``); the
+fixtures need no import.
+"""
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
+from typing import Sequence
 
+import numpy as np
 import pytest
 import torch
 
 from maskrcnn.structures import Target
 
+# --- the tiny model ---------------------------------------------------------------------------------
+TINY = dict(backbone="resnet18", fpn_channels=32, rpn_head_channels=32, rcnn_fc_channels=64,
+            mask_head_channels=32, rcnn_train_batch_size=16, mask_train_batch_size=8)
+"""A narrow ResNet-18 Mask R-CNN: CPU-fast on 64 x 64 images. Config fields, for ``Config(**...)``,
+``nuclei_config(**...)`` or a YAML file; build variants with :func:`tiny_config`."""
 
+OPEN = dict(rpn_test_nms_pre_score_threshold=0.0, rcnn_test_nms_pre_score_threshold=0.0,
+            mask_test_nms_pre_score_threshold=0.0)
+"""Test thresholds at zero: an untrained model scores ~0.5, and these keep its detections."""
+
+
+def tiny_config(width: int = 32, **changes) -> dict:
+    """:data:`TINY` with ``width`` channels in the FPN, RPN head and mask head (twice that in the
+    RCNN head), then ``changes`` on top: the fields a test needs, spelled out where it uses them."""
+    widths = dict(fpn_channels=width, rpn_head_channels=width, rcnn_fc_channels=2 * width,
+                  mask_head_channels=width)
+    return {**TINY, **widths, **changes}
+
+
+TINY_RUN = tiny_config(16, **OPEN, rpn_test_post_nms_top_k=50, rcnn_test_max_detections=10)
+"""16 channels, open thresholds and few detections: the command-line and engine runs (faults,
+engine, bad inputs, signals) that build and train many models."""
+
+
+# --- training ---------------------------------------------------------------------------------------
+Batch = tuple[Sequence[torch.Tensor], Sequence[Target]]
+
+
+def consecutive_pairs(images: Sequence[torch.Tensor], targets: Sequence[Target]) -> list[Batch]:
+    """Batches of two neighbouring samples, wrapping around: (0, 1), (1, 2), ..., (n - 1, 0)."""
+    n = len(images)
+    return [([images[i], images[(i + 1) % n]], [targets[i], targets[(i + 1) % n]]) for i in range(n)]
+
+
+def train_steps(model: torch.nn.Module, batches: Sequence[Batch], steps: int, lr: float = 1e-3,
+                weight_decay: float = 1e-4) -> list[float]:
+    """Train ``model`` in place for ``steps`` AdamW steps (constant ``lr``) on ``batches`` of
+    (images, targets), taken in turn and cycled; leaves it in train mode. Returns each step's
+    total loss. Seed torch before building the model: the helper draws nothing itself."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    model.train()
+    totals = []
+    for step in range(steps):
+        images, targets = batches[step % len(batches)]
+        losses = model(list(images), list(targets)).losses
+        optimizer.zero_grad()
+        losses.total.backward()
+        optimizer.step()
+        totals.append(losses.total.item())
+    return totals
+
+
+# --- replayable randomness --------------------------------------------------------------------------
+SEED_VARIABLE = "MASKRCNN_TEST_SEED"
+DEFAULT_SEED = 0
+
+
+@pytest.fixture
+def replay_rng() -> np.random.Generator:
+    """A generator for what a test draws at random (e.g. when to kill a process), seeded from
+    $MASKRCNN_TEST_SEED or 0. The seed is printed, so a failing test's captured output says how to
+    replay it: ``MASKRCNN_TEST_SEED=<seed> pytest <test id>``."""
+    seed = int(os.environ.get(SEED_VARIABLE, DEFAULT_SEED))
+    print(f"random draws seeded with {SEED_VARIABLE}={seed}")
+    return np.random.default_rng(seed)
+
+
+# --- instances and threads --------------------------------------------------------------------------
 def _squares_target(height: int, width: int, squares: list[tuple[int, int, int]],
                     labels: list[int] | None = None) -> Target:
     masks = torch.zeros(len(squares), height, width, dtype=torch.bool)

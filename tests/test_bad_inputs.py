@@ -34,13 +34,8 @@ from maskrcnn.data.synthetic import synth_nuclei
 from maskrcnn.model import MaskRCNN
 
 from cli_helpers import cli
+from conftest import TINY_RUN as TINY  # open thresholds: an untrained model's outputs are not all empty
 
-TINY = dict(
-    backbone="resnet18", fpn_channels=16, rpn_head_channels=16, rcnn_fc_channels=32, mask_head_channels=16,
-    rcnn_train_batch_size=16, mask_train_batch_size=8,
-    # an untrained model scores ~0.5: keep a few of its detections so outputs are not all empty
-    rpn_test_nms_pre_score_threshold=0.0, rpn_test_post_nms_top_k=50, rcnn_test_nms_pre_score_threshold=0.0,
-    mask_test_nms_pre_score_threshold=0.0, rcnn_test_max_detections=10)
 FAST = ["--crop", "64", "--device", "cpu", "--no-progress"]
 
 pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),  # pycocotools
@@ -510,7 +505,9 @@ def tiny_yaml(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", DATA_CASES)
+# a case that training handles trains a step (a second or two): slow; a refused one stops before the first step
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if case.problem is None else name
+                                  for name, case in DATA_CASES.items()])
 def test_train_on_corpus_case(name, tiny_yaml, tmp_path, capsys):
     case = DATA_CASES[name]
     root = tmp_path / "case"
@@ -561,6 +558,7 @@ def test_train_fails_fast_on_a_bad_sample_it_has_not_reached_yet(tmp_path, tiny_
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+@pytest.mark.slow
 def test_train_skip_bad_skips_and_lists_every_bad_sample(tmp_path, tiny_yaml, capsys):
     root = merged_labels_dataset(tmp_path, LABELS_LAYOUT_BAD)
     val = merged_labels_dataset(tmp_path / "val", ["image_tiff_truncated"], good=1)
@@ -578,6 +576,7 @@ def test_train_skip_bad_skips_and_lists_every_bad_sample(tmp_path, tiny_yaml, ca
     assert load_checkpoint(run / "last.pt").step == 1
 
 
+@pytest.mark.slow
 def test_train_skip_bad_skips_bad_coco_images(tmp_path, tiny_yaml, capsys):
     root = tmp_path / "coco"
     data = coco_data(root)
@@ -602,6 +601,7 @@ def test_train_skip_bad_skips_bad_coco_images(tmp_path, tiny_yaml, capsys):
     assert "good2\t" in listed and "bad RLE" in listed
 
 
+@pytest.mark.slow
 def test_train_skip_bad_skips_and_lists_bad_dsb_samples(tmp_path, tiny_yaml, capsys):
     """A DSB folder holding every per-sample DSB case (one sample folder each) and two good ones."""
     root = tmp_path / "dsb"
@@ -628,6 +628,7 @@ def test_train_skip_bad_skips_and_lists_bad_dsb_samples(tmp_path, tiny_yaml, cap
     assert load_checkpoint(run / "last.pt").step == 1
 
 
+@pytest.mark.slow
 def test_train_skip_bad_leaves_out_coco_annotations_of_unknown_categories_and_lists_them(tmp_path, tiny_yaml,
                                                                                          capsys):
     """Needs the training setup to pass skip_bad to open_dataset and list reader.left_out."""

@@ -24,10 +24,10 @@ from maskrcnn.rpn.loss import rpn_loss
 from maskrcnn.rpn.targets import make_rpn_targets
 from maskrcnn.structures import Proposals, Target
 
-TINY = dict(backbone="resnet18", fpn_channels=32, rpn_head_channels=32, rcnn_fc_channels=64,
-            mask_head_channels=32, rcnn_train_batch_size=16, mask_train_batch_size=8,
-            rpn_train_pre_nms_top_k=300, rpn_train_post_nms_top_k=100,
-            rpn_train_nms_pre_score_threshold=0.0)  # an untrained RPN's proposals reach the heads
+from conftest import tiny_config
+
+TINY = tiny_config(rpn_train_pre_nms_top_k=300, rpn_train_post_nms_top_k=100,
+                   rpn_train_nms_pre_score_threshold=0.0)  # an untrained RPN's proposals reach the heads
 
 
 def boxes_target(boxes: list[list[int]], size: int = 64, seed: int | None = None) -> Target:

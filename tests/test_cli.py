@@ -40,6 +40,7 @@ from maskrcnn.predict import Predictor
 from maskrcnn.structures import InstanceResult, ModelOutput
 
 from cli_helpers import cli
+from conftest import OPEN, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -48,14 +49,9 @@ REAL_LABELS = SHARED_DATA / "dsb2018-labels"
 REAL_ID = "0ea221716cf13710214dcd331a61cea48308c3940df1d28cfc7fd817c83714e1"
 REAL_INSTANCES = 369
 
-TINY_CONFIG = {
-    "backbone": "resnet18", "fpn_channels": 32, "rpn_head_channels": 32, "rcnn_fc_channels": 64,
-    "mask_head_channels": 32, "rcnn_train_batch_size": 16, "mask_train_batch_size": 8,
-    # an untrained model scores ~0.5: keep its detections, but few of them
-    "rpn_test_nms_pre_score_threshold": 0.0, "rpn_test_post_nms_top_k": 200,
-    "rcnn_test_nms_pre_score_threshold": 0.0, "mask_test_nms_pre_score_threshold": 0.0,
-    "mask_test_nms_overlap_threshold": 0.3, "rcnn_test_max_detections": 50,
-}
+# an untrained model scores ~0.5: keep its detections, but few of them
+TINY_CONFIG = tiny_config(**OPEN, rpn_test_post_nms_top_k=200, mask_test_nms_overlap_threshold=0.3,
+                          rcnn_test_max_detections=50)
 FAST = ["--crop", "64", "--batch-size", "2", "--device", "cpu", "--no-progress"]
 LOSS_PARTS = ("rpn_cls", "rpn_reg", "rcnn_cls", "rcnn_reg", "mask")
 N_SYNTH = 5
@@ -200,6 +196,7 @@ def test_train_resume_continues_from_last(trained, synth, tmp_path, capsys):
     assert steps == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow
 def test_train_max_minutes_stops_by_time_and_flags_override_yaml(synth, tmp_path, capsys):
     config = tmp_path / "resnet34.yaml"
     config.write_text(yaml.safe_dump({**TINY_CONFIG, "backbone": "resnet34"}))
@@ -215,6 +212,7 @@ def test_train_max_minutes_stops_by_time_and_flags_override_yaml(synth, tmp_path
     assert (run / "best.pt").is_file() and (run / "curves.png").is_file()
 
 
+@pytest.mark.slow
 def test_train_epochs(synth, tiny_yaml, tmp_path, capsys):
     # 5 images: 4 train, 1 validation; batch 2 -> 2 steps per epoch
     code, out, err = cli(capsys, "train", "--data", synth, "--out", tmp_path / "run", "--config", tiny_yaml,
@@ -241,6 +239,7 @@ def test_train_unreadable_sample_is_an_error_naming_it(data_with_a_broken_image,
     check_user_error(code, err, data_with_a_broken_image / "images" / "synth_0001.png", "cannot read image")
 
 
+@pytest.mark.slow
 def test_train_skip_bad_lists_and_skips_unreadable_samples(data_with_a_broken_image, tiny_yaml, tmp_path, capsys):
     run = tmp_path / "run"
     with pytest.warns(UserWarning, match="skipped 1 unreadable sample"):
@@ -448,6 +447,7 @@ def test_evaluate_model_scores_the_truth_1_and_a_worse_prediction_less(synth):
 
 
 # --- the real DSB2018 sample -------------------------------------------------------------------------------
+@pytest.mark.slow
 @needs_real_data
 def test_real_sample_predict_and_evaluate(weights, tmp_path, capsys):
     image = REAL_LABELS / "images" / f"{REAL_ID}.png"
@@ -469,6 +469,7 @@ def test_real_sample_predict_and_evaluate(weights, tmp_path, capsys):
         assert row["n_pred"] == len(np.unique(labels)) - 1  # the same model and image as predict
 
 
+@pytest.mark.slow
 @needs_real_data
 def test_real_sample_short_train_holds_out_a_band(tiny_yaml, tmp_path, capsys):
     run = tmp_path / "run"
@@ -569,6 +570,7 @@ def test_error_overlap_not_below_tile(command, synth, weights, tmp_path, capsys)
     check_user_error(code, err, "--overlap", "--tile 64")  # the default overlap, 128, is too large
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["corrupt checkpoint", "missing data"])
 def test_error_from_a_real_process(case, synth, corrupt_weights, tmp_path):
     """``python -m maskrcnn``: exit code 2, nothing on stdout, one line on stderr, no traceback."""

@@ -346,6 +346,7 @@ def test_open_dataset_asks_for_format_when_unsure(tmp_path):
 
 # --- real DSB2018 sample -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_real_sample_reads_the_same_in_both_layouts():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"sample data not found at {SHARED_DATA}")

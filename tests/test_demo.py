@@ -9,7 +9,8 @@ import pytest
 
 from cli_helpers import cli
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow,  # creates a dataset, trains, evaluates and predicts
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 def test_demo_writes_data_run_report_and_overlays(tmp_path, capsys):

@@ -45,16 +45,14 @@ from maskrcnn.model import MaskRCNN
 from maskrcnn.predict import Predictor
 from maskrcnn.train import Trainer, TrainOptions
 
+from conftest import OPEN, tiny_config
+
+pytestmark = pytest.mark.slow  # two ranks and a one-process reference, each training a model
+
 STEPS = 4
 SEED = 0
-TINY_CONFIG = {
-    "backbone": "resnet18", "fpn_channels": 32, "rpn_head_channels": 32, "rcnn_fc_channels": 64,
-    "mask_head_channels": 32, "rcnn_train_batch_size": 16, "mask_train_batch_size": 8, "norm": "group",
-    # an untrained model scores ~0.5: keep its detections, but few of them
-    "rpn_test_nms_pre_score_threshold": 0.0, "rpn_test_post_nms_top_k": 200,
-    "rcnn_test_nms_pre_score_threshold": 0.0, "mask_test_nms_pre_score_threshold": 0.0,
-    "rcnn_test_max_detections": 50,
-}
+# an untrained model scores ~0.5: keep its detections, but few of them
+TINY_CONFIG = tiny_config(norm="group", **OPEN, rpn_test_post_nms_top_k=200, rcnn_test_max_detections=50)
 # 8 images: 2 held out for validation (one per rank), 6 to train on, 64-pixel crops of 80x96.
 COMMON = ["--crop", "64", "--device", "cpu", "--no-progress", "--val-every", str(STEPS), "--seed", str(SEED)]
 WORKER = ("import sys, torch; torch.backends.mkldnn.enabled = False; "

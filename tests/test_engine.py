@@ -19,7 +19,10 @@ from maskrcnn.data.synthetic import write_synthetic_dataset
 from maskrcnn.errors import UserError
 from maskrcnn.train import MAX_BAD_STEPS, HookBase, TrainOptions, Trainer
 
-from test_faults import TINY, flat_tensors
+from conftest import TINY_RUN as TINY
+from test_faults import flat_tensors
+
+pytestmark = pytest.mark.slow  # every test trains through the engine
 
 
 @pytest.fixture(scope="module")

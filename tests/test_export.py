@@ -27,6 +27,8 @@ from maskrcnn.errors import UserError
 from maskrcnn.export import InferenceGraph, export_model
 from maskrcnn.predict import Predictor
 
+from conftest import consecutive_pairs, tiny_config, train_steps
+
 pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),  # pycocotools
               # tracing and the TorchScript-based ONNX exporter, called directly by two tests below
               pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning"),
@@ -74,27 +76,20 @@ def train_tiny_model() -> tuple[MaskRCNN, Normalizer]:
         picture, masks = blob_picture(EXPORT_SIZE, EXPORT_SIZE, seed)
         images.append(normalizer(rgb8(picture)))
         targets.append(Target.from_masks(torch.from_numpy(masks)))
-    cfg = Config(backbone="resnet18", fpn_channels=32, rpn_head_channels=32, rcnn_fc_channels=128,
-                 mask_head_channels=32, rcnn_train_batch_size=32, mask_train_batch_size=16,
-                 rpn_test_nms_pre_score_threshold=0.5, rcnn_test_nms_pre_score_threshold=0.3,
-                 # per-proposal sampling: with per-instance draws this small model scores a blank
-                 # image at 0.4-0.5 (three weak boxes), and the no-instance export case needs none
-                 train_sample_per_instance=False)
+    cfg = Config(**tiny_config(rcnn_fc_channels=128, rcnn_train_batch_size=32, mask_train_batch_size=16,
+                               rpn_test_nms_pre_score_threshold=0.5, rcnn_test_nms_pre_score_threshold=0.3,
+                               # per-proposal sampling: with per-instance draws this small model scores a
+                               # blank image at 0.4-0.5 (three weak boxes); the no-instance case needs none
+                               train_sample_per_instance=False))
     model = MaskRCNN(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    model.train()
-    for step in range(STEPS):
-        batch = [step % 6, (step + 1) % 6]
-        losses = model([images[i] for i in batch], [targets[i] for i in batch]).losses
-        optimizer.zero_grad()
-        losses.total.backward()
-        optimizer.step()
+    train_steps(model, consecutive_pairs(images, targets), STEPS, lr=1e-3, weight_decay=1e-4)
     return model.eval(), normalizer
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """The trained checkpoint and its two exports, written by the ``maskrcnn export`` command."""
+    """The trained checkpoint and its two exports, written by the ``maskrcnn export`` command.
+    Training takes the most time of the suite: every test that uses it is marked ``slow``."""
     root = tmp_path_factory.mktemp("export")
     model, normalizer = train_tiny_model()
     checkpoint = root / "best.pt"
@@ -143,6 +138,7 @@ def assert_same_result(got, want, name: str) -> None:
     assert (iou >= 0.95).all(), f"{name}: mask IoU {iou.min():.3f}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_exported_model_matches_eager_on_sizes_channels_and_bit_depths(predictors, fmt):
     eager, exported = predictors["checkpoint"], predictors[fmt]
@@ -152,6 +148,7 @@ def test_exported_model_matches_eager_on_sizes_channels_and_bit_depths(predictor
         assert_same_result(got, want, f"{fmt}, {name}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_image_without_instances_gives_zero_detections(predictors, fmt):
     blank = np.full((80, 120, 3), 37, np.uint8)
@@ -169,6 +166,7 @@ def eager_graph_outputs(model: MaskRCNN, image: torch.Tensor):
     return d.boxes, d.scores, d.labels, raw.mask_probs
 
 
+@pytest.mark.slow
 def test_graph_outputs_are_the_models_detections_and_postprocess_finishes_them(predictors):
     """The graph's four outputs equal MaskRCNN's detections and mask probabilities before
     post-processing, and ``postprocess`` turns them into the result predict returns."""
@@ -184,6 +182,7 @@ def test_graph_outputs_are_the_models_detections_and_postprocess_finishes_them(p
     assert_same_result(postprocess(*outputs, (75, 110), model.cfg), model(image).results[0], "postprocess")
 
 
+@pytest.mark.slow
 def test_exported_files_carry_config_class_names_and_normaliser(files, predictors):
     for fmt in FORMATS:
         assert exported_kind(files[fmt]) == fmt
@@ -199,6 +198,7 @@ def read_rows(path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_cli_export_then_predict_writes_the_checkpoints_outputs(files, tmp_path, capsys):
     """``maskrcnn predict --weights x.onnx / x.pt``: same files and contents as with the checkpoint."""
     inputs = tmp_path / "images"
@@ -230,6 +230,7 @@ def test_cli_export_then_predict_writes_the_checkpoints_outputs(files, tmp_path,
         assert len(coco_got) == len(coco_want) > 0
 
 
+@pytest.mark.slow
 def test_cli_export_errors_are_one_line(files, tmp_path, capsys):
     code = main(["export", "--weights", str(files["checkpoint"]), "--format", "onnx", "--out", str(tmp_path / "m.pt")])
     err = capsys.readouterr().err
@@ -241,6 +242,7 @@ def test_cli_export_errors_are_one_line(files, tmp_path, capsys):
     assert code == 2 and "missing.pt: checkpoint not found" in err
 
 
+@pytest.mark.slow
 def test_predict_with_damaged_or_foreign_exports_is_a_one_line_error(files, tmp_path, capsys):
     image = tmp_path / "a.png"
     Image.fromarray(rgb8(blob_picture(64, 64, 5)[0])).save(image)
@@ -257,12 +259,14 @@ def test_predict_with_damaged_or_foreign_exports_is_a_one_line_error(files, tmp_
     assert code == 2 and "exported models run on the CPU" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_missing_onnxruntime_is_a_one_line_error_naming_the_extra(files, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
     with pytest.raises(UserError, match=r"model.onnx: running ONNX models needs onnxruntime; .*maskrcnn\[export\]"):
         load_exported(files["onnx"])
 
 
+@pytest.mark.slow
 def test_exported_model_is_inference_only(predictors):
     with pytest.raises(UserError, match="inference only"):
         predictors["onnx"].model.train()
@@ -273,9 +277,8 @@ def test_exported_model_is_inference_only(predictors):
 def tiny_untrained_model(**changes) -> MaskRCNN:
     """A tiny random model whose zero test thresholds keep its (random) detections."""
     torch.manual_seed(0)
-    cfg = Config(backbone="resnet18", fpn_channels=32, rpn_head_channels=32, rcnn_fc_channels=64,
-                 mask_head_channels=32, rpn_test_nms_pre_score_threshold=0.0, rpn_test_post_nms_top_k=200,
-                 rcnn_test_nms_pre_score_threshold=0.0, rcnn_test_max_detections=50, **changes)
+    cfg = Config(**tiny_config(rpn_test_nms_pre_score_threshold=0.0, rpn_test_post_nms_top_k=200,
+                               rcnn_test_nms_pre_score_threshold=0.0, rcnn_test_max_detections=50, **changes))
     return MaskRCNN(cfg).eval()
 
 
@@ -315,6 +318,7 @@ def test_crops_traced_with_one_box_per_level_work_for_any_box_count(tmp_path):
     torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_grayscale_group_norm_model_exports_too(tmp_path):
     """in_channels 1 and GroupNorm (backbone and mask head) go through both exports unchanged."""
     model = tiny_untrained_model(in_channels=1, norm="group", pixel_mean=[0.5], pixel_std=[0.25])

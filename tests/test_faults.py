@@ -33,13 +33,9 @@ from maskrcnn.model import MaskRCNN
 from maskrcnn.train import MAX_BAD_STEPS, TrainOptions, Trainer
 
 from cli_helpers import cli
+from conftest import TINY_RUN as TINY  # test_engine, test_signals and test_run_lock import it from here
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(
-    backbone="resnet18", fpn_channels=16, rpn_head_channels=16, rcnn_fc_channels=32, mask_head_channels=16,
-    rcnn_train_batch_size=16, mask_train_batch_size=8,
-    rpn_test_nms_pre_score_threshold=0.0, rpn_test_post_nms_top_k=50, rcnn_test_nms_pre_score_threshold=0.0,
-    mask_test_nms_pre_score_threshold=0.0, rcnn_test_max_detections=10)
 
 
 def maskrcnn_process(*args, cwd: Path) -> subprocess.Popen:
@@ -93,13 +89,15 @@ def train_args(data: Path, config: Path, run: Path) -> list:
             "--device", "cpu", "--no-progress"]
 
 
-def test_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(data, tmp_path, one_thread, capsys):
+@pytest.mark.slow
+def test_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(data, tmp_path, one_thread, capsys,
+                                                                             replay_rng):
     images, config = data
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     reference = maskrcnn_process(*train_args(images, config, whole), cwd=tmp_path)  # runs alongside
     victim = maskrcnn_process(*train_args(images, config, killed), cwd=tmp_path)
     wait_for(lambda: (killed / "last.pt").exists(), victim)
-    time.sleep(float(np.random.default_rng().uniform(0.0, 0.4)))  # a random point after the first checkpoint
+    time.sleep(float(replay_rng.uniform(0.0, 0.4)))  # a random point after the first checkpoint
     kill(victim)
 
     at_kill = load_checkpoint(killed / "last.pt")  # never corrupt, whenever the kill came
@@ -164,13 +162,14 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_whole(tmp_path):
+@pytest.mark.slow
+def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_whole(tmp_path, replay_rng):
     last = tmp_path / "last.pt"
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(last)], env={**os.environ, "PYTHONPATH": path},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(last.exists, proc)
-    time.sleep(float(np.random.default_rng().uniform(0.05, 0.5)))  # most of the time is spent writing
+    time.sleep(float(replay_rng.uniform(0.05, 0.5)))  # most of the time is spent writing
     kill(proc)
     ckpt = load_checkpoint(last)
     assert ckpt.step >= 1 and torch.all(ckpt.model_state["w"] == ckpt.step)
@@ -181,7 +180,11 @@ def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_whole(tmp_pat
 
 # --- SIGKILL during predict -------------------------------------------------------------------------------
 N_PREDICT = 24  # enough images that the kill lands mid-run
-def test_a_killed_predict_leaves_only_whole_files_and_a_rerun_completes(data, tmp_path, one_thread, capsys):
+
+
+@pytest.mark.slow
+def test_a_killed_predict_leaves_only_whole_files_and_a_rerun_completes(data, tmp_path, one_thread, capsys,
+                                                                       replay_rng):
     images, _ = data
     folder = tmp_path / "in"
     folder.mkdir()
@@ -196,7 +199,7 @@ def test_a_killed_predict_leaves_only_whole_files_and_a_rerun_completes(data, tm
     args = ["predict", folder, "--weights", weights, "--out", out, "--device", "cpu", "--no-progress"]
     proc = maskrcnn_process(*args, cwd=tmp_path)
     wait_for(lambda: out.is_dir() and any(out.glob("*_instances.csv")), proc)
-    time.sleep(float(np.random.default_rng().uniform(0.0, 0.2)))
+    time.sleep(float(replay_rng.uniform(0.0, 0.2)))
     kill(proc)
 
     written = [p for p in out.iterdir() if not p.name.startswith(".")]
@@ -234,13 +237,13 @@ class NonFiniteAt(torch.nn.Module):
 
 
 def trainer(data: tuple[Path, Path], run: Path, iters: int, val_every: int) -> Trainer:
-    torch.set_num_threads(1)
     opts = TrainOptions(data=str(data[0]), out=str(run), config=nuclei_config(**TINY), iters=iters, batch_size=2,
                         crop=48, val_every=val_every, device="cpu", progress=False)
     return Trainer(opts)
 
 
-def test_non_finite_losses_skip_their_steps_with_a_warning(data, tmp_path):
+@pytest.mark.slow
+def test_non_finite_losses_skip_their_steps_with_a_warning(data, tmp_path, one_thread):
     t = trainer(data, tmp_path / "run", iters=4, val_every=100)
     t.net = NonFiniteAt(t.model, bad_calls={2, 3})
     with pytest.warns(UserWarning, match="non-finite loss, step skipped") as caught:
@@ -254,7 +257,8 @@ def test_non_finite_losses_skip_their_steps_with_a_warning(data, tmp_path):
     assert [r["step"] for r in losses] == [1, 2, 3, 4] and all(np.isfinite(r["mask"]) for r in losses)
 
 
-def test_non_finite_losses_in_a_row_abort_and_keep_the_last_good_checkpoint(data, tmp_path):
+@pytest.mark.slow
+def test_non_finite_losses_in_a_row_abort_and_keep_the_last_good_checkpoint(data, tmp_path, one_thread):
     t = trainer(data, tmp_path / "run", iters=50, val_every=2)
     t.net = NonFiniteAt(t.model, bad_calls=set(range(3, 1000)))  # steps 1 and 2, then only NaN
     with pytest.warns(UserWarning, match="non-finite loss"):

@@ -5,9 +5,15 @@ This really trains (about a minute on two cores) and asserts on what it learned.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from maskrcnn import Config, MaskRCNN, Target
+
+from conftest import consecutive_pairs, tiny_config, train_steps
+
+# one thread: how every full run has trained it (an earlier module used to leave torch at one thread)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 STEPS = 180
 SIZE = 96
@@ -39,8 +45,7 @@ def blob_images(count: int, generator: torch.Generator) -> tuple[list[torch.Tens
 
 
 def small_config() -> Config:
-    return Config(backbone="resnet18", fpn_channels=64, rpn_head_channels=64, rcnn_fc_channels=256,
-                  mask_head_channels=64, rcnn_train_batch_size=32, mask_train_batch_size=16)
+    return Config(**tiny_config(64, rcnn_fc_channels=256, rcnn_train_batch_size=32, mask_train_batch_size=16))
 
 
 def matched_ious(result, target: Target) -> torch.Tensor:
@@ -57,17 +62,8 @@ def test_small_model_learns_blobs():
     torch.manual_seed(0)
     images, targets = blob_images(4, torch.Generator().manual_seed(0))
     model = MaskRCNN(small_config())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    model.train()
-    first = None
-    for step in range(STEPS):
-        batch = [step % 4, (step + 1) % 4]
-        losses = model([images[i] for i in batch], [targets[i] for i in batch]).losses
-        optimizer.zero_grad()
-        losses.total.backward()
-        optimizer.step()
-        first = first if first is not None else losses.total.item()
-    assert losses.total.item() < 0.5 * first
+    totals = train_steps(model, consecutive_pairs(images, targets), STEPS, lr=1e-3, weight_decay=1e-4)
+    assert totals[-1] < 0.5 * totals[0]
 
     model.eval()
     ious = torch.cat([matched_ious(r, t) for r, t in zip(model(images).results, targets)])

@@ -9,15 +9,13 @@ from maskrcnn.config import Config
 from maskrcnn.model import MaskRCNN
 from maskrcnn.structures import InstanceResult, Losses
 
+import conftest
+
 # CPU-fast: a narrow ResNet-18 model on 64 x 64 images.
-TINY = dict(backbone="resnet18", fpn_channels=32, rpn_head_channels=32, rcnn_fc_channels=64,
-            mask_head_channels=32, rcnn_train_batch_size=16, mask_train_batch_size=8,
-            rpn_train_pre_nms_top_k=300, rpn_train_post_nms_top_k=100,
-            rpn_test_pre_nms_top_k=300, rpn_test_post_nms_top_k=100)
+TINY = conftest.tiny_config(rpn_train_pre_nms_top_k=300, rpn_train_post_nms_top_k=100,
+                            rpn_test_pre_nms_top_k=300, rpn_test_post_nms_top_k=100)
 # Thresholds at zero so that even an untrained model sends boxes through every stage.
-OPEN = dict(rpn_train_nms_pre_score_threshold=0.0, rpn_test_nms_pre_score_threshold=0.0,
-            rcnn_test_nms_pre_score_threshold=0.0, mask_test_nms_pre_score_threshold=0.0,
-            rcnn_test_max_detections=20)
+OPEN = dict(conftest.OPEN, rpn_train_nms_pre_score_threshold=0.0, rcnn_test_max_detections=20)
 
 
 def make_model(**changes) -> MaskRCNN:

@@ -1,0 +1,449 @@
+"""Signals: SIGINT, SIGTERM and SIGUSR1 stop train and predict cleanly, and the work continues.
+
+The first signal lets the step (or image) in progress finish, leaves whole files, prints one
+line saying how to continue and exits with EXIT_STOPPED; ``train --resume`` then ends with
+exactly the weights of a run never stopped (CPU, one thread), ``predict --skip-existing`` with
+the outputs of a run never stopped. A second Ctrl-C stops at once (EXIT_INTERRUPTED). The
+moments signals are sent to real processes are drawn from ``replay_rng`` (conftest), whose seed
+is printed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import maskrcnn.signals as signals_module
+from maskrcnn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from maskrcnn.cli import EXIT_INTERRUPTED, EXIT_STOPPED
+from maskrcnn.config import nuclei_config
+from maskrcnn.data.normalize import Normalizer
+from maskrcnn.data.synthetic import write_synthetic_dataset
+from maskrcnn.model import MaskRCNN
+from maskrcnn.signals import STOP_SIGNALS, StopSignals
+from maskrcnn.train import HookBase, TrainOptions, Trainer
+
+from cli_helpers import cli
+from test_faults import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- helpers (test_run_lock uses them too) -------------------------------------------------------------
+def process(args: list, cwd: Path, script: str | None = None, **env: str) -> subprocess.Popen:
+    """``python -m maskrcnn ARGS`` (or ``python -c SCRIPT ARGS``) in a child: one thread, reproducible."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **env}
+    command = ["-c", script] if script else ["-m", "maskrcnn"]
+    return subprocess.Popen([sys.executable, *command, *map(str, args)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"process {proc.args[:4]} did not end in {timeout} s")
+    return proc.returncode, out, err
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"process ended (code {proc.returncode}) before the condition: {proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("timed out waiting")
+        time.sleep(0.01)
+
+
+def log_steps(run: Path) -> tuple[list[int], list[int]]:
+    """(steps with a loss record, steps with a validation record) in RUN/metrics.jsonl so far."""
+    path = run / "metrics.jsonl"
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # the line being written as we read
+            pass
+    return ([r["step"] for r in records if "rpn_cls" in r],
+            [r["step"] for r in records if any(k.startswith("val_") for k in r)])
+
+
+def handlers() -> dict:
+    return {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+
+def send(*signals: int) -> None:
+    """Signal this process; Python runs the handler in the main thread at its next instruction."""
+    for sig in signals:
+        os.kill(os.getpid(), sig)
+        time.sleep(0.01)
+
+
+def same_state(a, b) -> bool:
+    """Whether two (nested) states hold the same tensors and numbers, exactly."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(same_state, a, b))
+    return a == b
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[Path, Path]:
+    """(5 synthetic 64x64 images in the labels layout, tiny config YAML)."""
+    root = tmp_path_factory.mktemp("signals")
+    write_synthetic_dataset(root / "data", 5, 64, seed=0)
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    return root / "data", config
+
+
+# --- StopSignals ----------------------------------------------------------------------------------------
+def test_the_first_signal_is_recorded_and_the_previous_handlers_come_back():
+    before = handlers()
+    with StopSignals(unit="image") as stop:
+        assert handlers() != before
+        send(signal.SIGUSR1, signal.SIGTERM, signal.SIGUSR1)  # repeats of these never stop at once
+    assert stop.received == "SIGUSR1"
+    assert handlers() == before
+
+
+def test_a_second_ctrl_c_stops_at_once_but_its_echo_does_not(monkeypatch):
+    before = handlers()
+    with StopSignals() as stop:
+        send(signal.SIGINT, signal.SIGINT)  # within REPEAT_WINDOW_S: the same Ctrl-C, forwarded by torchrun
+    assert stop.received == "SIGINT"
+    monkeypatch.setattr(signals_module, "REPEAT_WINDOW_S", 0.0)
+    with pytest.raises(KeyboardInterrupt, match="SIGINT"):
+        with StopSignals():
+            send(signal.SIGTERM, signal.SIGINT)
+    assert handlers() == before
+
+
+@pytest.mark.parametrize("sig", STOP_SIGNALS, ids=lambda s: s.name)
+def test_outside_a_loop_each_signal_stops_at_once(sig):
+    with pytest.raises(KeyboardInterrupt, match=sig.name):
+        with StopSignals(graceful=False):
+            send(sig)
+
+
+def test_off_the_main_thread_no_handler_is_installed():
+    before, seen = handlers(), []
+
+    def body() -> None:
+        with StopSignals():
+            seen.append(handlers())
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    assert seen == [before] and handlers() == before
+
+
+# --- the training loop, in this process ---------------------------------------------------------------
+class SendDuring(HookBase):
+    """Signals this process as step ``step`` begins, so that they arrive while it runs."""
+
+    def __init__(self, step: int, *signals: int) -> None:
+        self.step, self.signals = step, signals
+
+    def before_step(self) -> None:
+        if self.trainer.step + 1 == self.step:
+            send(*self.signals)
+
+
+def trainer(data: tuple[Path, Path], run: Path, **options) -> Trainer:
+    opts = TrainOptions(data=str(data[0]), out=str(run), config=nuclei_config(**TINY), batch_size=2, crop=48,
+                        device="cpu", progress=False, **options)
+    return Trainer(opts)
+
+
+def test_a_signal_during_a_step_ends_the_run_after_it_with_last_pt_there(data, tmp_path, one_thread):
+    before = handlers()
+    t = trainer(data, tmp_path / "run", iters=6, val_every=100)
+    t.register(SendDuring(2, signal.SIGUSR1))
+    result = t.run()
+    assert (result.steps, result.stopped_by, result.interrupted) == (2, "SIGUSR1", True)
+    assert load_checkpoint(result.last).step == 2
+    assert log_steps(tmp_path / "run") == ([1, 2], [])  # no final validation at a stop
+    assert handlers() == before
+
+
+def test_a_second_ctrl_c_ends_the_run_at_once_with_the_last_checkpoint_whole(data, tmp_path, one_thread,
+                                                                             monkeypatch):
+    monkeypatch.setattr(signals_module, "REPEAT_WINDOW_S", 0.0)
+    before = handlers()
+    t = trainer(data, tmp_path / "run", iters=6, val_every=100, checkpoint_every=2)
+    t.register(SendDuring(4, signal.SIGINT, signal.SIGINT))
+    with pytest.raises(KeyboardInterrupt):
+        t.run()
+    assert load_checkpoint(tmp_path / "run" / "last.pt").step == 2  # the one before, untouched
+    assert handlers() == before
+
+
+# --- a real `maskrcnn train`, signalled, then resumed -------------------------------------------------------
+STEPS = 10
+
+
+def train_args(data: tuple[Path, Path], run: Path) -> list[str]:
+    # 4 training images, batch 1: the run crosses epochs; validation (and last.pt) every 4 steps
+    return [str(a) for a in ["train", "--data", data[0], "--out", run, "--config", data[1], "--iters", STEPS,
+                             "--batch-size", 1, "--crop", 48, "--val-every", 4, "--checkpoint-every", 3,
+                             "--lr", "3e-3", "--seed", 3, "--device", "cpu", "--no-progress"]]
+
+
+STOPPED_LINE = re.compile(r"maskrcnn: stopped by (\w+) at step (\d+); last\.pt written to (.+); continue with: (.+)")
+
+
+def test_a_signal_before_training_begins_stops_at_once_and_releases_the_lock(data, tmp_path, capsys, monkeypatch):
+    import maskrcnn.train.engine as engine
+
+    build_data = engine.build_data
+
+    def signalled_build_data(*args, **kwargs):
+        send(signal.SIGTERM)  # while the data is checked: nothing to save yet
+        return build_data(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "build_data", signalled_build_data)
+    before, run = handlers(), tmp_path / "run"
+    code, out, err = cli(capsys, *train_args(data, run))
+    assert (code, out, err) == (EXIT_INTERRUPTED, "", "maskrcnn: interrupted by SIGTERM\n")
+    assert run.is_dir() and not (run / "run.lock").exists() and not (run / "last.pt").exists()
+    assert handlers() == before
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    code, _, err = finish(process(train_args(data, run), cwd=run.parent))
+    assert code == 0, err
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_a_signal_stops_train_after_a_step_and_resume_ends_like_an_uninterrupted_run(sig, data, uninterrupted,
+                                                                                      tmp_path, replay_rng):
+    run, args = tmp_path / "run", train_args(data, tmp_path / "run")
+    after, delay = int(replay_rng.integers(1, 5)), float(replay_rng.uniform(0.0, 0.3))
+    proc = process(args, cwd=tmp_path)
+    wait_for(lambda: len(log_steps(run)[0]) >= after, proc)
+    time.sleep(delay)
+    proc.send_signal(sig)
+    code, out, err = finish(proc)
+
+    assert code == EXIT_STOPPED and out == "" and "Traceback" not in err, err
+    assert f"maskrcnn: {sig.name} received: stopping after the current step" in err
+    match = STOPPED_LINE.fullmatch(err.splitlines()[-1])
+    assert match, err
+    assert match[1] == sig.name and match[3] == str(run / "last.pt")
+    assert match[4] == "maskrcnn " + shlex.join(args + ["--resume"])
+    step = int(match[2])
+    assert after <= step < STEPS
+    at_stop = load_checkpoint(run / "last.pt")
+    assert at_stop.step == step
+    assert log_steps(run) == (list(range(1, step + 1)), list(range(4, step + 1, 4)))  # no final validation
+    assert not (run / "run.lock").exists() and not list(run.glob(".*.tmp"))
+
+    code, out, err = finish(process(args + ["--resume"], cwd=tmp_path))
+    assert code == 0, err
+    assert f"trained {STEPS} steps" in out
+    a, b = load_checkpoint(uninterrupted / "last.pt"), load_checkpoint(run / "last.pt")
+    assert (a.step, a.epoch, a.batch_in_epoch) == (b.step, b.epoch, b.batch_in_epoch)
+    assert same_state(a.model_state, b.model_state) and same_state(a.optimizer_state, b.optimizer_state)
+    assert not same_state(at_stop.model_state, b.model_state), "the resumed run did not train: nothing was compared"
+    assert log_steps(run) == log_steps(uninterrupted) == (list(range(1, STEPS + 1)), [4, 8, 10])
+
+
+SLOW_LAST_SAVE = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    from maskrcnn.train import hooks
+    after_train = hooks.Checkpointer.after_train
+    def slow_after_train(self):
+        if self.trainer.interrupted:  # the save at a stop takes a minute: a second Ctrl-C lands in it
+            Path(os.environ["SAVING"]).touch()
+            time.sleep(60)
+        after_train(self)
+    hooks.Checkpointer.after_train = slow_after_train
+    from maskrcnn.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_train_at_once_with_the_previous_last_pt_whole(data, tmp_path):
+    run, saving = tmp_path / "run", tmp_path / "saving"
+    proc = process(train_args(data, run), cwd=tmp_path, script=SLOW_LAST_SAVE, SAVING=str(saving))
+    wait_for(lambda: len(log_steps(run)[0]) >= 4, proc)
+    proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    wait_for(saving.exists, proc)
+    time.sleep(max(0.0, sent + signals_module.REPEAT_WINDOW_S + 0.2 - time.monotonic()))
+    proc.send_signal(signal.SIGINT)
+    code, out, err = finish(proc, timeout=50)  # well before the minute the save would take
+
+    assert code == EXIT_INTERRUPTED and "Traceback" not in err, err
+    assert err.splitlines()[-1] == "maskrcnn: interrupted by SIGINT"
+    step = len(log_steps(run)[0])
+    saved = max(s for s in range(1, step + 1) if s % 3 == 0 or s % 4 == 0)  # --checkpoint-every, --val-every
+    assert load_checkpoint(run / "last.pt").step == saved  # the one before the stop, whole
+    assert not (run / "run.lock").exists() and not list(run.glob(".*.tmp"))
+
+
+WORKER = "import sys; from maskrcnn.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_at_the_same_step(data, tmp_path):
+    run, args = tmp_path / "run", train_args(data, tmp_path / "run")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    ranks = [process(args, cwd=tmp_path, script=WORKER, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                     LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port) for r in range(2)]
+    try:
+        wait_for(lambda: len(log_steps(run)[0]) >= 2, ranks[0])
+        assert json.loads((run / "run.lock").read_text())["pid"] == ranks[0].pid  # only rank 0 locks
+        ranks[1].send_signal(signal.SIGTERM)  # not rank 0, which decides nothing alone
+        (code0, out0, err0), (code1, _, err1) = finish(ranks[0], 120), finish(ranks[1], 120)
+    finally:
+        for proc in ranks:
+            if proc.poll() is None:
+                proc.kill()
+    assert (code0, code1) == (EXIT_STOPPED, EXIT_STOPPED), err0 + err1
+    match = STOPPED_LINE.fullmatch(err0.splitlines()[-1])
+    assert match and match[1] == "SIGTERM", err0
+    assert match[4] == "torchrun [its options] -m maskrcnn " + shlex.join(args + ["--resume"])
+    assert "SIGTERM received" in err1 and "stopped by" not in err1  # rank 1 got it; rank 0 reports
+    step = int(match[2])
+    assert load_checkpoint(run / "last.pt").step == step and log_steps(run)[0] == list(range(1, step + 1))
+    assert not (run / "run.lock").exists()
+
+
+# --- a real `maskrcnn predict`, signalled, then continued -------------------------------------------------
+N_IMAGES = 24  # enough that the signal lands mid-run
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """An untrained tiny model: with the test thresholds at 0 it still finds (random) instances."""
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    cfg = nuclei_config(**TINY)
+    torch.manual_seed(0)
+    save_checkpoint(path, Checkpoint(config=cfg, model_state=MaskRCNN(cfg).state_dict(),
+                                     normalizer=Normalizer().to_dict()))
+    return path
+
+
+def image_folder(data: tuple[Path, Path], folder: Path, count: int) -> list[str]:
+    """``count`` images img00.png ... in ``folder``; returns their names, in predict's order."""
+    folder.mkdir()
+    for i in range(count):
+        (folder / f"img{i:02d}.png").write_bytes((data[0] / "images" / f"synth_{i % 5:04d}.png").read_bytes())
+    return [f"img{i:02d}" for i in range(count)]
+
+
+def assert_whole(out: Path, name: str) -> None:
+    """NAME's three files are there and complete."""
+    for suffix in ("_labels.png", "_overlay.png"):
+        with Image.open(out / f"{name}{suffix}") as png:
+            png.load()
+            assert png.size == (64, 64)
+    with open(out / f"{name}_instances.csv", newline="") as f:
+        assert csv.DictReader(f).fieldnames[:3] == ["id", "class", "score"]
+
+
+def assert_same_run_files(kept: Path, fresh: Path) -> None:
+    """The run files of a run that kept earlier outputs equal a fresh run's; COCO boxes and scores
+    of kept images come back from the instance tables, to 0.1 pixel and 4 decimals."""
+    assert (kept / "images.json").read_text() == (fresh / "images.json").read_text()
+    assert (kept / "submission.csv").read_text() == (fresh / "submission.csv").read_text()
+    a, b = (json.loads((d / "results_coco.json").read_text()) for d in (kept, fresh))
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        assert (x["image_id"], x["category_id"], x["segmentation"]) == (y["image_id"], y["category_id"],
+                                                                         y["segmentation"])
+        assert x["bbox"] == pytest.approx(y["bbox"], abs=0.11) and x["score"] == pytest.approx(y["score"], abs=6e-5)
+
+
+@pytest.mark.slow
+def test_a_signal_stops_predict_after_an_image_and_skip_existing_completes_the_run(data, weights, tmp_path, capsys,
+                                                                                    one_thread, replay_rng):
+    names = image_folder(data, tmp_path / "in", N_IMAGES)
+    out = tmp_path / "out"
+    args = ["predict", tmp_path / "in", "--weights", weights, "--out", out, "--kaggle", "--device", "cpu",
+            "--no-progress"]
+    after, delay = int(replay_rng.integers(1, 4)), float(replay_rng.uniform(0.0, 0.1))
+    proc = process(args, cwd=tmp_path)
+    wait_for(lambda: len(list(out.glob("*_instances.csv"))) >= after, proc)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGTERM)
+    code, stdout, err = finish(proc)
+
+    assert code == EXIT_STOPPED and stdout == "" and "Traceback" not in err, err
+    match = re.fullmatch(rf"maskrcnn: stopped by SIGTERM after (\d+) of {N_IMAGES} images \(their outputs are "
+                         rf"complete; (.+) lists them\); rerun with --skip-existing to continue", err.splitlines()[-1])
+    assert match and match[2] == str(out / "images.json"), err
+    done = int(match[1])
+    assert after <= done < N_IMAGES
+    for name in names[:done]:
+        assert_whole(out, name)
+    assert not [p for name in names[done:] for p in out.glob(f"{name}_*")]  # nothing of the others
+    assert not list(out.glob(".*"))
+    assert [Path(e["file_name"]).stem for e in json.loads((out / "images.json").read_text())] == names[:done]
+
+    code, stdout, err = cli(capsys, *args, "--skip-existing")
+    assert code == 0, err
+    assert f"{N_IMAGES - done} image(s) segmented, {done} skipped (outputs already there)" in stdout
+    code, _, err = cli(capsys, *args[:5], tmp_path / "fresh", *args[6:])
+    assert code == 0, err
+    assert_same_run_files(out, tmp_path / "fresh")
+
+
+def test_skip_existing_keeps_whole_outputs_and_predicts_the_rest_again(data, weights, tmp_path, capsys,
+                                                                       one_thread):
+    names = image_folder(data, tmp_path / "in", 5)
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    args = ["predict", tmp_path / "in", "--weights", weights, "--kaggle", "--device", "cpu", "--no-progress"]
+    assert cli(capsys, *args, "--out", fresh)[0] == 0
+    assert cli(capsys, *args, "--out", out)[0] == 0
+    tables = {name: (out / f"{name}_instances.csv").read_text() for name in names}
+    found = [name for name in names if ",nucleus," in tables[name]]
+    assert len(found) >= 2, "the model found too little to compare"
+    (out / f"{found[0]}_overlay.png").unlink()  # incomplete: predicted again
+    table = out / f"{found[1]}_instances.csv"
+    table.write_text(tables[found[1]].replace(",nucleus,", ",cell,"))  # another model's classes: again
+    (out / "results_coco.json").unlink()
+    kept = next(name for name in names if name not in found[:2])
+    labels_before = (out / f"{kept}_labels.png").stat().st_mtime_ns
+
+    code, stdout, err = cli(capsys, *args, "--out", out, "--skip-existing")
+    assert code == 0, err
+    assert stdout.startswith("2 image(s) segmented, 3 skipped (outputs already there);")
+    assert (out / f"{kept}_labels.png").stat().st_mtime_ns == labels_before  # kept, not rewritten
+    assert table.read_text() == tables[found[1]]
+    assert_same_run_files(out, fresh)
