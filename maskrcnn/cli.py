@@ -2,12 +2,18 @@
 
 The CLI only parses flags and calls library functions. A user error (bad data, bad config, a
 missing file) prints one line, ``maskrcnn: error: FILE: PROBLEM``, and exits with code 2.
+
+Exit codes: 0 done; 2 (EXIT_USER_ERROR) a user error, or predict images that could not be read;
+75 (EXIT_STOPPED, BSD's EX_TEMPFAIL) train or predict stopped early by SIGINT, SIGTERM or SIGUSR1
+after finishing the step or image in progress, with one line saying how to continue; 130
+(EXIT_INTERRUPTED) stopped at once: a second Ctrl-C, or a signal before training began.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -20,6 +26,8 @@ from .export import FORMATS as EXPORT_FORMATS
 from .tiling import TILE_OVERLAP
 
 EXIT_USER_ERROR = 2
+EXIT_STOPPED = 75  # stopped early by a signal, cleanly: train --resume / predict --skip-existing continue
+EXIT_INTERRUPTED = 130  # stopped at once (KeyboardInterrupt); files written atomically stay as they were
 
 
 def _positive_int(text: str) -> int:
@@ -95,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--tile", type=_positive_int, help="tile size for large images")
     predict.add_argument("--overlap", type=int, default=TILE_OVERLAP, help="tile overlap in pixels (> 2x object size)")
     predict.add_argument("--kaggle", action="store_true", help="also write a DSB2018 run-length submission.csv")
+    predict.add_argument("--skip-existing", action="store_true",
+                         help="skip images whose outputs are all in --out already (continue a stopped run); "
+                              "the run's files still cover every image")
     predict.add_argument("--device", choices=DEVICES, default="auto")
     predict.add_argument("--no-progress", action="store_true")
     predict.set_defaults(run=cmd_predict)
@@ -140,6 +151,7 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the line saying how to continue
     warnings.simplefilter("default")
     format_warning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
@@ -152,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"maskrcnn: error: {err.filename}: {err.strerror or err}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("maskrcnn: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # from maskrcnn.signals it names the signal
+        print("maskrcnn: interrupted" + (f" by {err}" if str(err) else ""), file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         warnings.formatwarning = format_warning  # main() may run inside a larger program (tests)
 
@@ -175,9 +187,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed, resume=args.resume, skip_bad=args.skip_bad, progress=not args.no_progress,
         sync_bn=args.sync_bn, amp=args.amp, image_dir=args.images)
     try:
-        result = train(opts, dist)
+        result = train(opts, dist, command="maskrcnn " + shlex.join(args.argv))
     finally:
         dist.close()
+    if result.interrupted:
+        if dist.is_main:
+            print(f"maskrcnn: stopped by {result.stopped_by} at step {result.steps}; last.pt written to "
+                  f"{result.last}; continue with: {_resume_command(args.argv, dist.active)}", file=sys.stderr)
+        return EXIT_STOPPED
     if dist.is_main:
         metrics = ", ".join(f"{k} {v:.3f}" for k, v in result.final_metrics.items() if k in SUMMARY_KEYS)
         print(f"trained {result.steps} steps (stopped by {result.stopped_by}); {metrics}")
@@ -186,6 +203,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 SUMMARY_KEYS = ("mask_ap", "mask_ap50", "mask_ap75", "box_ap50", "dsb_score")
+
+
+def _resume_command(argv: list[str], distributed: bool) -> str:
+    """The command that continues a stopped run: this one with --resume."""
+    command = shlex.join(argv + ([] if "--resume" in argv else ["--resume"]))
+    return f"torchrun [its options] -m maskrcnn {command}" if distributed else f"maskrcnn {command}"
 
 
 def _check_tiling(args: argparse.Namespace) -> None:
@@ -199,10 +222,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     _check_tiling(args)
     predictor = Predictor.from_weights(args.weights, args.device)
     run = predict_files(predictor, args.inputs, args.out, tile=args.tile, overlap=args.overlap,
-                        kaggle=args.kaggle, progress=not args.no_progress)
+                        kaggle=args.kaggle, progress=not args.no_progress, skip_existing=args.skip_existing)
     for path, why in run.failed:
         print(f"maskrcnn: skipped {path}: {why}", file=sys.stderr)
-    print(f"{len(run.written)} image(s) segmented; outputs in {Path(args.out)}/ "
+    if run.stopped_by:
+        print(f"maskrcnn: stopped by {run.stopped_by} after {run.done} of {run.total} images (their outputs are "
+              f"complete; {run.images_json} lists them); rerun with --skip-existing to continue", file=sys.stderr)
+        return EXIT_STOPPED
+    kept = f", {len(run.skipped)} skipped (outputs already there)" if run.skipped else ""
+    print(f"{len(run.written)} image(s) segmented{kept}; outputs in {Path(args.out)}/ "
           f"(overlays: *_overlay.png, COCO results: {run.coco_json.name})")
     return EXIT_USER_ERROR if run.failed else 0
 

@@ -5,6 +5,11 @@ Per image NAME: NAME_labels.png (16-bit label image; .tif past 65535 instances),
 whole run: results_coco.json (COCO results format), images.json (the COCO image entries those
 records refer to), on request submission.csv (Kaggle DSB2018 run-length encoding), and
 failed.txt listing the images that could not be read (removed when there are none).
+
+``predict --skip-existing`` keeps an image whose three files are there and read back
+(:func:`read_prediction`); the run's files still cover it, rebuilt from its label image and
+instance table: the same masks, classes and Kaggle rows, boxes to 0.1 pixel and scores to 4
+decimals as the table holds them (a fresh prediction writes 0.01 and 5 in results_coco.json).
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import torch
 from PIL import Image
 
 from .atomic import atomic_write_bytes, atomic_write_text
-from .data.io import write_label_image
-from .metrics import detection_records, prediction_record
+from .data.io import read_label_image, write_label_image
+from .errors import DataError
+from .metrics import PredictionRecord, detection_records, prediction_record
 from .plots import display_image, overlay_image
 from .rle import kaggle_rle, label_runs
 from .structures import InstanceResult
@@ -60,6 +66,35 @@ def write_prediction(out_dir: Path, name: str, image: np.ndarray, normalized: to
     return files
 
 
+def existing_prediction(out_dir: Path, name: str) -> PredictionFiles | None:
+    """The three files of image NAME when all of them are in ``out_dir`` (written whole: atomically)."""
+    labels = out_dir / f"{name}_labels.png"
+    if not labels.is_file():
+        labels = out_dir / f"{name}_labels.tif"
+    files = PredictionFiles(labels, out_dir / f"{name}_overlay.png", out_dir / f"{name}_instances.csv")
+    return files if all(p.is_file() for p in (files.label_image, files.overlay, files.table)) else None
+
+
+def read_prediction(files: PredictionFiles, class_names: list[str]) -> PredictionRecord | None:
+    """The prediction an earlier run wrote to ``files``, from its label image and instance table;
+    None when they do not read back as this model's (then the image is predicted again)."""
+    try:
+        labels = read_label_image(files.label_image)
+        with open(files.table, newline="") as f:
+            rows = list(csv.DictReader(f))
+        classes = {name: index for index, name in enumerate(class_names)}
+        label_ids = [classes[r["class"]] if r["class"] in classes else int(r["class"]) for r in rows]
+        boxes = np.array([[float(r[k]) for k in ("x0", "y0", "x1", "y1")] for r in rows]).reshape(-1, 4)
+        scores = np.array([float(r["score"]) for r in rows])
+        ids = [int(r["id"]) for r in rows]
+    except (DataError, OSError, KeyError, ValueError, TypeError):
+        return None
+    if ids != list(range(1, len(rows) + 1)) or (labels.size and labels.max() > len(rows)):
+        return None  # the table does not describe this label image
+    return PredictionRecord(files.table.name, label_image=labels, labels=np.array(label_ids, np.int64),
+                            boxes=boxes, scores=scores)
+
+
 def instance_table(result: InstanceResult, image: np.ndarray, class_names: list[str]) -> list[dict]:
     """One row per id of the label image: class, score, area, bbox, centroid, mean intensity.
 
@@ -96,7 +131,12 @@ def coco_records(image_id: int, result: InstanceResult) -> list[dict]:
     The records the metrics score, rounded (boxes to 0.01 pixel, scores to 5 decimals) to keep
     results_coco.json small.
     """
-    records = detection_records(image_id, prediction_record(f"image {image_id}", result))
+    return record_coco(image_id, prediction_record(f"image {image_id}", result))
+
+
+def record_coco(image_id: int, prediction: PredictionRecord) -> list[dict]:
+    """:func:`coco_records` of a prediction record."""
+    records = detection_records(image_id, prediction)
     for record in records:
         record["bbox"] = [round(v, 2) for v in record["bbox"]]
         record["score"] = round(record["score"], 5)
@@ -105,7 +145,12 @@ def coco_records(image_id: int, result: InstanceResult) -> list[dict]:
 
 def kaggle_rows(name: str, result: InstanceResult) -> list[dict]:
     """DSB2018 submission rows of one image: one per instance, ids ascending."""
-    runs = label_runs(result.label_image.numpy())
+    return label_kaggle_rows(name, result.label_image.numpy())
+
+
+def label_kaggle_rows(name: str, labels: np.ndarray) -> list[dict]:
+    """:func:`kaggle_rows` of an (H, W) label image."""
+    runs = label_runs(labels)
     if not runs:  # the competition expects one row, empty, for an image with nothing found
         return [{"ImageId": name, "EncodedPixels": ""}]
     return [{"ImageId": name, "EncodedPixels": kaggle_rle(*runs[i])} for i in sorted(runs)]
@@ -141,11 +186,15 @@ class RunOutputs:
 
     def add(self, image_id: int, path: Path, image_size: tuple[int, int], result: InstanceResult) -> None:
         """Record one predicted image: its COCO records, its COCO image entry and its Kaggle rows."""
-        self.coco += coco_records(image_id, result)
-        self.images.append({"id": image_id, "file_name": str(path), "height": image_size[0],
-                            "width": image_size[1]})
+        self.add_record(image_id, path, prediction_record(f"image {image_id}", result))
+
+    def add_record(self, image_id: int, path: Path, prediction: PredictionRecord) -> None:
+        """:meth:`add` for a prediction record (e.g. one read back by :func:`read_prediction`)."""
+        height, width = prediction.label_image.shape
+        self.coco += record_coco(image_id, prediction)
+        self.images.append({"id": image_id, "file_name": str(path), "height": height, "width": width})
         if self.kaggle:
-            self.kaggle_table += kaggle_rows(path.stem, result)
+            self.kaggle_table += label_kaggle_rows(path.stem, prediction.label_image)
 
     def write(self) -> tuple[Path, Path | None]:
         """Write the run's files; returns the COCO results path and the submission path (None without kaggle)."""

@@ -3,12 +3,16 @@
 ``Predictor`` pairs a model (checkpoint or exported file) with the normalisation it was trained
 with; ``predict_files`` runs it over files, folders and glob patterns and writes what
 ``outputs`` describes for each image and for the run.
+
+SIGINT, SIGTERM or SIGUSR1 during ``predict_files`` let the image in progress finish; the run
+then ends early (``PredictRun.stopped_by``) with the run's files written for the images done, and
+``skip_existing`` continues it (maskrcnn/signals.py).
 """
 
 from __future__ import annotations
 
 import glob
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +26,10 @@ from .distributed import resolve_device
 from .errors import DataError, UserError
 from .inference import segment
 from .model import MaskRCNN, for_inference
-from .outputs import PredictionFiles, RunOutputs, write_prediction
+from .metrics import PredictionRecord
+from .outputs import (IMAGES_JSON, PredictionFiles, RunOutputs, existing_prediction, read_prediction,
+                      write_prediction)
+from .signals import StopSignals
 from .structures import Detector, InstanceResult
 from .tiling import TILE_OVERLAP
 
@@ -87,18 +94,29 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
 @dataclass
 class PredictRun:
-    """What ``predict_files`` did: the files of each image written, the images skipped and why,
-    and the run's COCO results and (with kaggle) submission files."""
+    """What ``predict_files`` did: the files of each image written, the images that failed and
+    why, the run's COCO results and (with kaggle) submission files; the images kept from an
+    earlier run (``skip_existing``), and when a signal stopped it, which and after how many."""
 
     written: list[PredictionFiles]
     failed: list[tuple[Path, str]]
     coco_json: Path
     kaggle_csv: Path | None
+    skipped: list[Path] = field(default_factory=list)
+    stopped_by: str | None = None  # the signal's name when one ended the run before its last image
+    done: int = 0  # images handled (written, failed or skipped): the first ``done`` of the inputs
+    total: int = 0
+
+    @property
+    def images_json(self) -> Path:
+        return self.coco_json.with_name(IMAGES_JSON)
 
 
 def predict_files(predictor: Predictor, inputs: list[str], out_dir: str | Path, *, tile: int | None = None,
-                  overlap: int = TILE_OVERLAP, kaggle: bool = False, progress: bool = True) -> PredictRun:
-    """Predict every input image; a bad image is reported and skipped, the others still processed."""
+                  overlap: int = TILE_OVERLAP, kaggle: bool = False, progress: bool = True,
+                  skip_existing: bool = False) -> PredictRun:
+    """Predict every input image; a bad image is reported and skipped, the others still processed.
+    ``skip_existing``: keep the outputs of images that have all three files already (see outputs)."""
     from tqdm import tqdm
 
     out = Path(out_dir)
@@ -108,19 +126,44 @@ def predict_files(predictor: Predictor, inputs: list[str], out_dir: str | Path, 
     if not paths:
         raise UserError(f"no images found in {' '.join(inputs)}")
     _check_unique_stems(paths)
-    run, written = RunOutputs(out, kaggle), []
-    for image_id, path in enumerate(tqdm(paths, desc="predict", unit="img", disable=not progress), start=1):
-        try:
-            image = read_image(path)
-            normalized = predictor.normalizer(image)
-            result = predictor.predict_normalized(normalized, tile, overlap)
-        except DataError as err:
-            run.failed.append((path, err.problem))
-            continue
-        written.append(write_prediction(out, path.stem, image, normalized, result, predictor.class_names))
-        run.add(image_id, path, image.shape[:2], result)
-    coco_json, kaggle_csv = run.write()
-    return PredictRun(written, run.failed, coco_json, kaggle_csv)
+    run, written, skipped = RunOutputs(out, kaggle), [], []
+    stopped_by, done = None, 0
+    with StopSignals(graceful=True, unit="image") as signals:
+        for image_id, path in enumerate(tqdm(paths, desc="predict", unit="img", disable=not progress), start=1):
+            kept = _kept_prediction(out, path, predictor.class_names) if skip_existing else None
+            if kept is not None:
+                run.add_record(image_id, path, kept)
+                skipped.append(path)
+            else:
+                files = _predict_one(predictor, run, image_id, path, tile, overlap)
+                written += [files] if files else []
+            done = image_id
+            if signals.received and done < len(paths):  # after the last image the run is whole anyway
+                stopped_by = signals.received
+                break
+    coco_json, kaggle_csv = run.write()  # for the images done: images.json lists them
+    return PredictRun(written, run.failed, coco_json, kaggle_csv, skipped, stopped_by, done, len(paths))
+
+
+def _predict_one(predictor: Predictor, run: RunOutputs, image_id: int, path: Path, tile: int | None,
+                 overlap: int) -> PredictionFiles | None:
+    """Predict one image, write its files and add it to the run; None when it cannot be read."""
+    try:
+        image = read_image(path)
+        normalized = predictor.normalizer(image)
+        result = predictor.predict_normalized(normalized, tile, overlap)
+    except DataError as err:
+        run.failed.append((path, err.problem))
+        return None
+    files = write_prediction(run.out_dir, path.stem, image, normalized, result, predictor.class_names)
+    run.add(image_id, path, image.shape[:2], result)
+    return files
+
+
+def _kept_prediction(out: Path, path: Path, class_names: list[str]) -> PredictionRecord | None:
+    """The prediction of ``path`` an earlier run left in ``out``, or None to predict it (again)."""
+    files = existing_prediction(out, path.stem)
+    return read_prediction(files, class_names) if files else None
 
 
 def _check_unique_stems(paths: list[Path]) -> None:

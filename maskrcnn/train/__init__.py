@@ -6,6 +6,7 @@ run resumed from ``last.pt`` continues exactly as if it had never stopped.
 
 - :mod:`.engine`: ``Trainer``, the loop (``run``, ``train_step``) that calls the hooks
 - :mod:`.hooks`: time budget, non-finite steps, progress, metrics log, validation, checkpoints
+- :mod:`.signals`: ``SignalStop``, the hook that ends a run cleanly on SIGINT, SIGTERM, SIGUSR1
 - :mod:`.setup`: ``TrainOptions``, data checks and splits, building the model and optimizer
 - :mod:`.schedule`: the learning rate (warm-up, cosine decay) and the time budget's length
 """

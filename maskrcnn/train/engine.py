@@ -10,11 +10,15 @@ loop and each step the hooks (hooks.py) do the rest, in this order:
     MetricsLog     a metrics.jsonl record per step (and the validations', written by Validation)
     Validation     every --val-every steps and at the end: score, log, save last/best.pt, plot
     Checkpointer   last.pt every --checkpoint-every steps, and at an interrupted stop
+    SignalStop     SIGINT/SIGTERM/SIGUSR1: stop after the step in progress (signals.py)
 
-A hook that must end the run after the current step (a signal, say) registers after these and
-calls ``trainer.request_stop(reason, interrupted=True)`` in ``after_step``: the loop ends, the
-final validation is left out and the Checkpointer writes last.pt at that step, before the later
-hook's ``after_train`` runs.
+A hook that must end the run after the current step (as SignalStop does) registers after the
+Checkpointer and calls ``trainer.request_stop(reason, interrupted=True)`` in ``after_step``: the
+loop ends, the final validation is left out and the Checkpointer writes last.pt at that step,
+before the later hook's ``after_train`` runs.
+
+``train()`` is the whole run: it holds the run directory's lock (maskrcnn/runlock.py) and, until
+the loop starts, lets these signals stop it at once, so that the lock is released.
 """
 
 from __future__ import annotations
@@ -27,10 +31,13 @@ import torch
 
 from ..data.loader import collate
 from ..distributed import DistContext, epoch_batches, resolve_device
+from ..runlock import run_lock
+from ..signals import StopSignals
 from .hooks import Checkpointer, HookBase, MetricsLog, ProgressBar, SkipNonFinite, TimeBudget, Validation
 from .schedule import learning_rate, time_budget
 from .setup import (TrainOptions, build_data, build_model, build_optimizer, build_scaler, prepare_run_dir,
                     warn_if_slow_amp)
+from .signals import SignalStop
 
 
 @dataclass
@@ -40,7 +47,8 @@ class TrainResult:
     last: Path
     best: Path | None
     final_metrics: dict[str, float]
-    stopped_by: str  # "iterations", "epochs", "time", or the reason a hook gave
+    stopped_by: str  # "iterations", "epochs", "time", or the reason a hook gave (a signal's name)
+    interrupted: bool = False  # cut short (a signal): resumable with --resume, not validated at the end
 
 
 class Trainer:
@@ -75,7 +83,8 @@ class Trainer:
         self.log = MetricsLog(self.run_dir, self.dist.is_main)
         self.checkpoints = Checkpointer(self.run_dir, opts.checkpoint_every)
         self.register(TimeBudget(opts.max_minutes), SkipNonFinite(), ProgressBar(opts.progress and self.dist.is_main),
-                      self.log, Validation(opts.val_every, self.log, self.checkpoints), self.checkpoints)
+                      self.log, Validation(opts.val_every, self.log, self.checkpoints), self.checkpoints,
+                      SignalStop())
         if opts.resume:
             self.checkpoints.resume()  # may rebuild the model with the checkpoint's config
             self.log.rewind(self.step)
@@ -96,6 +105,13 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        try:
+            return self._loop()
+        finally:
+            for hook in self.hooks:
+                hook.close()
+
+    def _loop(self) -> TrainResult:
         for hook in self.hooks:
             hook.before_train()
         while not self.length_reached():
@@ -116,7 +132,7 @@ class Trainer:
             hook.after_train()
         best = self.checkpoints.best
         return TrainResult(self.run_dir, self.step, self.checkpoints.last, best if best.exists() else None,
-                           self.metrics, self.stop_reason)
+                           self.metrics, self.stop_reason, self.interrupted)
 
     def length_reached(self) -> bool:
         """Whether --epochs or --iters is reached (``stop_reason`` says which). A used-up epoch gives
@@ -183,5 +199,9 @@ class Trainer:
         return time_budget(self.step, self.dist, total, deadline, started)
 
 
-def train(opts: TrainOptions, dist: DistContext | None = None) -> TrainResult:
-    return Trainer(opts, dist).run()
+def train(opts: TrainOptions, dist: DistContext | None = None, command: str | None = None) -> TrainResult:
+    """Train one run into ``opts.out``, holding its lock (``command`` is recorded in it; default:
+    this process's command line). SIGINT, SIGTERM and SIGUSR1 raise KeyboardInterrupt during the
+    setup and stop gracefully once the loop runs (``TrainResult.interrupted``)."""
+    with StopSignals(graceful=False), run_lock(opts.out, dist or DistContext.single(), command):
+        return Trainer(opts, dist).run()

@@ -1,10 +1,10 @@
 """The hooks of a training run: each owns one concern, and the engine calls them at fixed points.
 
 The engine (engine.py) calls every hook's ``before_train`` once, ``before_step`` and
-``after_step`` around each step, and ``after_train`` once when the loop ends; in each of these
-the hooks run in the order they were registered. A hook may end the run with
-``trainer.request_stop``. A step skipped for a non-finite loss or gradient reaches
-``after_step`` with ``trainer.losses`` None: the hooks below treat it as no step.
+``after_step`` around each step, ``after_train`` once when the loop ends, and ``close`` once
+however the run ended; in each of these the hooks run in the order they were registered. A
+hook may end the run with ``trainer.request_stop``. A step skipped for a non-finite loss or
+gradient reaches ``after_step`` with ``trainer.losses`` None: the hooks below treat it as no step.
 """
 
 from __future__ import annotations
@@ -51,6 +51,10 @@ class HookBase:
 
     def after_train(self) -> None:
         """Once, when the loop has ended (not when a step raised)."""
+
+    def close(self) -> None:
+        """Once, last, however the run ended (also when a step or hook raised): give back what
+        ``before_train`` took, e.g. signal handlers. It may run without ``before_train``."""
 
 
 class TimeBudget(HookBase):
