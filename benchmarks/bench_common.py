@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 
 from maskrcnn import Config, MaskRCNN, Target
+from maskrcnn.distributed import cpu_has_fast_bfloat16
+from maskrcnn.precision import autocast
 
 DETECTIONS = 100
 SEED = 0
@@ -130,8 +132,8 @@ def make_samples(size: int, count: int, instances: int, seed: int = SEED) -> lis
 
 # ----------------------------------------------------------------------------------------------
 # one step of each kind
-def infer_ours(model, samples: list[Sample]) -> int:
-    with torch.inference_mode():
+def infer_ours(model, samples: list[Sample], precision: str = "fp32") -> int:
+    with torch.inference_mode(), autocast(precision, "cpu"):
         results = model([s.image for s in samples]).results
     return len(results[0])
 
@@ -208,6 +210,17 @@ def timed(fn, *args) -> tuple[float, object]:
 
 # ----------------------------------------------------------------------------------------------
 # machine
+def cpu_features() -> list[str]:
+    """The CPU flags that decide which kernels run: AVX2, AVX-512 and its bfloat16 / fp16, AMX."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [f for f in wanted if f in flags]
+
+
 def machine_info() -> dict:
     cpu = platform.processor() or "unknown"
     try:
@@ -230,6 +243,8 @@ def machine_info() -> dict:
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
+        "cpu_features": cpu_features(),
+        "native_bfloat16": cpu_has_fast_bfloat16(),
         "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,
         "python_version": platform.python_version(),

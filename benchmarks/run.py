@@ -34,6 +34,7 @@ cores, torch version and threads) and the date.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -47,6 +48,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
+from maskrcnn.model import for_inference  # noqa: E402
+from maskrcnn.precision import autocast_dtype  # noqa: E402
 import large  # noqa: E402
 
 TRAIN_INSTANCES = 5
@@ -152,9 +155,13 @@ def bench_pair(size: int, warmup: int, repeats: int, memory: bool) -> list[dict]
     if tuple(tv_size) != (size, size):
         raise RuntimeError(f"torchvision's transform resizes {size} to {tv_size}")
 
+    # ours as predict runs it: BatchNorm folded, channels_last, --precision auto (bfloat16 autocast
+    # on CPUs with native bfloat16, float32 elsewhere)
+    fast = for_inference(copy.deepcopy(ours))
     bc.log(f"{name} {size}: inference (warm-up {warmup}, repeats {repeats})")
     inf = bc.alternate({"ours": lambda: bc.infer_ours(ours, samples),
-                     "torchvision": lambda: bc.infer_torchvision(tv, samples)}, warmup, repeats)
+                        "ours_auto": lambda: bc.infer_ours(fast, samples, precision="auto"),
+                        "torchvision": lambda: bc.infer_torchvision(tv, samples)}, warmup, repeats)
     counts = {k: sorted(set(v["values"])) for k, v in inf.items()}
     for k, c in counts.items():
         if c != [bc.DETECTIONS]:
@@ -166,7 +173,7 @@ def bench_pair(size: int, warmup: int, repeats: int, memory: bool) -> list[dict]
     train = bc.alternate({"ours": lambda: bc.train_step_ours(ours, opt_ours, samples),
                        "torchvision": lambda: bc.train_step_torchvision(tv, opt_tv, samples)},
                       warmup, repeats)
-    del ours, tv, opt_ours, opt_tv
+    del ours, fast, tv, opt_ours, opt_tv
     gc.collect()
 
     rows = [
@@ -174,6 +181,8 @@ def bench_pair(size: int, warmup: int, repeats: int, memory: bool) -> list[dict]
             counts["torchvision"][0] if len(counts["torchvision"]) == 1 else None, counts=counts),
         row(name, size, "inference_ms", inf["ours"]["median_s"] * 1e3, inf["torchvision"]["median_s"] * 1e3,
             times_ms={k: [t * 1e3 for t in v["times_s"]] for k, v in inf.items()}),
+        row(name, size, "inference_auto_ms", inf["ours_auto"]["median_s"] * 1e3,
+            inf["torchvision"]["median_s"] * 1e3, precision=str(autocast_dtype("auto", "cpu") or "float32")),
         row(name, size, "train_step_ms", train["ours"]["median_s"] * 1e3,
             train["torchvision"]["median_s"] * 1e3,
             times_ms={k: [t * 1e3 for t in v["times_s"]] for k, v in train.items()}),
@@ -252,6 +261,7 @@ def bench_throughput(warmup: int, repeats: int) -> dict:
 _METRIC_LABELS = {
     "detections_per_image": "detections / image",
     "inference_ms": "inference latency (ms)",
+    "inference_auto_ms": "inference, as predict runs it (ms)",
     "train_step_ms": "train step (ms)",
     "peak_mem_infer_mb": "peak mem, inference (MB)",
     "peak_mem_train_mb": "peak mem, train step (MB)",
@@ -279,7 +289,8 @@ def markdown(report: dict) -> str:
     m, s, t = report["machine"], report["settings"], report.get("throughput")
     out = ["# Mask R-CNN benchmark: ours vs torchvision", "",
            f"- date: {m['date']}",
-           f"- machine: {m['cpu_model']}, {m['logical_cores']} logical cores "
+           f"- machine: {m['cpu_model']} (features: {', '.join(m.get('cpu_features') or ['none listed'])}; "
+           f"native bfloat16: {m.get('native_bfloat16')}), {m['logical_cores']} logical cores "
            f"({m['usable_cores']} usable), torch {m['torch_version']} / torchvision "
            f"{m['torchvision_version']}, {m['torch_threads']} intra-op threads, load average at start "
            f"{m['load_average_at_start']}",
@@ -293,7 +304,7 @@ def markdown(report: dict) -> str:
                     and r["ours"] != s["detections"]})
     if short:
         out += [f"Ours returned fewer than {s['detections']} instances at {short}: its post-processing "
-                "(results.assemble_result) drops an instance whose mask is hidden entirely behind "
+                "(mask.postprocess.assemble_result) drops an instance whose mask is hidden entirely behind "
                 "better-scoring ones in the label image; the random heads give many overlapping boxes.", ""]
     if t:
         out += [f"Training throughput, ours ({t['model']}), synthetic nuclei {t['size']}x{t['size']}, "

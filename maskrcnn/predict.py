@@ -25,7 +25,7 @@ from .data.normalize import Normalizer
 from .distributed import resolve_device
 from .errors import DataError, UserError
 from .inference import segment
-from .model import MaskRCNN
+from .model import MaskRCNN, for_inference
 from .metrics import PredictionRecord
 from .outputs import (IMAGES_JSON, PredictionFiles, RunOutputs, existing_prediction, read_prediction,
                       write_prediction)
@@ -49,7 +49,7 @@ class Predictor:
         # every weight is in the checkpoint: the ImageNet file training started from is not needed here
         model = MaskRCNN(ckpt.config.replace(backbone_weights=None))
         model.load_state_dict(ckpt.model_state)
-        return cls(model.to(target).eval(), Normalizer.from_dict(ckpt.normalizer), target)
+        return cls(for_inference(model.to(target)), Normalizer.from_dict(ckpt.normalizer), target)
 
     @classmethod
     def from_weights(cls, path: str | Path, device: str = "auto") -> "Predictor":

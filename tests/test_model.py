@@ -150,3 +150,35 @@ def test_eval_and_detect_agree_and_sizes_come_back_per_image():
     assert [r.label_image.shape for r in results] == [(64, 64), (48, 40)]
     for got, expected in zip(results, want):
         assert torch.equal(got.boxes, expected.boxes) and torch.equal(got.label_image, expected.label_image)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "se_resnext50"])
+def test_for_inference_folds_every_batchnorm_and_keeps_the_results(backbone):
+    """BatchNorm folded into the convs (stem, blocks, downsample paths, mask head) and channels_last
+    weights: no BatchNorm left, features equal to float rounding, the same instances."""
+    import copy
+
+    from maskrcnn.model import for_inference
+    from maskrcnn.norm import fold_batchnorm
+
+    model = make_model(**OPEN, backbone=backbone).eval()
+    g = torch.Generator().manual_seed(1)
+    for module in model.modules():  # non-trivial statistics, so that folding has work to do
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5, generator=g)
+            module.running_var.uniform_(0.5, 2.0, generator=g)
+            module.weight.data.uniform_(0.5, 1.5, generator=g)
+            module.bias.data.uniform_(-0.2, 0.2, generator=g)
+    fast = for_inference(copy.deepcopy(model))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert fast.backbone.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    images = two_images()
+    with torch.no_grad():
+        want, got = model.backbone(model.prepare(images)[0]), fast.backbone(fast.prepare(images)[0])
+        for w, f in zip(want, got):
+            torch.testing.assert_close(f, w, rtol=1e-4, atol=1e-4 * w.abs().max().item())
+        a, b = model.detect(*model.prepare(images)), fast.detect(*fast.prepare(images))
+    torch.testing.assert_close(b.detections.scores, a.detections.scores, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(b.detections.boxes, a.detections.boxes, rtol=1e-4, atol=1e-2)
+    with pytest.raises(ValueError, match="eval-mode"):  # training BatchNorm uses batch statistics
+        fold_batchnorm(make_model().train())

@@ -45,7 +45,7 @@ class MaskStage(nn.Module):
         m = self.cfg.mask_size
         logits = self.head(self.crop.crop(features, detections.boxes, detections.image))   # (D, K, M, M)
         own = logits.gather(1, detections.labels.reshape(-1, 1, 1, 1).expand(-1, 1, m, m))[:, 0]
-        return torch.sigmoid(own)
+        return torch.sigmoid(own.float())  # float32 under autocast too: thresholds and pasting
 
     def results(self, detections: BatchDetections, mask_probs: Tensor,
                 image_sizes: list[tuple[int, int]]) -> list[InstanceResult]:

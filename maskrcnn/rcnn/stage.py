@@ -35,8 +35,9 @@ class RcnnStage(nn.Module):
                 ) -> tuple[BatchDetections | None, tuple[Tensor, Tensor] | None]:
         if targets is None:
             logits, deltas = self.head(self.crop.crop(features, proposals.boxes, proposals.image))
-            return make_detections(proposals, logits, deltas, image_sizes, self.cfg.rcnn_box_weights,
-                                   self.test_nms), None
+            # float32 from here on under autocast too: box decoding, scores and NMS
+            return make_detections(proposals, logits.float(), deltas.float(), image_sizes,
+                                   self.cfg.rcnn_box_weights, self.test_nms), None
         samples = make_rcnn_targets(proposals.proposals(len(targets)), targets, self.cfg, generators)
         logits, deltas = self.head(self.crop(features, samples.proposals))
         return None, rcnn_loss(logits, deltas, samples, self.cfg.rcnn_delta_sigma)

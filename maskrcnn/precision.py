@@ -1,0 +1,39 @@
+"""Numeric precision of inference: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
+
+Under ``bf16``/``fp16`` the convolutions and linear layers (backbone, FPN, heads) run in that
+dtype through ``torch.autocast``; box coding, scores, NMS and mask pasting stay float32 (the
+stages cast their head outputs back before decoding). ``auto`` picks bfloat16 on CPUs that
+compute it natively (AVX512-BF16 or AMX: detected at run time), float16 (bfloat16 where the GPU
+supports it) on CUDA, and float32 elsewhere, where low precision would be emulated and slower.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from .distributed import cpu_has_fast_bfloat16
+from .errors import UserError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype ``precision`` means on ``device``; None for float32."""
+    device = torch.device(device)
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return _DTYPES[precision]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bfloat16() else None
+
+
+def autocast(precision: str, device: torch.device | str):
+    """A context in which inference runs at ``precision`` (a no-op for float32)."""
+    device = torch.device(device)
+    dtype = autocast_dtype(precision, device)
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
