@@ -23,11 +23,16 @@ from .data.datasets import FORMATS as DATA_FORMATS
 from .distributed import DEVICES
 from .errors import UserError
 from .export import FORMATS as EXPORT_FORMATS
+from .precision import PRECISIONS
 from .tiling import TILE_OVERLAP
 
 EXIT_USER_ERROR = 2
 EXIT_STOPPED = 75  # stopped early by a signal, cleanly: train --resume / predict --skip-existing continue
 EXIT_INTERRUPTED = 130  # stopped at once (KeyboardInterrupt); files written atomically stay as they were
+
+
+PRECISION_HELP = ("numeric precision: auto = bfloat16 on CPUs with native bfloat16 (AVX512-BF16 or AMX) "
+                  "and on CUDA, float32 elsewhere; exported models always run float32")
 
 
 def _positive_int(text: str) -> int:
@@ -107,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="skip images whose outputs are all in --out already (continue a stopped run); "
                               "the run's files still cover every image")
     predict.add_argument("--device", choices=DEVICES, default="auto")
+    predict.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     predict.add_argument("--no-progress", action="store_true")
     predict.set_defaults(run=cmd_predict)
 
@@ -121,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tile", type=_positive_int)
     evaluate.add_argument("--overlap", type=int, default=TILE_OVERLAP, help="tile overlap in pixels")
     evaluate.add_argument("--device", choices=DEVICES, default="auto")
+    evaluate.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(run=cmd_evaluate)
 
@@ -220,7 +227,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import Predictor, predict_files
 
     _check_tiling(args)
-    predictor = Predictor.from_weights(args.weights, args.device)
+    predictor = Predictor.from_weights(args.weights, args.device, args.precision)
     run = predict_files(predictor, args.inputs, args.out, tile=args.tile, overlap=args.overlap,
                         kaggle=args.kaggle, progress=not args.no_progress, skip_existing=args.skip_existing)
     for path, why in run.failed:
@@ -241,10 +248,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .predict import Predictor
 
     _check_tiling(args)
-    predictor = Predictor.from_weights(args.weights, args.device)
+    predictor = Predictor.from_weights(args.weights, args.device, args.precision)
     reader = open_dataset(args.data, args.format, image_dir=args.images)
     report = evaluate_model(predictor.model, predictor.normalizer, reader, device=predictor.device,
-                            progress=not args.no_progress, tile=args.tile, overlap=args.overlap)
+                            progress=not args.no_progress, tile=args.tile, overlap=args.overlap,
+                            precision=predictor.precision)
     print(report.format_table())
     if args.out:
         report.to_json(args.out)

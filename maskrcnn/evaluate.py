@@ -16,8 +16,10 @@ from .tiling import TILE_OVERLAP
 
 def evaluate_model(model: Detector, normalizer: Normalizer, reader: InstanceReader, *,
                    device: torch.device | str = "cpu", progress: bool = True, tile: int | None = None,
-                   overlap: int = TILE_OVERLAP, dist: DistContext | None = None) -> EvaluationReport:
-    """Predict every image of ``reader`` and score against its annotation.
+                   overlap: int = TILE_OVERLAP, dist: DistContext | None = None,
+                   precision: str = "fp32") -> EvaluationReport:
+    """Predict every image of ``reader`` (at ``precision``, see ``maskrcnn.precision``) and score
+    against its annotation.
 
     Under torch.distributed each rank predicts its share of the images and every rank returns
     the report over all of them.
@@ -29,7 +31,7 @@ def evaluate_model(model: Detector, normalizer: Normalizer, reader: InstanceRead
     shard = range(dist.rank, len(reader), dist.world_size)
     for index in tqdm(shard, desc="evaluate", unit="img", disable=not (progress and dist.is_main)):
         sample = reader[index]
-        result = segment(model, normalizer(sample.image), device, tile, overlap)
+        result = segment(model, normalizer(sample.image), device, tile, overlap, precision)
         records.append((index, truth_record(sample), prediction_record(sample.name, result)))
     model.train(was_training)
     gathered = sorted((r for part in dist.all_gather_objects(records) for r in part), key=lambda r: r[0])

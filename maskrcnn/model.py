@@ -15,6 +15,7 @@ from .backbone import Backbone
 from .config import Config
 from .mask.stage import MaskStage
 from .norm import fold_batchnorm
+from .precision import float32_inside
 from .rcnn.stage import RcnnStage
 from .rpn.stage import RpnStage
 from .structures import BatchDetections, Losses, ModelOutput, Target
@@ -88,10 +89,12 @@ class MaskRCNN(nn.Module):
     def detect(self, batch: Tensor, sizes: Tensor) -> RawDetections:
         """Inference on a prepared batch (B, C, H', W') with sizes (B, 2): the one inference path,
         which ``maskrcnn.export`` traces as it is."""
-        features = self.backbone(batch)
-        proposals, _ = self.rpn(features, sizes)
-        detections, _ = self.rcnn(features, sizes, proposals)
-        mask_probs, _ = self.mask(features, sizes, detections)
+        features = self.backbone(batch)  # under --precision bf16 / fp16 autocast: the heavy part
+        with float32_inside(batch.device.type):  # heads, boxes and scores: see maskrcnn.precision
+            features = [f.float() for f in features]
+            proposals, _ = self.rpn(features, sizes)
+            detections, _ = self.rcnn(features, sizes, proposals)
+            mask_probs, _ = self.mask(features, sizes, detections)
         return RawDetections(detections, mask_probs)
 
     def losses(self, batch: Tensor, sizes: Tensor, targets: list[Target]) -> Losses:

@@ -29,6 +29,7 @@ from .model import MaskRCNN, for_inference
 from .metrics import PredictionRecord
 from .outputs import (IMAGES_JSON, PredictionFiles, RunOutputs, existing_prediction, read_prediction,
                       write_prediction)
+from .precision import autocast_dtype
 from .signals import StopSignals
 from .structures import Detector, InstanceResult
 from .tiling import TILE_OVERLAP
@@ -41,26 +42,32 @@ class Predictor:
     model: Detector
     normalizer: Normalizer
     device: torch.device
+    precision: str = "fp32"  # see maskrcnn.precision; exported models always run float32
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> "Predictor":
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", precision: str = "auto") -> "Predictor":
+        """A training checkpoint, rewritten for inference (``model.for_inference``)."""
+        autocast_dtype(precision, resolve_device(device))  # an unknown name fails before the load
         target = resolve_device(device)
         ckpt = load_checkpoint(path, map_location=target)
         # every weight is in the checkpoint: the ImageNet file training started from is not needed here
         model = MaskRCNN(ckpt.config.replace(backbone_weights=None))
         model.load_state_dict(ckpt.model_state)
-        return cls(for_inference(model.to(target)), Normalizer.from_dict(ckpt.normalizer), target)
+        return cls(for_inference(model.to(target)), Normalizer.from_dict(ckpt.normalizer), target, precision)
 
     @classmethod
-    def from_weights(cls, path: str | Path, device: str = "auto") -> "Predictor":
+    def from_weights(cls, path: str | Path, device: str = "auto", precision: str = "auto") -> "Predictor":
         """A checkpoint, or a file from ``maskrcnn export``: .onnx through onnxruntime, a TorchScript
-        .pt through torch.jit (both on the CPU, same results and outputs as the checkpoint)."""
+        .pt through torch.jit (both on the CPU in float32, same results and outputs as the
+        checkpoint at ``precision="fp32"``)."""
         from .deploy import exported_kind, load_exported
 
         if exported_kind(path):
+            if precision not in ("auto", "fp32"):
+                raise UserError(f"{path}: exported models run in float32; use --precision fp32 (or auto)")
             model, normalizer = load_exported(path, device)
-            return cls(model, normalizer, torch.device("cpu"))
-        return cls.from_checkpoint(path, device)
+            return cls(model, normalizer, torch.device("cpu"), "fp32")
+        return cls.from_checkpoint(path, device, precision)
 
     @property
     def class_names(self) -> list[str]:
@@ -72,7 +79,7 @@ class Predictor:
 
     def predict_normalized(self, image: torch.Tensor, tile: int | None = None, overlap: int = TILE_OVERLAP) -> InstanceResult:
         """A normalised (C, H, W) float image -> its instances, on the CPU; tiled when ``tile`` is given."""
-        return segment(self.model, image, self.device, tile, overlap)
+        return segment(self.model, image, self.device, tile, overlap, self.precision)
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
