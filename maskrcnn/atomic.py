@@ -55,20 +55,23 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     removed = []
     for path in Path(folder).glob(".*.tmp"):
         match = _TEMPORARY.fullmatch(path.name)
-        if match and not _alive(int(match["pid"])):
+        if match and not process_alive(int(match["pid"])):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (this process included)."""
+    if pid <= 0:  # 0 and negative numbers address process groups, not a process
+        return False
     if pid == os.getpid():
         return True
     try:
         os.kill(pid, 0)  # signal 0: only checks that the process exists
     except (ProcessLookupError, OverflowError):
         return False
-    except PermissionError:  # exists, owned by someone else
+    except PermissionError:  # exists, owned by another user
         return True
     return True
 

@@ -36,6 +36,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from .atomic import process_alive
 from .errors import UserError
 
 try:
@@ -144,7 +145,7 @@ class RunLock:
         if owner.host != self.owner.host:
             raise UserError(f"{self.run_dir}: in use by another run ({owner.describe()}); its process cannot be "
                             f"checked from {self.owner.host}: if that run is gone, delete {self.path}")
-        if _alive(owner.pid):
+        if process_alive(owner.pid):
             raise UserError(f"{self.run_dir}: in use by another run ({owner.describe()}); wait for it to end "
                             "or choose another --out")
         return owner
@@ -194,19 +195,6 @@ def _parse(text: str) -> LockOwner | None:
         return LockOwner(int(fields["pid"]), str(fields["host"]), str(fields["started"]), str(fields["command"]))
     except (ValueError, TypeError, KeyError):
         return None
-
-
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this host."""
-    if pid <= 0:  # 0 and negative numbers address process groups, not a process
-        return False
-    try:
-        os.kill(pid, 0)  # signal 0: only checks that the process exists
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
 
 
 @contextmanager

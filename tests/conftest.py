@@ -8,6 +8,8 @@ fixtures need no import.
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 from contextlib import contextmanager
 from typing import Sequence
 
@@ -122,3 +124,27 @@ def one_thread():
     """The same, for one test."""
     with _torch_threads(1):
         yield
+
+
+# --- child processes --------------------------------------------------------------------------------
+def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
+    """Wait for a child ``maskrcnn`` process: (exit code, stdout, stderr); a hang fails the test."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"process {proc.args[:4]} did not end in {timeout} s")
+    return proc.returncode, out, err
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Poll ``condition()`` until true; fail if ``proc`` ends first or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"process ended (code {proc.returncode}) before the condition: {proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("timed out waiting")
+        time.sleep(0.01)

@@ -34,6 +34,7 @@ from maskrcnn.train import MAX_BAD_STEPS, TrainOptions, Trainer
 
 from cli_helpers import cli
 from conftest import TINY_RUN as TINY  # test_engine, test_signals and test_run_lock import it from here
+from conftest import finish, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,22 +45,6 @@ def maskrcnn_process(*args, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "maskrcnn", *map(str, args)], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out, err
-
-
-def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            pytest.fail(f"process ended (code {proc.returncode}) before the condition: {proc.stderr.read()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("timed out waiting")
-        time.sleep(0.01)
 
 
 def kill(proc: subprocess.Popen) -> None:
@@ -102,7 +87,8 @@ def test_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(da
 
     at_kill = load_checkpoint(killed / "last.pt")  # never corrupt, whenever the kill came
     assert at_kill.step % EVERY == 0 and 0 < at_kill.step < STEPS
-    code, out, err = cli(capsys, *train_args(images, config, killed), "--resume")  # in this process: faster
+    with pytest.warns(UserWarning, match="taking over the lock of a run that is gone"):  # the killed run's
+        code, out, err = cli(capsys, *train_args(images, config, killed), "--resume")  # in this process: faster
     assert code == 0, err
     assert f"trained {STEPS} steps" in out
     code, _, err = finish(reference)

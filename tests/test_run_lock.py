@@ -26,7 +26,8 @@ from maskrcnn.errors import UserError
 from maskrcnn.runlock import LOCK_NAME, RunLock
 
 from cli_helpers import cli
-from test_signals import data, finish, log_steps, process, train_args, wait_for  # noqa: F401 (data: a fixture)
+from conftest import finish, wait_for
+from test_signals import data, log_steps, process, train_args  # noqa: F401 (data: a fixture)
 
 
 def dead_pid() -> int:

@@ -40,7 +40,8 @@ from maskrcnn.signals import STOP_SIGNALS, StopSignals
 from maskrcnn.train import HookBase, TrainOptions, Trainer
 
 from cli_helpers import cli
-from test_faults import TINY
+from conftest import TINY_RUN as TINY
+from conftest import finish, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,27 +54,6 @@ def process(args: list, cwd: Path, script: str | None = None, **env: str) -> sub
     command = ["-c", script] if script else ["-m", "maskrcnn"]
     return subprocess.Popen([sys.executable, *command, *map(str, args)], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        pytest.fail(f"process {proc.args[:4]} did not end in {timeout} s")
-    return proc.returncode, out, err
-
-
-def wait_for(condition, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            pytest.fail(f"process ended (code {proc.returncode}) before the condition: {proc.stderr.read()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("timed out waiting")
-        time.sleep(0.01)
 
 
 def log_steps(run: Path) -> tuple[list[int], list[int]]:
