@@ -90,11 +90,10 @@ class MaskRCNN(nn.Module):
         """Inference on a prepared batch (B, C, H', W') with sizes (B, 2): the one inference path,
         which ``maskrcnn.export`` traces as it is."""
         features = self.backbone(batch)  # under --precision bf16 / fp16 autocast: the heavy part
-        with float32_inside(batch.device.type):  # heads, boxes and scores: see maskrcnn.precision
-            features = [f.float() for f in features]
-            proposals, _ = self.rpn(features, sizes)
-            detections, _ = self.rcnn(features, sizes, proposals)
-            mask_probs, _ = self.mask(features, sizes, detections)
+        with float32_inside(batch.device.type):  # the RPN head in float32: see maskrcnn.precision
+            proposals, _ = self.rpn([f.float() for f in features], sizes)
+        detections, _ = self.rcnn(features, sizes, proposals)
+        mask_probs, _ = self.mask(features, sizes, detections)
         return RawDetections(detections, mask_probs)
 
     def losses(self, batch: Tensor, sizes: Tensor, targets: list[Target]) -> Losses:

@@ -1,9 +1,10 @@
 """Numeric precision of inference: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
 
-Under ``bf16``/``fp16`` the backbone and FPN, the convolution-heavy part, run in that dtype
-through ``torch.autocast``; the heads, box coding, scores, NMS and mask pasting stay float32
-(``MaskRCNN.detect`` leaves the autocast for them: with the RPN head in bfloat16 too, proposals
-shift enough to move the DSB2018 score of a small trained model by 0.005). ``auto`` picks bfloat16 on CPUs that
+Under ``bf16``/``fp16`` the convolutions and linear layers of the backbone, FPN, RCNN head and
+mask head run in that dtype through ``torch.autocast``. The RPN head stays float32
+(``MaskRCNN.detect`` leaves the autocast for it: in bfloat16 its proposals shift enough to move
+the DSB2018 score of a small trained model by 0.005), and so do box coding, scores, NMS and mask
+pasting (the stages cast the head outputs back before decoding). ``auto`` picks bfloat16 on CPUs that
 compute it natively (AVX512-BF16 or AMX: detected at run time), float16 (bfloat16 where the GPU
 supports it) on CUDA, and float32 elsewhere, where low precision would be emulated and slower.
 """

@@ -26,7 +26,7 @@ def test_auto_is_bfloat16_only_on_cpus_that_compute_it_natively(monkeypatch):
         precision.autocast_dtype("half", "cpu")
 
 
-def test_backbone_runs_in_bfloat16_heads_boxes_scores_and_masks_in_float32():
+def test_rpn_head_boxes_scores_and_masks_stay_float32_under_bfloat16():
     torch.manual_seed(0)
     model = MaskRCNN(Config(**tiny_config(**OPEN, rcnn_test_max_detections=20))).eval()
     seen = {}
@@ -44,7 +44,7 @@ def test_backbone_runs_in_bfloat16_heads_boxes_scores_and_masks_in_float32():
     with torch.no_grad(), precision.autocast("bf16", "cpu"):
         raw = model.detect(*model.prepare(image))
         result = model(image).results[0]
-    assert seen == {"fpn": torch.bfloat16, "rpn": torch.float32, "rcnn": torch.float32, "mask": torch.float32}
+    assert seen == {"fpn": torch.bfloat16, "rpn": torch.float32, "rcnn": torch.bfloat16, "mask": torch.bfloat16}
     assert len(raw.detections) > 0
     assert raw.detections.boxes.dtype == raw.detections.scores.dtype == raw.mask_probs.dtype == torch.float32
     assert result.boxes.dtype == result.scores.dtype == torch.float32 and result.label_image.shape == (64, 64)
