@@ -115,7 +115,7 @@ def test_an_image_samples_the_same_boxes_alone_or_in_a_batch_whatever_the_global
 def test_training_samples_carry_a_seed_of_seed_epoch_and_index(tmp_path):
     from maskrcnn.data.augment import Augment
     from maskrcnn.data.datasets import open_dataset
-    from maskrcnn.data.loader import InstanceDataset
+    from maskrcnn.data.torch_dataset import InstanceDataset
     from maskrcnn.data.normalize import Normalizer
     from maskrcnn.data.synthetic import write_synthetic_dataset
 

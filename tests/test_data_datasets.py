@@ -11,7 +11,7 @@ import tifffile
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from maskrcnn.data.datasets import CocoDataset, DsbDataset, LabelsDataset, open_dataset
+from maskrcnn.data.datasets import CocoReader, DsbReader, LabelsReader, open_dataset
 from maskrcnn.errors import DataError
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -47,7 +47,7 @@ def make_dsb(root: Path) -> list[np.ndarray]:
 def test_dsb_reads_instances_drops_empty_masks_and_keeps_overlaps(tmp_path):
     expected = make_dsb(tmp_path)
     (tmp_path / "notes").mkdir()  # folders without images/ are not samples
-    dataset = DsbDataset(tmp_path)
+    dataset = DsbReader(tmp_path)
     assert dataset.names == ["a", "b"] and len(dataset) == 2
     assert dataset.class_names == ["background", "nucleus"]
     a, b = dataset[0], dataset[-1]
@@ -65,7 +65,7 @@ def test_dsb_mask_of_wrong_size_names_the_mask(tmp_path):
     make_dsb(tmp_path)
     bad = save(tmp_path / "a" / "masks" / "wrong.png", np.zeros((5, 5), np.uint8))
     with pytest.raises(DataError, match="5x5") as info:
-        DsbDataset(tmp_path)[0]
+        DsbReader(tmp_path)[0]
     assert info.value.path == str(bad)
 
 
@@ -79,7 +79,7 @@ def test_dsb_sample_without_masks_folder_is_refused_when_read_unless_allowed(tmp
         dataset[2]
     assert info.value.path == str(tmp_path / "c")
     allowed = open_dataset(tmp_path, allow_missing_masks=True)
-    assert isinstance(allowed, DsbDataset) and allowed[2].masks.shape == (0, 5, 6)
+    assert isinstance(allowed, DsbReader) and allowed[2].masks.shape == (0, 5, 6)
     assert len(allowed[0].masks) == 2  # samples with masks read as before
 
 
@@ -88,7 +88,7 @@ def test_dsb_masks_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "b" / "masks").rmdir()
     (tmp_path / "b" / "masks").write_text("not a folder")
     with pytest.raises(DataError, match="not a folder") as info:
-        DsbDataset(tmp_path, allow_missing_masks=True)[1]
+        DsbReader(tmp_path, allow_missing_masks=True)[1]
     assert info.value.path == str(tmp_path / "b" / "masks")
 
 
@@ -98,17 +98,17 @@ def test_dsb_reads_grey_masks_saved_in_colour_and_refuses_coloured_ones(tmp_path
         grey = mask.astype(np.uint8) * 255
         rgba = np.dstack([grey, grey, grey, np.full_like(grey, 255)]) if i else np.dstack([grey] * 3)
         save(tmp_path / "a" / "masks" / f"m{i}.png", rgba)
-    np.testing.assert_array_equal(DsbDataset(tmp_path)[0].masks, np.stack(expected))
+    np.testing.assert_array_equal(DsbReader(tmp_path)[0].masks, np.stack(expected))
     coloured = np.dstack([expected[0].astype(np.uint8) * 255] + [np.zeros((12, 16), np.uint8)] * 2)  # red
     bad = save(tmp_path / "a" / "masks" / "m0.png", coloured)
     with pytest.raises(DataError, match="colour image whose channels differ") as info:
-        DsbDataset(tmp_path)[0]
+        DsbReader(tmp_path)[0]
     assert info.value.path == str(bad)
 
 
 def test_dsb_without_samples_is_an_error(tmp_path):
     with pytest.raises(DataError, match="images"):
-        DsbDataset(tmp_path)
+        DsbReader(tmp_path)
 
 
 # --- labels layout -------------------------------------------------------------------------------
@@ -119,7 +119,7 @@ def test_labels_noncontiguous_ids_and_mixed_extensions(tmp_path):
     save(tmp_path / "images" / "x.png", RNG.integers(0, 255, (10, 12), dtype=np.uint8))
     (tmp_path / "masks").mkdir()
     tifffile.imwrite(tmp_path / "masks" / "x.tif", labels)
-    dataset = LabelsDataset(tmp_path)
+    dataset = LabelsReader(tmp_path)
     sample = dataset[0]
     assert sample.name == "x" and sample.masks.shape == (3, 10, 12)
     for mask, label_id in zip(sample.masks, [2, 7, 300]):  # increasing id order
@@ -132,16 +132,16 @@ def test_labels_missing_mask_is_an_error_unless_allowed(tmp_path):
     save(tmp_path / "images" / "b.png", np.zeros((4, 4), np.uint8))
     save(tmp_path / "masks" / "a.png", np.ones((4, 4), np.uint16))
     with pytest.raises(DataError, match="'b'"):
-        LabelsDataset(tmp_path)
-    dataset = LabelsDataset(tmp_path, allow_missing_masks=True)
+        LabelsReader(tmp_path)
+    dataset = LabelsReader(tmp_path, allow_missing_masks=True)
     assert len(dataset[0].masks) == 1 and dataset[1].masks.shape == (0, 4, 4)
 
 
 def test_labels_without_masks_folder(tmp_path):
     save(tmp_path / "images" / "a.png", np.zeros((4, 4), np.uint8))
     with pytest.raises(DataError, match="allow_missing_masks"):
-        LabelsDataset(tmp_path)
-    assert len(LabelsDataset(tmp_path, allow_missing_masks=True)[0].masks) == 0
+        LabelsReader(tmp_path)
+    assert len(LabelsReader(tmp_path, allow_missing_masks=True)[0].masks) == 0
 
 
 def test_labels_reads_grey_label_image_saved_as_rgb(tmp_path):
@@ -149,7 +149,7 @@ def test_labels_reads_grey_label_image_saved_as_rgb(tmp_path):
     labels[1:4, 1:4], labels[5:9, 2:6] = 3, 90
     save(tmp_path / "images" / "x.png", RNG.integers(0, 255, (10, 12), dtype=np.uint8))
     save(tmp_path / "masks" / "x.png", np.dstack([labels] * 3))
-    masks = LabelsDataset(tmp_path)[0].masks
+    masks = LabelsReader(tmp_path)[0].masks
     np.testing.assert_array_equal(masks, np.stack([labels == 3, labels == 90]))
 
 
@@ -157,11 +157,11 @@ def test_labels_size_mismatch_and_ambiguous_stems(tmp_path):
     save(tmp_path / "images" / "a.png", np.zeros((4, 4), np.uint8))
     bad = save(tmp_path / "masks" / "a.png", np.ones((4, 5), np.uint16))
     with pytest.raises(DataError) as info:
-        LabelsDataset(tmp_path)[0]
+        LabelsReader(tmp_path)[0]
     assert info.value.path == str(bad)
     np.save(tmp_path / "masks" / "a.npy", np.ones((4, 4), np.int32))
     with pytest.raises(DataError, match="two files named 'a'"):
-        LabelsDataset(tmp_path)
+        LabelsReader(tmp_path)
 
 
 # --- COCO ----------------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ def make_coco(tmp_path: Path) -> tuple[Path, dict, list[np.ndarray]]:
 def test_coco_polygons_and_rle_round_trip(tmp_path):
     path, _, expected = make_coco(tmp_path)
     with pytest.warns(UserWarning, match="skipped 1 annotation"):
-        dataset = CocoDataset(path, tmp_path / "imgs")
+        dataset = CocoReader(path, tmp_path / "imgs")
     assert dataset.class_names == ["background", "nucleus", "cell"]  # category ids 3 < 40
     assert dataset.names == ["one", "sub/two"]
     assert dataset.skipped == [(5, "no polygon with 3 or more finite points")]
@@ -228,7 +228,7 @@ def test_coco_file_names_escaping_the_image_folder_are_rejected(tmp_path, file_n
     _, data, _ = make_coco(tmp_path)
     data["images"][1]["file_name"] = file_name
     with pytest.raises(DataError, match="escapes the image folder"):
-        CocoDataset(write_coco(tmp_path, data), tmp_path / "imgs")
+        CocoReader(write_coco(tmp_path, data), tmp_path / "imgs")
 
 
 @pytest.mark.parametrize("change, words", [
@@ -245,7 +245,7 @@ def test_coco_structural_problems_raise_data_error(tmp_path, change, words):
     change(data)
     path = write_coco(tmp_path, data)
     with pytest.raises(DataError, match=words) as info:
-        CocoDataset(path, tmp_path / "imgs")
+        CocoReader(path, tmp_path / "imgs")
     assert info.value.path == str(path)
 
 
@@ -258,11 +258,11 @@ def test_coco_skip_bad_leaves_out_annotations_with_unknown_ids_and_lists_them(tm
     change(data)
     path = write_coco(tmp_path, data)
     with pytest.raises(DataError, match="--skip-bad"):  # refused by default, with the way out
-        CocoDataset(path, tmp_path / "imgs")
+        CocoReader(path, tmp_path / "imgs")
     with pytest.warns(UserWarning) as caught:
         dataset = open_dataset(path, image_dir=tmp_path / "imgs", skip_bad=True)
     assert any("left out 1 annotation" in str(w.message) and words in str(w.message) for w in caught)
-    assert isinstance(dataset, CocoDataset)
+    assert isinstance(dataset, CocoReader)
     assert dataset.left_out == [("annotation 2", f"{path}: {words}")]
     sample = dataset[0]  # the image keeps its other annotations
     np.testing.assert_array_equal(sample.masks, np.stack([expected[0], expected[2]]))
@@ -283,7 +283,7 @@ def test_coco_image_size_disagreeing_with_json_names_the_image(tmp_path):
     _, data, _ = make_coco(tmp_path)
     data["images"][0]["width"] = 25
     with pytest.warns(UserWarning):
-        dataset = CocoDataset(write_coco(tmp_path, data), tmp_path / "imgs")
+        dataset = CocoReader(write_coco(tmp_path, data), tmp_path / "imgs")
     with pytest.raises(DataError, match="says 20x25") as info:
         dataset[0]
     assert info.value.path == str(tmp_path / "imgs" / "one.png")
@@ -300,7 +300,7 @@ def test_coco_bad_rle_is_reported_when_read(tmp_path, segmentation, words):
     _, data, _ = make_coco(tmp_path)
     data["annotations"][2]["segmentation"] = segmentation
     with pytest.warns(UserWarning):
-        dataset = CocoDataset(write_coco(tmp_path, data), tmp_path / "imgs")
+        dataset = CocoReader(write_coco(tmp_path, data), tmp_path / "imgs")
     with pytest.raises(DataError, match=words):
         dataset[0]
 
@@ -309,10 +309,10 @@ def test_coco_invalid_json_and_missing_annotations(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(DataError, match="not valid JSON"):
-        CocoDataset(bad, tmp_path)
+        CocoReader(bad, tmp_path)
     _, data, _ = make_coco(tmp_path)
     del data["annotations"]  # a test-set image list: images without instances
-    dataset = CocoDataset(write_coco(tmp_path, data), tmp_path / "imgs")
+    dataset = CocoReader(write_coco(tmp_path, data), tmp_path / "imgs")
     assert [len(dataset[i].masks) for i in range(2)] == [0, 0]
 
 
@@ -323,12 +323,12 @@ def test_open_dataset_detects_each_layout(tmp_path):
     save(tmp_path / "labels" / "images" / "a.png", np.zeros((4, 4), np.uint8))
     save(tmp_path / "labels" / "masks" / "a.png", np.ones((4, 4), np.uint16))
     coco_path, _, _ = make_coco(tmp_path / "coco")
-    assert isinstance(open_dataset(tmp_path / "dsb"), DsbDataset)
-    assert isinstance(open_dataset(tmp_path / "labels"), LabelsDataset)
+    assert isinstance(open_dataset(tmp_path / "dsb"), DsbReader)
+    assert isinstance(open_dataset(tmp_path / "labels"), LabelsReader)
     with pytest.warns(UserWarning):
         coco = open_dataset(coco_path, image_dir=tmp_path / "coco" / "imgs")
-    assert isinstance(coco, CocoDataset)
-    assert isinstance(open_dataset(tmp_path / "dsb", format="dsb"), DsbDataset)
+    assert isinstance(coco, CocoReader)
+    assert isinstance(open_dataset(tmp_path / "dsb", format="dsb"), DsbReader)
 
 
 def test_open_dataset_asks_for_format_when_unsure(tmp_path):

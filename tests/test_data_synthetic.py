@@ -15,7 +15,7 @@ from collections import deque
 import numpy as np
 import pytest
 
-from maskrcnn.data.datasets import LabelsDataset
+from maskrcnn.data.datasets import LabelsReader
 from maskrcnn.data.io import read_image, read_label_image
 from maskrcnn.data.synthetic import synth_nuclei, write_synthetic_dataset
 
@@ -125,7 +125,7 @@ def test_written_dataset_reads_back_and_depends_only_on_seed_and_index(tmp_path)
     names = write_synthetic_dataset(tmp_path / "a", n_images=3, size=(48, 64), seed=7, n_range=(5, 8))
     assert names == ["synth_0000", "synth_0001", "synth_0002"]
     write_synthetic_dataset(tmp_path / "b", n_images=2, size=(48, 64), seed=7, n_range=(5, 8))
-    dataset = LabelsDataset(tmp_path / "a")
+    dataset = LabelsReader(tmp_path / "a")
     assert dataset.names == names
     labels = read_label_image(tmp_path / "a" / "masks" / "synth_0001.png")
     np.testing.assert_array_equal(labels, read_label_image(tmp_path / "b" / "masks" / "synth_0001.png"))

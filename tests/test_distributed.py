@@ -36,7 +36,7 @@ from maskrcnn.checkpoint import load_checkpoint
 from maskrcnn.cli import main
 from maskrcnn.config import Config
 from maskrcnn.data.datasets import open_dataset
-from maskrcnn.data.loader import split_train_val
+from maskrcnn.data.torch_dataset import split_train_val
 from maskrcnn.data.synthetic import write_synthetic_dataset
 from maskrcnn.data.views import SubsetReader
 from maskrcnn.distributed import cpu_has_fast_bfloat16

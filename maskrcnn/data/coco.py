@@ -16,7 +16,7 @@ from .io import read_image
 from .reader import InstanceReader, Sample, existing_dir
 
 
-class CocoDataset(InstanceReader):
+class CocoReader(InstanceReader):
     """COCO instances JSON (polygons, compressed and uncompressed RLE) + a folder of images.
 
     Categories map to labels 1..K-1 in increasing category-id order. Crowd annotations are

@@ -14,12 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import DataError
-from .coco import CocoDataset
-from .dsb import DsbDataset
-from .labels import LabelsDataset
+from .coco import CocoReader
+from .dsb import DsbReader
+from .labels import LabelsReader
 from .reader import DEFAULT_CLASS_NAMES, InstanceReader, Sample
 
-__all__ = ["CocoDataset", "DEFAULT_CLASS_NAMES", "DsbDataset", "FORMATS", "InstanceReader", "LabelsDataset",
+__all__ = ["CocoReader", "DEFAULT_CLASS_NAMES", "DsbReader", "FORMATS", "InstanceReader", "LabelsReader",
            "Sample", "open_dataset"]
 
 FORMATS = ("dsb", "labels", "coco")
@@ -42,11 +42,11 @@ def open_dataset(path: str | Path, format: str | None = None, image_dir: str | P
         raise DataError(path, "no such file or folder")
     format = format or _detect_format(path)
     if format == "coco":
-        return CocoDataset(path, image_dir if image_dir is not None else path.parent, skip_bad=skip_bad)
+        return CocoReader(path, image_dir if image_dir is not None else path.parent, skip_bad=skip_bad)
     if format == "labels":
-        return LabelsDataset(path, allow_missing_masks=allow_missing_masks)
+        return LabelsReader(path, allow_missing_masks=allow_missing_masks)
     if format == "dsb":
-        return DsbDataset(path, allow_missing_masks=allow_missing_masks)
+        return DsbReader(path, allow_missing_masks=allow_missing_masks)
     raise DataError(path, f"unknown dataset format '{format}'; use one of {', '.join(FORMATS)}")
 
 

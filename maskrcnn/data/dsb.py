@@ -11,7 +11,7 @@ from .io import read_binary_mask, read_image
 from .reader import DEFAULT_CLASS_NAMES, InstanceReader, Sample, check_shape, existing_dir, image_files
 
 
-class DsbDataset(InstanceReader):
+class DsbReader(InstanceReader):
     """Kaggle DSB2018 layout: ``ROOT/ID/images/ID.png`` and ``ROOT/ID/masks/*.png``.
 
     Each mask file is one instance (nonzero pixels; grey masks saved as RGB or RGBA are read as

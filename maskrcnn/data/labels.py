@@ -11,7 +11,7 @@ from .io import read_image, read_label_image
 from .reader import DEFAULT_CLASS_NAMES, InstanceReader, Sample, check_shape, existing_dir, files_by_stem
 
 
-class LabelsDataset(InstanceReader):
+class LabelsReader(InstanceReader):
     """``ROOT/images/NAME.ext`` + ``ROOT/masks/NAME.ext2`` integer label images (0 = background).
 
     Images and masks pair by file stem; the extensions may differ. Every distinct nonzero id is

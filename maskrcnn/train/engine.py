@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.loader import collate
+from ..data.torch_dataset import collate
 from ..distributed import DistContext, epoch_batches, resolve_device
 from ..runlock import run_lock
 from ..signals import StopSignals

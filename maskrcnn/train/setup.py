@@ -17,7 +17,7 @@ from ..atomic import atomic_write_text, remove_stale_temporaries
 from ..config import Config, nuclei_config
 from ..data.augment import Augment
 from ..data.datasets import InstanceReader, open_dataset
-from ..data.loader import InstanceDataset, split_train_val
+from ..data.torch_dataset import InstanceDataset, split_train_val
 from ..data.normalize import Normalizer
 from ..data.views import RegionReader, SubsetReader
 from ..distributed import DistContext, cpu_has_fast_bfloat16

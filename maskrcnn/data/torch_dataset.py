@@ -1,4 +1,5 @@
-"""From dataset readers to training batches: normalisation, augmentation, targets, splits."""
+"""The torch Dataset over a reader (``InstanceDataset``: normalisation, augmentation, targets),
+batch collation and train/validation splits."""
 
 from __future__ import annotations
 

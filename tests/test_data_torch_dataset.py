@@ -8,8 +8,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from maskrcnn.data.augment import Augment
-from maskrcnn.data.datasets import InstanceReader, LabelsDataset, Sample
-from maskrcnn.data.loader import InstanceDataset, collate, split_train_val
+from maskrcnn.data.datasets import InstanceReader, LabelsReader, Sample
+from maskrcnn.data.torch_dataset import InstanceDataset, collate, split_train_val
 from maskrcnn.data.normalize import Normalizer
 from maskrcnn.data.synthetic import write_synthetic_dataset
 from maskrcnn.structures import Target
@@ -46,10 +46,10 @@ def test_item_is_normalised_image_and_target_without_empty_masks():
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> LabelsDataset:
+def synthetic(tmp_path_factory) -> LabelsReader:
     root = tmp_path_factory.mktemp("synth")
     write_synthetic_dataset(root, n_images=4, size=64, seed=3, n_range=(6, 10), diameter_range=(8, 20))
-    return LabelsDataset(root)
+    return LabelsReader(root)
 
 
 def test_augmented_items_depend_only_on_seed_epoch_and_index(synthetic):
