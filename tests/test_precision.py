@@ -57,3 +57,14 @@ def test_exported_models_refuse_low_precision_by_name(tmp_path):
     onnx_file.write_bytes(b"not read: the precision is checked first")
     with pytest.raises(UserError, match="model.onnx: exported models run in float32"):
         Predictor.from_weights(onnx_file, precision="bf16")
+
+
+def test_the_model_and_an_exported_model_are_both_detectors(tmp_path):
+    """What predict, evaluate and tiling accept (structures.Detector): both kinds satisfy it."""
+    from maskrcnn.deploy import ExportedModel
+    from maskrcnn.structures import Detector
+
+    cfg = Config(**tiny_config())
+    assert isinstance(MaskRCNN(cfg), Detector)
+    assert isinstance(ExportedModel(lambda image: None, cfg, tmp_path / "m.onnx", "ONNX"), Detector)
+    assert not isinstance(object(), Detector)
