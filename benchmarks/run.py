@@ -89,6 +89,9 @@ def child_measure(spec: dict) -> dict:
     if system == "ours":
         model = bc.build_ours(backbone)
         infer, train = bc.infer_ours, bc.train_step_ours
+    elif system == "ours_auto":  # inference as predict runs it (see bench_pair)
+        model = for_inference(bc.build_ours(backbone))
+        infer, train = (lambda m, s: bc.infer_ours(m, s, precision="auto")), None
     else:
         model = bc.build_torchvision(size)
         infer, train = bc.infer_torchvision, bc.train_step_torchvision
@@ -193,6 +196,10 @@ def bench_pair(size: int, warmup: int, repeats: int, memory: bool) -> list[dict]
             m_ours, m_tv = measure_memory("ours", mode, size), measure_memory("torchvision", mode, size)
             rows.append(row(name, size, f"peak_mem_{mode}_mb", peak(m_ours), peak(m_tv),
                             detail={"ours": m_ours, "torchvision": m_tv}))
+            if mode == "infer":
+                m_auto = measure_memory("ours_auto", mode, size)
+                rows.append(row(name, size, "peak_mem_infer_auto_mb", peak(m_auto), peak(m_tv),
+                                detail={"ours_auto": m_auto, "torchvision": m_tv}))
     return rows
 
 
@@ -264,6 +271,7 @@ _METRIC_LABELS = {
     "inference_auto_ms": "inference, as predict runs it (ms)",
     "train_step_ms": "train step (ms)",
     "peak_mem_infer_mb": "peak mem, inference (MB)",
+    "peak_mem_infer_auto_mb": "peak mem, inference as predict runs it (MB)",
     "peak_mem_train_mb": "peak mem, train step (MB)",
 }
 
