@@ -48,6 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
+from maskrcnn.config import nuclei_config  # noqa: E402
 from maskrcnn.model import for_inference  # noqa: E402
 from maskrcnn.precision import autocast_dtype  # noqa: E402
 import large  # noqa: E402
@@ -229,6 +230,28 @@ def bench_ours_only(backbone: str, label: str, size: int, warmup: int, repeats: 
     return rows
 
 
+def bench_default_model(warmup: int, repeats: int) -> list[dict]:
+    """The CLI's default model (``nuclei_config``, ResNet-18): what a user gets. Predict: images per
+    second at 512 and 1024 as ``maskrcnn predict`` runs it (folded, channels_last, --precision auto;
+    100 detections per image, as above); train: steps per second at 256, batch 2 (the CLI's)."""
+    label = "nuclei_config (CLI default)"
+    fields = {**nuclei_config().to_dict(), **bc.OURS_TEST_OVERRIDES}
+    rows = []
+    model = for_inference(bc.build_ours(**fields))
+    for size in (512, 1024):
+        samples = bc.make_samples(size, 1, TRAIN_INSTANCES)
+        bc.log(f"{label} {size}: predict")
+        inf = bc.alternate({"ours": lambda: bc.infer_ours(model, samples, precision="auto")}, warmup, repeats)
+        rows.append(row(label, size, "predict_images_per_s", 1.0 / inf["ours"]["median_s"]))
+    model = bc.build_ours(**fields).train()
+    opt = bc.make_optimizer(model)
+    samples = bc.make_samples(256, 2, TRAIN_INSTANCES)
+    bc.log(f"{label} 256: training step, batch 2")
+    train = bc.alternate({"ours": lambda: bc.train_step_ours(model, opt, samples)}, warmup, repeats)
+    rows.append(row(label, 256, "train_steps_per_s_batch2", 1.0 / train["ours"]["median_s"]))
+    return rows
+
+
 def synthetic_nuclei(size: int, count: int, instances: int) -> tuple[list[bc.Sample], str]:
     """Synthetic nuclei from maskrcnn.data.synthetic.synth_nuclei (``instances`` placed, fewer after
     occlusion), or bench_common's blobs when that module is unavailable."""
@@ -272,6 +295,8 @@ _METRIC_LABELS = {
     "train_step_ms": "train step (ms)",
     "peak_mem_infer_mb": "peak mem, inference (MB)",
     "peak_mem_infer_auto_mb": "peak mem, inference as predict runs it (MB)",
+    "predict_images_per_s": "predict, images / s (as predict runs it)",
+    "train_steps_per_s_batch2": "train steps / s (batch 2)",
     "peak_mem_train_mb": "peak mem, train step (MB)",
 }
 
@@ -334,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--no-resnet18", action="store_true", help="skip ours' ResNet-18 rows")
     parser.add_argument("--no-throughput", action="store_true", help="skip the throughput measurement")
+    parser.add_argument("--no-default-model", action="store_true", help="skip the nuclei_config rows")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's default)")
     parser.add_argument("--no-large", action="store_true", help="skip the large / dense image rows")
     parser.add_argument("--large-weights", type=Path,
@@ -381,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         for size in sizes:
             report["rows"] += bench_ours_only("resnet18", "ResNet-18-FPN (ours)", size, warmup,
                                               min(reps(size), repeats_big), memory)
+    if not args.no_default_model:
+        report["rows"] += bench_default_model(warmup, repeats_big)
     if not args.no_throughput:
         report["throughput"] = bench_throughput(warmup, repeats_big)
     if not (args.no_large or args.quick):
