@@ -313,8 +313,9 @@ def table_lines(rows: list[dict]) -> list[str]:
     lines = ["| model | size | metric | ours | torchvision | ours / tv |",
              "|---|---:|---|---:|---:|---:|"]
     for r in rows:
+        digits = 2 if "_per_s" in r["metric"] else 0  # rates are small numbers
         lines.append(f"| {r['model']} | {r['size']} | {_METRIC_LABELS.get(r['metric'], r['metric'])} | "
-                     f"{_fmt(r['ours'])} | {_fmt(r['torchvision'])} | {_fmt(r['ratio'], 2)} |")
+                     f"{_fmt(r['ours'], digits)} | {_fmt(r['torchvision'], digits)} | {_fmt(r['ratio'], 2)} |")
     return lines
 
 
