@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
 import torchvision
+from torch import Tensor
 from torchvision.ops import nms
 
 # exp() of a log-size delta is clamped so that an untrained head cannot overflow the decode.

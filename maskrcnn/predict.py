@@ -47,8 +47,8 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", precision: str = "auto") -> "Predictor":
         """A training checkpoint, rewritten for inference (``model.for_inference``)."""
-        autocast_dtype(precision, resolve_device(device))  # an unknown name fails before the load
         target = resolve_device(device)
+        autocast_dtype(precision, target)  # an unknown name fails before the load
         ckpt = load_checkpoint(path, map_location=target)
         # every weight is in the checkpoint: the ImageNet file training started from is not needed here
         model = MaskRCNN(ckpt.config.replace(backbone_weights=None))

@@ -45,6 +45,6 @@ class MultiLevelRoiAlign:
             index = torch.nonzero(levels == level).squeeze(1)
             # aligned=False: feature pixel x is centred at x * stride, the spec's anchor centres.
             crops.append(roi_align(feature, rois[index], self.output_size, spatial_scale=1.0 / stride,
-                                   sampling_ratio=self.sampling_ratio, aligned=False).to(features[0].dtype))
+                                   sampling_ratio=self.sampling_ratio, aligned=False))
             order.append(index)
         return torch.cat(crops)[torch.argsort(torch.cat(order))]

@@ -14,6 +14,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from .boxes import split_by_image
 from .config import Config
 
 
@@ -117,9 +118,8 @@ class BatchDetections:
 
     def per_image(self, num_images: int) -> list[Detections]:
         """One Detections per image (eager only: the split sizes are read from the data)."""
-        counts = torch.bincount(self.image, minlength=num_images).tolist()
-        parts = zip(self.boxes.split(counts), self.scores.split(counts), self.labels.split(counts))
-        return [Detections(*part) for part in parts]
+        return [Detections(*part) for part in
+                split_by_image(self.image, num_images, self.boxes, self.scores, self.labels)]
 
     def proposals(self, num_images: int) -> list[Proposals]:
         """One Proposals per image, for the training-time samplers."""
