@@ -1,6 +1,6 @@
-"""The ``maskrcnn`` command: train, predict, evaluate, export, demo.
+"""The ``maskrcnn`` command: train, predict, evaluate, export, models, pretrain, demo.
 
-The CLI only parses flags and calls library functions. A user error (bad data, bad config, a
+The CLI only parses flags; what each subcommand does is in commands.py. A user error (bad data, bad config, a
 missing file) prints one line, ``maskrcnn: error: FILE: PROBLEM``, and exits with code 2.
 
 Exit codes: 0 done; 2 (EXIT_USER_ERROR) a user error, or predict images that could not be read;
@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
 import sys
 import warnings
-from pathlib import Path
 
 from .config import BACKBONES
 from .data.datasets import FORMATS as DATA_FORMATS
@@ -26,11 +24,14 @@ from .export import FORMATS as EXPORT_FORMATS
 from .precision import PRECISIONS
 from .tiling import TILE_OVERLAP
 
-EXIT_USER_ERROR = 2
-EXIT_STOPPED = 75  # stopped early by a signal, cleanly: train --resume / predict --skip-existing continue
+from .commands import (EXIT_STOPPED, EXIT_USER_ERROR, cmd_demo, cmd_evaluate, cmd_export, cmd_models,
+                       cmd_predict, cmd_pretrain, cmd_train)
+
 EXIT_INTERRUPTED = 130  # stopped at once (KeyboardInterrupt); files written atomically stay as they were
 
 
+WEIGHTS_HELP = ("a built-in model's name (see maskrcnn models; e.g. nuclei), a checkpoint (.pt from maskrcnn "
+                "train), or a file from maskrcnn export (.onnx: onnxruntime, TorchScript .pt: torch.jit; CPU)")
 PRECISION_HELP = ("numeric precision: auto = bfloat16 on CPUs with native bfloat16 (AVX512-BF16 or AMX) "
                   "and on CUDA, float32 elsewhere; exported models always run float32")
 
@@ -81,7 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-minutes", type=_positive_float, help="stop cleanly after this wall-clock time")
     train.add_argument("--batch-size", type=_positive_int, default=2)
     train.add_argument("--lr", type=_positive_float, default=1e-3)
-    train.add_argument("--crop", type=_positive_int, default=256, help="training crop size in pixels")
+    train.add_argument("--crop", type=_positive_int,
+                       help="training crop size in pixels (default 128 for p2 at stride 2, as the built-in model; else 256)")
+    train.add_argument("--init", help="start from a built-in model (e.g. nuclei) or a checkpoint, with a fresh "
+                                      "schedule; default: nuclei for one-class data when neither --config nor "
+                                      "--backbone is given; 'none' trains from scratch")
     train.add_argument("--backbone", choices=BACKBONES)
     train.add_argument("--val-every", type=_positive_int, default=200, help="validate and checkpoint every N steps")
     train.add_argument("--checkpoint-every", type=_positive_int,
@@ -99,27 +104,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser("predict", help="segment images with a trained model",
                              description="Writes per image NAME_labels.png, NAME_overlay.png and "
-                                         "NAME_instances.csv, and results_coco.json for all images.")
+                                         "NAME_instances.csv (with --rois NAME_rois.zip, with --geojson "
+                                         "NAME.geojson), and results_coco.json for all images.")
     predict.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
-    predict.add_argument("--weights", required=True,
-                         help="checkpoint (.pt from maskrcnn train), or a file from maskrcnn export "
-                              "(.onnx: onnxruntime, TorchScript .pt: torch.jit; CPU)")
+    predict.add_argument("--weights", required=True, help=WEIGHTS_HELP)
     predict.add_argument("--out", required=True, help="output folder")
     predict.add_argument("--tile", type=_positive_int, help="tile size for large images")
     predict.add_argument("--overlap", type=int, default=TILE_OVERLAP, help="tile overlap in pixels (> 2x object size)")
     predict.add_argument("--kaggle", action="store_true", help="also write a DSB2018 run-length submission.csv")
+    predict.add_argument("--rois", action="store_true",
+                         help="also write NAME_rois.zip per image: one ImageJ polygon ROI per instance, named by "
+                              "its id in NAME_labels.png zero-padded (0001, 0002, ...), for Fiji's ROI Manager")
+    predict.add_argument("--geojson", action="store_true",
+                         help="also write NAME.geojson per image: one polygon per instance as a QuPath detection "
+                              "with its class and the measurements of NAME_instances.csv (drag it onto the "
+                              "image in QuPath)")
     predict.add_argument("--skip-existing", action="store_true",
                          help="skip images whose outputs are all in --out already (continue a stopped run); "
                               "the run's files still cover every image")
     predict.add_argument("--device", choices=DEVICES, default="auto")
-    predict.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
-    predict.add_argument("--no-progress", action="store_true")
+    _inference_flags(predict)
     predict.set_defaults(run=cmd_predict)
 
     evaluate = sub.add_parser("evaluate", help="score a model on an annotated dataset",
                               description="COCO box/mask AP and the microscopy metrics (DSB2018 score, "
                                           "precision, recall, F1, PQ at IoU 0.5..0.95).")
-    evaluate.add_argument("--weights", required=True, help="checkpoint, or a file from maskrcnn export")
+    evaluate.add_argument("--weights", required=True, help=WEIGHTS_HELP)
     evaluate.add_argument("--data", required=True)
     evaluate.add_argument("--format", choices=DATA_FORMATS)
     evaluate.add_argument("--images", help="image folder for --format coco")
@@ -127,20 +137,40 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tile", type=_positive_int)
     evaluate.add_argument("--overlap", type=int, default=TILE_OVERLAP, help="tile overlap in pixels")
     evaluate.add_argument("--device", choices=DEVICES, default="auto")
-    evaluate.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
-    evaluate.add_argument("--no-progress", action="store_true")
+    _inference_flags(evaluate)
     evaluate.set_defaults(run=cmd_evaluate)
 
     export = sub.add_parser("export", help="write a trained model as TorchScript or ONNX",
                             description="The whole inference path (normalisation, backbone, proposals, "
                                         "detections, mask head) with dynamic height and width, plus the "
                                         "config, class names and normaliser; predict --weights runs it.")
-    export.add_argument("--weights", required=True, help="checkpoint (.pt from maskrcnn train)")
+    export.add_argument("--weights", required=True, help="a built-in model's name, or a checkpoint (.pt from maskrcnn train)")
     export.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     export.add_argument("--out", required=True, help="output file (.onnx for onnx, .pt for torchscript)")
     export.add_argument("--size", type=_positive_int, default=256,
                         help="side of the example image traced (height and width stay dynamic)")
     export.set_defaults(run=cmd_export)
+
+    models = sub.add_parser("models", help="list the built-in pretrained models and their cards",
+                            description="Each built-in model: what it was trained on, for how long on what "
+                                        "hardware, the nucleus sizes it expects, its measured scores, its file "
+                                        "size and the licence of its data.")
+    models.set_defaults(run=cmd_models)
+
+    pretrain = sub.add_parser("pretrain", help="regenerate the built-in nuclei model (resumable)",
+                              description="Trains the built-in model's layout on synthetic scenes (and the left "
+                                          "60%% of --real's images); run the same command again to continue. "
+                                          "--publish writes it into the package with its card.")
+    pretrain.add_argument("--out", required=True, help="pretraining folder (its run/ continues across sessions)")
+    pretrain.add_argument("--steps", type=_positive_int, default=5000, help="length of the whole schedule")
+    pretrain.add_argument("--minutes", type=_positive_float, help="stop this session after this long")
+    pretrain.add_argument("--real", help="annotated dataset: the left 60%% of each image trains, the rest scores")
+    pretrain.add_argument("--real-share", type=float, default=0.4, help="fraction of samples from --real")
+    pretrain.add_argument("--publish", action="store_true", help="write the model and its card into the package")
+    pretrain.add_argument("--device", choices=DEVICES, default="auto")
+    pretrain.add_argument("--seed", type=int, default=0)
+    pretrain.add_argument("--no-progress", action="store_true")
+    pretrain.set_defaults(run=cmd_pretrain)
 
     demo = sub.add_parser("demo", help="synthetic nuclei: generate, train, evaluate, predict",
                           description="The whole workflow on synthetic nuclei, in a few minutes on a CPU.")
@@ -150,6 +180,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", choices=DEVICES, default="auto")
     demo.set_defaults(run=cmd_demo)
     return parser
+
+
+def _inference_flags(command: argparse.ArgumentParser) -> None:
+    """Flags predict and evaluate share: precision, input scale, test-time augmentation, progress."""
+    command.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
+    scale = command.add_mutually_exclusive_group()
+    scale.add_argument("--scale", type=_positive_float,
+                       help="resize images by this factor before segmenting (results are in the original size)")
+    scale.add_argument("--diameter", type=_positive_float,
+                       help="typical nucleus diameter in your images, in pixels: resizes them to the built-in "
+                            "model's scale (see maskrcnn models)")
+    command.add_argument("--tta", action="store_true",
+                         help="test-time augmentation: 8 flips and quarter turns, merged (8x the time)")
+    command.add_argument("--no-progress", action="store_true")
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -176,103 +220,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     finally:
         warnings.formatwarning = format_warning  # main() may run inside a larger program (tests)
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from .config import Config, nuclei_config
-    from .distributed import DistContext
-    from .train import TrainOptions, train
-
-    cfg = Config.from_yaml(args.config) if args.config else nuclei_config()
-    if args.backbone:
-        cfg = cfg.replace(backbone=args.backbone)
-    dist = DistContext.from_environment(args.device)
-    opts = TrainOptions(
-        data=args.data, out=args.out, format=args.format, val=args.val, config=cfg, iters=args.iters,
-        epochs=args.epochs, max_minutes=args.max_minutes, batch_size=args.batch_size, lr=args.lr,
-        crop=args.crop, val_every=args.val_every, checkpoint_every=args.checkpoint_every, device=args.device,
-        seed=args.seed, resume=args.resume, skip_bad=args.skip_bad, progress=not args.no_progress,
-        sync_bn=args.sync_bn, amp=args.amp, image_dir=args.images)
-    try:
-        result = train(opts, dist, command="maskrcnn " + shlex.join(args.argv))
-    finally:
-        dist.close()
-    if result.interrupted:
-        if dist.is_main:
-            print(f"maskrcnn: stopped by {result.stopped_by} at step {result.steps}; last.pt written to "
-                  f"{result.last}; continue with: {_resume_command(args.argv, dist.active)}", file=sys.stderr)
-        return EXIT_STOPPED
-    if dist.is_main:
-        metrics = ", ".join(f"{k} {v:.3f}" for k, v in result.final_metrics.items() if k in SUMMARY_KEYS)
-        print(f"trained {result.steps} steps (stopped by {result.stopped_by}); {metrics}")
-        print(f"checkpoints: {result.last}" + (f", {result.best}" if result.best else ""))
-    return 0
-
-
-SUMMARY_KEYS = ("mask_ap", "mask_ap50", "mask_ap75", "box_ap50", "dsb_score")
-
-
-def _resume_command(argv: list[str], distributed: bool) -> str:
-    """The command that continues a stopped run: this one with --resume."""
-    command = shlex.join(argv + ([] if "--resume" in argv else ["--resume"]))
-    return f"torchrun [its options] -m maskrcnn {command}" if distributed else f"maskrcnn {command}"
-
-
-def _check_tiling(args: argparse.Namespace) -> None:
-    if args.tile and not 0 <= args.overlap < args.tile:
-        raise UserError(f"--overlap must be in [0, --tile), got {args.overlap} for --tile {args.tile}")
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import Predictor, predict_files
-
-    _check_tiling(args)
-    predictor = Predictor.from_weights(args.weights, args.device, args.precision)
-    run = predict_files(predictor, args.inputs, args.out, tile=args.tile, overlap=args.overlap,
-                        kaggle=args.kaggle, progress=not args.no_progress, skip_existing=args.skip_existing)
-    for path, why in run.failed:
-        print(f"maskrcnn: skipped {path}: {why}", file=sys.stderr)
-    if run.stopped_by:
-        print(f"maskrcnn: stopped by {run.stopped_by} after {run.done} of {run.total} images (their outputs are "
-              f"complete; {run.images_json} lists them); rerun with --skip-existing to continue", file=sys.stderr)
-        return EXIT_STOPPED
-    kept = f", {len(run.skipped)} skipped (outputs already there)" if run.skipped else ""
-    print(f"{len(run.written)} image(s) segmented{kept}; outputs in {Path(args.out)}/ "
-          f"(overlays: *_overlay.png, COCO results: {run.coco_json.name})")
-    return EXIT_USER_ERROR if run.failed else 0
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .data.datasets import open_dataset
-    from .evaluate import evaluate_model
-    from .predict import Predictor
-
-    _check_tiling(args)
-    predictor = Predictor.from_weights(args.weights, args.device, args.precision)
-    reader = open_dataset(args.data, args.format, image_dir=args.images)
-    report = evaluate_model(predictor.model, predictor.normalizer, reader, device=predictor.device,
-                            progress=not args.no_progress, tile=args.tile, overlap=args.overlap,
-                            precision=predictor.precision)
-    print(report.format_table())
-    if args.out:
-        report.to_json(args.out)
-        print(f"report written to {args.out}")
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_checkpoint
-
-    out = export_checkpoint(args.weights, args.format, args.out, size=args.size)
-    print(f"exported {args.weights} as {args.format} to {out}")
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    run_demo(Path(args.out), minutes=args.minutes, seed=args.seed, device=args.device)
-    return 0
 
 
 if __name__ == "__main__":

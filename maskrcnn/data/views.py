@@ -6,6 +6,8 @@ part and validating on the right part still measures generalisation to unseen nu
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -45,3 +47,37 @@ class SubsetReader(InstanceReader):
 
     def _load(self, index: int) -> Sample:
         return self.reader[self.indices[index]]
+
+
+class ConcatReader(InstanceReader):
+    """The samples of several readers one after the other; their class names must agree."""
+
+    def __init__(self, readers: Sequence[InstanceReader]):
+        if not readers:
+            raise ValueError("ConcatReader needs at least one reader")
+        names = {tuple(r.class_names) for r in readers}
+        if len(names) != 1:
+            raise ValueError(f"readers disagree on their classes: {sorted(names)}")
+        self.readers = list(readers)
+        self.names = [name for r in self.readers for name in r.names]
+        self.class_names = self.readers[0].class_names
+        self.starts = list(itertools.accumulate((len(r) for r in self.readers), initial=0))  # no per-sample table
+
+    def _load(self, index: int) -> Sample:
+        part = bisect.bisect_right(self.starts, index) - 1
+        return self.readers[part][index - self.starts[part]]
+
+
+class CachedReader(InstanceReader):
+    """``reader`` with every sample kept in memory after its first read: for a few large images
+    that a run samples over and over (decoding one with hundreds of instances costs more than
+    a training step's augmentation)."""
+
+    def __init__(self, reader: InstanceReader):
+        self.reader, self.names, self.class_names = reader, reader.names, reader.class_names
+        self.cache: dict[int, Sample] = {}
+
+    def _load(self, index: int) -> Sample:
+        if index not in self.cache:
+            self.cache[index] = self.reader[index]
+        return self.cache[index]

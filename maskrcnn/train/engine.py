@@ -33,6 +33,7 @@ from ..data.torch_dataset import collate
 from ..distributed import DistContext, epoch_batches, resolve_device
 from ..runlock import run_lock
 from ..signals import StopSignals
+from .init import initialise, load_init, with_init_layout
 from .hooks import Checkpointer, HookBase, MetricsLog, ProgressBar, SkipNonFinite, TimeBudget, Validation
 from .schedule import learning_rate, time_budget
 from .setup import (TrainOptions, build_data, build_model, build_optimizer, build_scaler, prepare_run_dir,
@@ -55,6 +56,9 @@ class Trainer:
     """One run's state and its loop; ``run()`` trains until the first of iterations, epochs or time."""
 
     def __init__(self, opts: TrainOptions, dist: DistContext | None = None) -> None:
+        init = load_init(opts.init) if opts.init and not opts.resume else None  # --resume has its weights
+        if init is not None:
+            opts = with_init_layout(opts, init)
         self.opts = opts
         self.dist = dist or DistContext.single()
         self.device = self.dist.device if dist else resolve_device(opts.device)
@@ -69,6 +73,8 @@ class Trainer:
 
         torch.manual_seed(opts.seed)  # the initial weights come from --seed
         self.model = build_model(self.cfg, self.device)
+        if init is not None:
+            initialise(self.model, init, self.cfg, opts.init)
         self.optimizer = build_optimizer(self.model, opts)
         self.scaler = build_scaler(opts, self.device)
         self.step = self.epoch = self.batch_in_epoch = 0  # where the run is: checkpoints carry these
@@ -78,6 +84,7 @@ class Trainer:
         self.skip_reason: str | None = None  # why it was: "loss" or "gradients"
         self.stop_reason: str | None = None
         self.interrupted = False
+        self._batches: tuple[int, torch.Tensor] | None = None  # (epoch, its batches): see next_batch
 
         self.hooks: list[HookBase] = []
         self.log = MetricsLog(self.run_dir, self.dist.is_main)
@@ -154,9 +161,10 @@ class Trainer:
     def next_batch(self) -> list[int]:
         """This rank's samples for the step: a permutation drawn from (seed, epoch), dealt to ranks."""
         self.train_set.set_epoch(self.epoch)  # augmentations come from (seed, epoch, index)
-        batches = epoch_batches(len(self.train_set), self.opts.batch_size, self.dist.rank, self.dist.world_size,
-                                self.opts.seed, self.epoch)
-        return batches[self.batch_in_epoch].tolist()
+        if self._batches is None or self._batches[0] != self.epoch:  # drawn once per epoch, not per step
+            self._batches = (self.epoch, epoch_batches(len(self.train_set), self.opts.batch_size, self.dist.rank,
+                                                       self.dist.world_size, self.opts.seed, self.epoch))
+        return self._batches[1][self.batch_in_epoch].tolist()
 
     def train_step(self, indices: list[int], lr: float) -> dict[str, float] | None:
         """One optimizer step; None (and no update) when the loss, or with AMP off the gradients,

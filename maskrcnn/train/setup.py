@@ -31,7 +31,7 @@ class TrainOptions:
     out: str
     format: str | None = None
     val: str | None = None
-    config: Config = field(default_factory=nuclei_config)
+    config: Config | None = None  # None: nuclei_config(), or with ``init`` that model's own layout
     iters: int | None = None
     epochs: int | None = None
     max_minutes: float | None = None
@@ -40,7 +40,7 @@ class TrainOptions:
     weight_decay: float = 1e-4
     warmup_iters: int = 100
     grad_clip: float = 10.0  # gradients are scaled down to this global norm: one bad batch moves little
-    crop: int = 256
+    crop: int | None = None  # None: 128 for a p2 at stride 2 (the built-in layout), else 256
     val_every: int = 200
     checkpoint_every: int | None = None  # also write last.pt every N steps between validations
     val_fraction: float = 0.2
@@ -53,6 +53,10 @@ class TrainOptions:
     amp: bool = False
     image_dir: str | None = None
     normalizer: Normalizer | None = None
+    # the samples themselves, instead of reading ``data`` (a recipe's mix, e.g. synthetic scenes and
+    # a real image): trusted as built, so not read through before the first step
+    reader: InstanceReader | None = None
+    init: str | None = None  # start from this checkpoint's weights (a path or a built-in name)
 
 
 @dataclass
@@ -72,12 +76,13 @@ def prepare_run_dir(out: str, dist: DistContext) -> Path:
 
 
 def build_data(opts: TrainOptions, dist: DistContext, run_dir: Path) -> TrainData:
-    reader = checked(open_dataset(opts.data, opts.format, image_dir=opts.image_dir, skip_bad=opts.skip_bad),
-                     opts, dist, run_dir / "skipped.txt")
-    cfg = opts.config.replace(num_classes=len(reader.class_names), class_names=list(reader.class_names))
+    reader = opts.reader or checked(open_dataset(opts.data, opts.format, image_dir=opts.image_dir,
+                                                 skip_bad=opts.skip_bad), opts, dist, run_dir / "skipped.txt")
+    cfg = (opts.config or nuclei_config()).replace(num_classes=len(reader.class_names), class_names=list(reader.class_names))
     normalizer = opts.normalizer or Normalizer(channels=cfg.in_channels)
     train_reader, val_reader = split(reader, opts, dist, run_dir)
-    train_set = InstanceDataset(train_reader, normalizer, Augment(crop_size=opts.crop), seed=opts.seed)
+    crop = opts.crop or (128 if cfg.rpn_scales[0] == 2 else 256)  # the same cost per step either way
+    train_set = InstanceDataset(train_reader, normalizer, Augment(crop_size=crop), seed=opts.seed)
     return TrainData(cfg, normalizer, train_set, val_reader)
 
 

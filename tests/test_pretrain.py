@@ -1,0 +1,61 @@
+"""``maskrcnn pretrain``: the recipe of the built-in model mixes synthetic scenes with the left part
+of real images, continues across sessions, and publishes a small model with its card."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from maskrcnn.checkpoint import load_checkpoint
+from maskrcnn.data.io import write_image
+from maskrcnn.data.synthetic_scenes import SceneReader
+from maskrcnn.pretrain import REAL_FRACTION, PretrainOptions, pretrain, score_builtin_run, training_reader, write_builtin
+
+
+@pytest.fixture
+def real(tmp_path):
+    """A labels-layout 'real' dataset: one 96 x 160 image of bright squares."""
+    root = tmp_path / "real"
+    image = np.full((96, 160), 20, np.uint8)
+    labels = np.zeros((96, 160), np.uint16)
+    for k, (y, x) in enumerate([(y, x) for y in (10, 50) for x in (10, 40, 100, 130)], start=1):
+        image[y:y + 20, x:x + 20] = 200
+        labels[y:y + 20, x:x + 20] = k
+    write_image(root / "images" / "a.png", image)
+    write_image(root / "masks" / "a.png", labels)
+    return root
+
+
+def test_mix_has_the_real_share_and_only_the_left_part_of_real_images(real, tmp_path):
+    opts = PretrainOptions(out=str(tmp_path / "p"), real=str(real), real_share=0.25, scenes=300)
+    reader = training_reader(opts)
+    assert len(reader) == 400  # 300 scenes + 100 copies of the one real image's band
+    band = reader[350]
+    assert band.image.shape == (96, round(160 * REAL_FRACTION))
+    assert len(band.masks) == 4  # the squares at x >= 96 are the scoring part's
+    assert isinstance(training_reader(PretrainOptions(out="x", scenes=5)), SceneReader)
+
+
+@pytest.mark.slow
+def test_pretraining_continues_across_sessions_and_publishes(real, tmp_path):
+    out = tmp_path / "p"
+    opts = PretrainOptions(out=str(out), steps=2, real=str(real), scenes=50, batch_size=1, device="cpu",
+                           progress=False)
+    pretrain(opts)
+    assert load_checkpoint(out / "run" / "last.pt").step == 2
+    longer = PretrainOptions(**{**opts.__dict__, "steps": 3})
+    pretrain(longer)  # the same command, a longer schedule: continues from step 2
+    assert load_checkpoint(out / "run" / "last.pt").step == 3
+    sessions = [json.loads(line) for line in (out / "sessions.jsonl").read_text().splitlines()]
+    assert [s["steps"] for s in sessions] == [2, 3]
+
+    scores = score_builtin_run(out / "run" / "last.pt", longer)
+    (key, values), = scores.items()
+    assert "never trained on" in key and 0.0 <= values["mask_ap50"] <= 1.0
+    target = write_builtin(out, scores, longer, folder=tmp_path)
+    card = json.loads((tmp_path / "nuclei.json").read_text())
+    assert card["training"]["steps"] == 3 and card["training"]["sessions"] == 2
+    assert card["scores"] == scores
+    assert target.stat().st_size < 10 * 2**20
