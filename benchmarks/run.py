@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import json
 import os
@@ -48,7 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
-from maskrcnn.config import nuclei_config  # noqa: E402
+from maskrcnn.config import builtin_config, nuclei_config  # noqa: E402
 from maskrcnn.model import for_inference  # noqa: E402
 from maskrcnn.precision import autocast_dtype  # noqa: E402
 import large  # noqa: E402
@@ -231,25 +232,37 @@ def bench_ours_only(backbone: str, label: str, size: int, warmup: int, repeats: 
 
 
 def bench_default_model(warmup: int, repeats: int) -> list[dict]:
-    """The CLI's default model (``nuclei_config``, ResNet-18): what a user gets. Predict: images per
-    second at 512 and 1024 as ``maskrcnn predict`` runs it (folded, channels_last, --precision auto;
-    100 detections per image, as above); train: steps per second at 256, batch 2 (the CLI's)."""
-    label = "nuclei_config (CLI default)"
-    fields = {**nuclei_config().to_dict(), **bc.OURS_TEST_OVERRIDES}
+    """What a user gets: the CLI's default layout (``builtin_config``, the built-in nuclei model's:
+    half-width ResNet-18 trunk, p2 at stride 2, one channel) and ``nuclei_config`` (p2 at stride 4,
+    full width, the previous default), so the stride-2 layout's cost on large images is in the
+    table. Predict: images per second at 512 and 1024 as ``maskrcnn predict`` runs it (folded,
+    channels_last, --precision auto; 100 detections per image, as above); train: steps per second,
+    batch 2, at each layout's default crop (128 and 256: the same number of p2 cells)."""
     rows = []
-    model = for_inference(bc.build_ours(**fields))
-    for size in (512, 1024):
-        samples = bc.make_samples(size, 1, TRAIN_INSTANCES)
-        bc.log(f"{label} {size}: predict")
-        inf = bc.alternate({"ours": lambda: bc.infer_ours(model, samples, precision="auto")}, warmup, repeats)
-        rows.append(row(label, size, "predict_images_per_s", 1.0 / inf["ours"]["median_s"]))
-    model = bc.build_ours(**fields).train()
-    opt = bc.make_optimizer(model)
-    samples = bc.make_samples(256, 2, TRAIN_INSTANCES)
-    bc.log(f"{label} 256: training step, batch 2")
-    train = bc.alternate({"ours": lambda: bc.train_step_ours(model, opt, samples)}, warmup, repeats)
-    rows.append(row(label, 256, "train_steps_per_s_batch2", 1.0 / train["ours"]["median_s"]))
+    for label, cfg, crop in (("builtin_config (CLI default)", builtin_config(), 128),
+                             ("nuclei_config (p2 at stride 4)", nuclei_config(), 256)):
+        fields = {**cfg.to_dict(), **bc.OURS_TEST_OVERRIDES}
+        model = for_inference(bc.build_ours(**fields))
+        for size in (512, 1024):
+            samples = _channels(bc.make_samples(size, 1, TRAIN_INSTANCES), cfg.in_channels)
+            bc.log(f"{label} {size}: predict")
+            inf = bc.alternate({"ours": lambda: bc.infer_ours(model, samples, precision="auto")}, warmup, repeats)
+            rows.append(row(label, size, "predict_images_per_s", 1.0 / inf["ours"]["median_s"]))
+        model = bc.build_ours(**fields).train()
+        opt = bc.make_optimizer(model)
+        samples = _channels(bc.make_samples(crop, 2, TRAIN_INSTANCES // 4 if crop == 128 else TRAIN_INSTANCES),
+                            cfg.in_channels)
+        bc.log(f"{label} {crop}: training step, batch 2")
+        train = bc.alternate({"ours": lambda: bc.train_step_ours(model, opt, samples)}, warmup, repeats)
+        rows.append(row(label, crop, "train_steps_per_s_batch2", 1.0 / train["ours"]["median_s"]))
     return rows
+
+
+def _channels(samples: list[bc.Sample], channels: int) -> list[bc.Sample]:
+    """The samples with one-channel images (their channel mean, as the Normalizer makes) if asked."""
+    if channels == 3:
+        return samples
+    return [dataclasses.replace(s, image=s.image.mean(dim=0, keepdim=True)) for s in samples]
 
 
 def synthetic_nuclei(size: int, count: int, instances: int) -> tuple[list[bc.Sample], str]:
@@ -360,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--no-resnet18", action="store_true", help="skip ours' ResNet-18 rows")
     parser.add_argument("--no-throughput", action="store_true", help="skip the throughput measurement")
-    parser.add_argument("--no-default-model", action="store_true", help="skip the nuclei_config rows")
+    parser.add_argument("--no-default-model", action="store_true", help="skip the rows of the CLI default layouts (builtin_config, nuclei_config)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's default)")
     parser.add_argument("--no-large", action="store_true", help="skip the large / dense image rows")
     parser.add_argument("--large-weights", type=Path,

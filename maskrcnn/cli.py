@@ -46,6 +46,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -83,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=_positive_int, default=2)
     train.add_argument("--lr", type=_positive_float, default=1e-3)
     train.add_argument("--crop", type=_positive_int,
-                       help="training crop size in pixels (default 128 for p2 at stride 2, as the built-in model; else 256)")
+                       help="training crop size in pixels (default 128 for p2 at stride 2, as the built-in "
+                            "model; else 256)")
     train.add_argument("--init", help="start from a built-in model (e.g. nuclei) or a checkpoint, with a fresh "
                                       "schedule; default: nuclei for one-class data when neither --config nor "
                                       "--backbone is given; 'none' trains from scratch")
@@ -94,7 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", choices=DEVICES, default="auto")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
-    train.add_argument("--skip-bad", action="store_true", help="skip unreadable samples (listed in RUN_DIR)")
+    train.add_argument("--skip-bad", action="store_true",
+                       help="skip unreadable samples, before the first step or when first read (listed in "
+                            "RUN_DIR/skipped.txt)")
+    train.add_argument("--check-data", action="store_true",
+                       help="read every sample before the first step (default: check that the files exist and "
+                            "their sizes agree, without decoding; a bad sample then stops the run when first read)")
+    train.add_argument("--workers", type=_count, default=0,
+                       help="DataLoader worker processes reading the batches ahead (default 0: read in the "
+                            "training process); the results are the same for any number")
     train.add_argument("--sync-bn", action="store_true",
                        help="synchronised BatchNorm across processes (CUDA only; on the CPU use `norm: group`)")
     train.add_argument("--amp", action="store_true",
@@ -144,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                             description="The whole inference path (normalisation, backbone, proposals, "
                                         "detections, mask head) with dynamic height and width, plus the "
                                         "config, class names and normaliser; predict --weights runs it.")
-    export.add_argument("--weights", required=True, help="a built-in model's name, or a checkpoint (.pt from maskrcnn train)")
+    export.add_argument("--weights", required=True,
+                        help="a built-in model's name, or a checkpoint (.pt from maskrcnn train)")
     export.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     export.add_argument("--out", required=True, help="output file (.onnx for onnx, .pt for torchscript)")
     export.add_argument("--size", type=_positive_int, default=256,

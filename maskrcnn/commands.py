@@ -35,7 +35,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         epochs=args.epochs, max_minutes=args.max_minutes, batch_size=args.batch_size, lr=args.lr,
         crop=args.crop, val_every=args.val_every, checkpoint_every=args.checkpoint_every, device=args.device,
         seed=args.seed, resume=args.resume, skip_bad=args.skip_bad, progress=not args.no_progress,
-        sync_bn=args.sync_bn, amp=args.amp, image_dir=args.images, init=init)
+        sync_bn=args.sync_bn, amp=args.amp, image_dir=args.images, init=init, check_data=args.check_data,
+        workers=args.workers)
     try:
         result = train(opts, dist, command="maskrcnn " + shlex.join(args.argv))
     finally:
@@ -62,7 +63,7 @@ def _train_init(args: argparse.Namespace) -> str | None:
         return None if args.init == "none" else args.init
     if args.resume or args.config or args.backbone or "nuclei" not in builtin_names():
         return None
-    classes = open_dataset(args.data, args.format, image_dir=args.images).class_names
+    classes = open_dataset(args.data, args.format, image_dir=args.images, skip_bad=args.skip_bad).class_names
     if len(classes) != 2:
         return None
     print("maskrcnn: starting from the built-in nuclei model (--init none trains from scratch)", file=sys.stderr)

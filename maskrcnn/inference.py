@@ -9,7 +9,8 @@ both take the same normalised image and return the same InstanceResult. Around t
   original size: nothing is resampled twice.
 - ``tta``: test-time augmentation over the 8 flips and quarter turns (the dihedral group: an
   optional transpose, then optional flips). Each pass's instances are mapped back to the original
-  frame and all of them go through the one mask NMS, which keeps the best-scored of duplicates.
+  frame and merged before the mask NMS: each cluster of overlapping instances is scored by its
+  mean over the passes (:func:`_voted_scores`), then the one mask NMS keeps its best mask.
 - ``tile``: the image is processed in overlapping tiles (maskrcnn/tiling.py), each tile as above.
 """
 
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .mask.paste import mask_nms, overlapping_mask_iou
 from .mask.postprocess import assemble_result
 from .precision import autocast
 from .structures import Detector, InstanceResult
@@ -64,9 +66,32 @@ def _detect(detector: Detector, image: Tensor, device: torch.device | str, scale
     boxes = boxes * torch.tensor([size[1] / scaled[1], size[0] / scaled[0]] * 2, dtype=boxes.dtype)
     order = torch.argsort(scores, descending=True)
     cfg = detector.cfg
-    probs = probs[order]
-    return assemble_result(boxes[order], scores[order], labels[order], probs, probs > cfg.mask_test_mask_threshold,
-                           size, cfg)
+    boxes, scores, labels, probs = boxes[order], scores[order], labels[order], probs[order]
+    binary = probs > cfg.mask_test_mask_threshold
+    if len(found) > 1:
+        scores = _voted_scores(binary, boxes, scores, len(found), cfg.mask_test_nms_overlap_threshold)
+        kept = scores > cfg.mask_test_nms_pre_score_threshold
+        order = torch.argsort(scores[kept], descending=True)
+        boxes, scores, labels, probs, binary = (t[kept][order] for t in (boxes, scores, labels, probs, binary))
+    return assemble_result(boxes, scores, labels, probs, binary, size, cfg)
+
+
+def _voted_scores(binary: Tensor, boxes: Tensor, scores: Tensor, passes: int, threshold: float) -> Tensor:
+    """Each instance's score as its cluster's mean over the TTA passes (a pass that missed it adds 0).
+
+    Instances sorted by descending score; a cluster is a mask-NMS survivor and the instances it
+    suppresses (mask IoU above ``threshold``). The survivor keeps its mask and box; an instance
+    found in one orientation only falls to an eighth of its score, so the merged result keeps what
+    the passes agree on instead of the union of every pass's false positives.
+    """
+    keep = mask_nms(binary, boxes, threshold)
+    i, j, iou = overlapping_mask_iou(binary, boxes)  # pairs j < i: j scores higher
+    joined = (iou > threshold) & keep[j] & ~keep[i]
+    leader = torch.arange(len(scores))
+    # each suppressed instance joins the highest-scoring survivor that overlaps it
+    leader.scatter_reduce_(0, i[joined], j[joined], reduce="amin", include_self=False)
+    total = torch.zeros_like(scores).index_add_(0, leader, scores)
+    return torch.where(keep, total / passes, torch.zeros_like(scores))
 
 
 def _apply(image: Tensor, transpose: bool, flip_x: bool, flip_y: bool) -> Tensor:

@@ -12,8 +12,8 @@ import numpy as np
 from .atomic import atomic_write_bytes
 
 if TYPE_CHECKING:
-    import matplotlib.pyplot as plt
     import torch
+    from matplotlib.figure import Figure
 
 LOSS_KEYS = ["rpn_cls", "rpn_reg", "rcnn_cls", "rcnn_reg", "mask"]
 # Fixed so that a label image is drawn in the same colours on every run (reproducible overlays).
@@ -24,11 +24,11 @@ PALETTE_MIN = 80  # channel values from here to 255: no colour dark enough to va
 # --- training curves ------------------------------------------------------------------------------
 def plot_training_curves(log_path: str | Path, png_path: str | Path) -> None:
     """Loss parts (smoothed) and validation metrics from a metrics.jsonl, as one PNG."""
-    plt = _pyplot()
     records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
     train = [r for r in records if "rpn_cls" in r]
     val = [r for r in records if any(k.startswith("val_") for k in r)]
-    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = _figure(figsize=(11, 4))
+    ax_loss, ax_val = fig.subplots(1, 2)
     for key in LOSS_KEYS:
         steps = np.array([r["step"] for r in train])
         values = np.array([r[key] for r in train])
@@ -47,17 +47,15 @@ def plot_training_curves(log_path: str | Path, png_path: str | Path) -> None:
     _save(fig, png_path)
 
 
-def _pyplot():
-    """matplotlib.pyplot on the Agg backend (no display on servers and CI).
+def _figure(**options) -> "Figure":
+    """A matplotlib Figure drawn without pyplot: no global backend is chosen or changed, so this
+    works headless and inside a GUI (napari) alike.
 
     Imported on first use: prediction draws its overlays with numpy alone and need not load it.
     """
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**options)
 
 
 def _smooth(values: np.ndarray, window: int = 20) -> np.ndarray:
@@ -69,10 +67,9 @@ def _smooth(values: np.ndarray, window: int = 20) -> np.ndarray:
     return np.concatenate([head, np.convolve(values, kernel, mode="valid")])
 
 
-def _save(fig: plt.Figure, png_path: str | Path) -> None:
+def _save(fig: "Figure", png_path: str | Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
-    _pyplot().close(fig)
     atomic_write_bytes(png_path, buffer.getvalue())
 
 
@@ -112,9 +109,9 @@ def save_comparison(png_path: str | Path, left: list[Path], right: list[Path], t
     """The first ``rows`` overlays of two runs side by side (same images, same order), one figure."""
     from PIL import Image
 
-    plt = _pyplot()
     rows = min(rows, len(left), len(right))
-    fig, axes = plt.subplots(rows, 2, figsize=(8, 4 * rows), squeeze=False)
+    fig = _figure(figsize=(8, 4 * rows))
+    axes = fig.subplots(rows, 2, squeeze=False)
     for row in range(rows):
         for col, (files, title) in enumerate(zip((left, right), titles)):
             axes[row, col].imshow(np.asarray(Image.open(files[row])))

@@ -79,7 +79,11 @@ def pretrain(opts: PretrainOptions) -> Path:
 
 
 def _log_session(out: Path, steps: int, seconds: float, opts: PretrainOptions) -> None:
-    """Append this session (steps reached, minutes, hardware) to OUT/sessions.jsonl for the card."""
+    """Append this session (steps reached, minutes, hardware) to OUT/sessions.jsonl for the card;
+    a session that trained no step (e.g. the run was complete, only --publish) is not one."""
+    history = sessions(out)
+    if history and history[-1]["steps"] == steps:
+        return
     record = {"steps": steps, "minutes": round(seconds / 60, 1), "device": _hardware(opts.device),
               "date": time.strftime("%Y-%m-%d")}
     with open(out / "sessions.jsonl", "a") as f:
@@ -124,7 +128,8 @@ def write_builtin(out: str | Path, scores: dict[str, Any], opts: PretrainOptions
                      "recipe": f"maskrcnn pretrain --out OUT --steps {opts.steps}"
                                + (f" --real {opts.real}" if opts.real else "") + " --publish"},
         "input": "one channel (RGB is averaged); any bit depth (each image scaled by its own 1st-99.8th "
-                 "percentiles); nuclei about 10 to 40 px across, best near 20 px",
+                 "percentiles); trained on nuclei of about 7 to 60 px across (synthetic) and about 20 px "
+                 "(the real image); --diameter D rescales images whose nuclei are D px across to 20 px",
         "diameter_px": 20.0,
         "scale": "for other sizes pass --diameter D (the typical nucleus diameter in your images, in pixels; "
                  "images are resized by 20/D) or --scale F",

@@ -3,10 +3,11 @@
 Each case builds its input under ``tmp_path`` (nothing binary is stored in the repository) and
 states what the command must do with it: either handle it (``problem=None``; the handling is
 listed in the README's Troubleshooting section) or fail with exit code 2 and one line on stderr
-that names the file and the problem, with no traceback. Training scans every sample before the
-first step, so a bad sample stops ``train`` at once wherever it sits in the dataset; with
-``--skip-bad`` the bad samples are skipped and listed in RUN_DIR/skipped.txt. ``predict`` reports
-each bad image on its own line and writes the others.
+that names the file and the problem, with no traceback. Training checks every sample's files and
+sizes before the first step, and with ``--check-data`` reads every sample, so a bad sample stops
+``train`` at once wherever it sits in the dataset (one that passes the cheap check stops it when
+first read: tests/test_data_check.py); with ``--skip-bad`` the bad samples are skipped and listed
+in RUN_DIR/skipped.txt. ``predict`` reports each bad image on its own line and writes the others.
 """
 
 from __future__ import annotations
@@ -549,10 +550,10 @@ LABELS_LAYOUT_BAD = [name for name, case in DATA_CASES.items()
 
 
 def test_train_fails_fast_on_a_bad_sample_it_has_not_reached_yet(tmp_path, tiny_yaml, capsys):
-    """The scan before the first step finds the bad sample, whichever batch it would be in."""
+    """The --check-data scan before the first step finds the bad sample, whichever batch it would be in."""
     root = merged_labels_dataset(tmp_path, ["image_png_truncated"], good=6)
     code, _, err = cli(capsys, "train", "--data", root, "--out", tmp_path / "run", "--config", tiny_yaml,
-                       "--iters", "1", "--batch-size", "1", *FAST)
+                       "--iters", "1", "--batch-size", "1", "--check-data", *FAST)
     check_one_line_error(code, err, root / "images" / "image_png_truncated.png", "cannot read image")
     assert "--skip-bad" in err
     assert not (tmp_path / "run" / "last.pt").exists()
@@ -565,7 +566,7 @@ def test_train_skip_bad_skips_and_lists_every_bad_sample(tmp_path, tiny_yaml, ca
     run = tmp_path / "run"
     with pytest.warns(UserWarning, match=f"skipped {len(LABELS_LAYOUT_BAD)} unreadable sample"):
         code, out, err = cli(capsys, "train", "--data", root, "--val", val, "--out", run, "--config", tiny_yaml,
-                             "--iters", "1", "--batch-size", "2", "--skip-bad", *FAST)
+                             "--iters", "1", "--batch-size", "2", "--skip-bad", "--check-data", *FAST)
     assert code == 0, err
     assert "trained 1 steps" in out and "Traceback" not in err
     listed = dict(line.split("\t", 1) for line in (run / "skipped.txt").read_text().splitlines())
@@ -593,7 +594,7 @@ def test_train_skip_bad_skips_bad_coco_images(tmp_path, tiny_yaml, capsys):
     run = tmp_path / "run"
     with pytest.warns(UserWarning, match="skipped 3 unreadable sample"):
         code, out, err = cli(capsys, "train", "--data", *args, "--out", run, "--config", tiny_yaml, "--iters", "1",
-                             "--batch-size", "1", "--skip-bad", *FAST)
+                             "--batch-size", "1", "--skip-bad", "--check-data", *FAST)
     assert code == 0, err
     listed = (run / "skipped.txt").read_text()
     assert "gone\t" in listed and "no such file" in listed
@@ -612,12 +613,12 @@ def test_train_skip_bad_skips_and_lists_bad_dsb_samples(tmp_path, tiny_yaml, cap
         DATA_CASES[name].build(tmp_path / "cases" / name)
         (tmp_path / "cases" / name / "x").rename(root / name)  # the sample folder is named after its case
     code, _, err = cli(capsys, "train", "--data", root, "--format", "dsb", "--out", tmp_path / "refused",
-                       "--config", tiny_yaml, "--iters", "1", "--batch-size", "1", *FAST)
+                       "--config", tiny_yaml, "--iters", "1", "--batch-size", "1", "--check-data", *FAST)
     check_one_line_error(code, err, root, "(train --skip-bad skips bad samples)")
     run = tmp_path / "run"
     with pytest.warns(UserWarning, match=f"skipped {len(bad)} unreadable sample"):
         code, out, err = cli(capsys, "train", "--data", root, "--format", "dsb", "--out", run, "--config", tiny_yaml,
-                             "--iters", "1", "--batch-size", "1", "--skip-bad", *FAST)
+                             "--iters", "1", "--batch-size", "1", "--skip-bad", "--check-data", *FAST)
     assert code == 0, err
     assert "trained 1 steps" in out and "Traceback" not in err
     listed = dict(line.split("\t", 1) for line in (run / "skipped.txt").read_text().splitlines())

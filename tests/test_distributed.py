@@ -39,7 +39,7 @@ from maskrcnn.data.datasets import open_dataset
 from maskrcnn.data.torch_dataset import split_train_val
 from maskrcnn.data.synthetic import write_synthetic_dataset
 from maskrcnn.data.views import SubsetReader
-from maskrcnn.distributed import cpu_has_fast_bfloat16
+from maskrcnn.distributed import cpu_has_fast_bfloat16, epoch_batches
 from maskrcnn.evaluate import evaluate_model
 from maskrcnn.model import MaskRCNN
 from maskrcnn.predict import Predictor
@@ -298,3 +298,32 @@ def test_amp_on_cpu_autocasts_to_bfloat16_and_keeps_the_losses_in_float32(worksp
     after = list(trainer.model.parameters())
     assert all(p.dtype == torch.float32 for p in after)               # master weights stay float32
     assert sum(not torch.equal(b, p) for b, p in zip(before, after)) > 0.9 * len(after)
+
+
+def test_a_sample_found_bad_on_one_rank_stops_every_rank_or_is_skipped_by_all(workspace, tmp_path):
+    """The sample rank 1 reads at step 2 passes the check before the first step (its pixel data
+    is cut short, its header whole). Both ranks stop with its one-line error (rank 0 never read
+    it), or with --skip-bad both train on: no rank is left waiting for the other."""
+    data = tmp_path / "data"
+    shutil.copytree(workspace / "data", data)
+    reader = open_dataset(data)
+    train_indices, _ = split_train_val(reader, 0.2, SEED)
+    position = int(epoch_batches(len(train_indices), 1, 1, 2, SEED, 0)[1, 0])  # rank 1, step 2
+    bad = data / "images" / f"{reader.names[train_indices[position]]}.png"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    argv = lambda run, *more: ["train", "--data", data, "--config", workspace / "tiny.yaml", "--out", run,  # noqa: E731
+                               "--iters", STEPS, "--batch-size", 1, *COMMON, *more]
+
+    results = launch(2, argv(tmp_path / "refused"), timeout=300)
+    for result in results:
+        assert result.returncode == 2, result.stderr[-3000:]
+        line = result.stderr.splitlines()[-1]
+        assert line.startswith(f"maskrcnn: error: {bad}: cannot read image (") and "--skip-bad" in line, line
+    assert [r["step"] for r in train_rows(tmp_path / "refused")] == [1]
+
+    results = launch(2, argv(tmp_path / "run", "--skip-bad"), timeout=300)
+    for rank, result in enumerate(results):
+        assert result.returncode == 0, f"rank {rank}:\n{result.stderr[-3000:]}"
+    assert f"{bad}: cannot read image" in results[0].stderr and bad.stem not in results[1].stderr  # rank 0 says it
+    assert (tmp_path / "run" / "skipped.txt").read_text().startswith(f"{bad.stem}\t{bad}: cannot read image (")
+    assert [r["step"] for r in train_rows(tmp_path / "run")] == list(range(1, STEPS + 1))

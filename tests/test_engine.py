@@ -2,7 +2,9 @@
 
 A hook registered after the defaults sees the trainer as the defaults left it; a stop it
 requests after a step ends the run there with last.pt written at that step, and a run resumed
-from that checkpoint ends with exactly the weights of one that was never stopped.
+from that checkpoint ends with exactly the weights of one that was never stopped. DataLoader
+workers (``workers``) read the same batches as the training process itself, so they change
+neither the weights nor an exact resume.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from maskrcnn.checkpoint import load_checkpoint
 from maskrcnn.config import nuclei_config
 from maskrcnn.data.synthetic import write_synthetic_dataset
+from maskrcnn.distributed import epoch_batches
 from maskrcnn.errors import UserError
 from maskrcnn.train import MAX_BAD_STEPS, HookBase, TrainOptions, Trainer
 
@@ -33,10 +36,18 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
-def trainer(data: Path, run: Path, iters: int, val_every: int, resume: bool = False) -> Trainer:
+def trainer(data: Path, run: Path, iters: int, val_every: int, resume: bool = False, **options) -> Trainer:
     opts = TrainOptions(data=str(data), out=str(run), config=nuclei_config(**TINY), iters=iters, batch_size=2,
-                        crop=48, val_every=val_every, device="cpu", progress=False, resume=resume)
+                        val_every=val_every, device="cpu", progress=False, resume=resume, **{"crop": 48, **options})
     return Trainer(opts)
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """Two checkpoints hold exactly the same model and optimizer state."""
+    a, b = load_checkpoint(a), load_checkpoint(b)
+    for name, tensor in a.model_state.items():
+        assert torch.equal(tensor, b.model_state[name]), name
+    assert all(torch.equal(x, y) for x, y in zip(flat_tensors(a.optimizer_state), flat_tensors(b.optimizer_state)))
 
 
 def log_steps(run: Path) -> tuple[list[int], list[int]]:
@@ -163,3 +174,52 @@ def test_non_finite_gradients_in_a_row_abort_like_non_finite_losses(data, tmp_pa
     assert last.step == 2 and t.step == 2
     for name, tensor in t.model.state_dict().items():  # skipped steps changed nothing
         assert torch.equal(tensor, last.model_state[name]), name
+
+
+# --- DataLoader workers ------------------------------------------------------------------------------------
+def test_workers_read_the_batches_and_augmentations_the_training_process_reads(data, tmp_path):
+    """Epoch by epoch, from the start and from a position (a resume), with torch on two threads in
+    this process: a 128-pixel crop of 3 channels is large enough for torch to split the intensity
+    jitter's mean over threads, as it never does in a worker."""
+    from maskrcnn.train.loading import BatchLoader
+
+    t = trainer(data, tmp_path / "run", iters=6, val_every=100, crop=128)
+    inline, workers = BatchLoader(t.train_set), BatchLoader(t.train_set, workers=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for epoch, start in [(0, 0), (1, 0), (2, 1)]:
+            t.train_set.set_epoch(epoch)
+            table = epoch_batches(len(t.train_set), 2, 0, 1, 0, epoch)
+            for position in range(start, len(table)):
+                indices = table[position].tolist()
+                a = inline.load(indices)
+                b = workers.load(indices, epoch, position, table)
+                assert a.indices == b.indices == indices and not a.bad and not b.bad
+                for x, y in zip(a.images, b.images):
+                    assert x.shape == (3, 128, 128) and torch.equal(x, y)
+                for x, y in zip(a.targets, b.targets):
+                    assert x.seed == y.seed and torch.equal(x.masks, y.masks) and torch.equal(x.boxes, y.boxes)
+    finally:
+        torch.set_num_threads(threads)
+        workers.close()
+
+
+def test_training_with_workers_ends_with_the_weights_of_training_without(data, tmp_path, one_thread):
+    inline = trainer(data, tmp_path / "inline", iters=5, val_every=100).run()
+    workers = trainer(data, tmp_path / "workers", iters=5, val_every=100, workers=2).run()
+    assert inline.steps == workers.steps == 5
+    assert_same_weights(inline.last, workers.last)
+    assert log_steps(tmp_path / "inline") == log_steps(tmp_path / "workers")
+
+
+def test_a_run_with_workers_stopped_mid_epoch_resumes_exactly(data, tmp_path, one_thread):
+    stopped = trainer(data, tmp_path / "stopped", iters=6, val_every=2, workers=2)
+    stopped.register(StopAt(3, "after_step", interrupted=True))
+    stopped.run()
+    ckpt = load_checkpoint(tmp_path / "stopped" / "last.pt")
+    assert (ckpt.step, ckpt.epoch, ckpt.batch_in_epoch) == (3, 1, 1)  # the resume starts mid-epoch
+    resumed = trainer(data, tmp_path / "stopped", iters=6, val_every=2, resume=True, workers=2).run()
+    whole = trainer(data, tmp_path / "whole", iters=6, val_every=2).run()  # no workers
+    assert resumed.steps == whole.steps == 6
+    assert_same_weights(resumed.last, whole.last)

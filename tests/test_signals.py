@@ -258,6 +258,58 @@ def test_a_signal_stops_train_after_a_step_and_resume_ends_like_an_uninterrupted
     assert log_steps(run) == log_steps(uninterrupted) == (list(range(1, STEPS + 1)), [4, 8, 10])
 
 
+def process_group(args: list, cwd: Path) -> subprocess.Popen:
+    """``python -m maskrcnn ARGS`` as :func:`process` starts it, leading a process group of its own, as
+    a command run from a terminal does: a terminal's Ctrl-C (and Slurm's signals) reach the group."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "maskrcnn", *map(str, args)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def group_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_with_workers_a_signal_to_the_process_group_stops_train_after_a_step_and_resume_is_exact(
+        sig, data, uninterrupted, tmp_path, replay_rng):
+    """The same with --workers 2 and the signal sent to every process of the group, the DataLoader
+    workers included: they ignore it, the training process stops as without them and ends them."""
+    run, args = tmp_path / "run", train_args(data, tmp_path / "run") + ["--workers", "2"]
+    after, delay = int(replay_rng.integers(1, 5)), float(replay_rng.uniform(0.0, 0.3))
+    proc = process_group(args, cwd=tmp_path)
+    wait_for(lambda: len(log_steps(run)[0]) >= after, proc)
+    time.sleep(delay)
+    os.killpg(proc.pid, sig)
+    code, out, err = finish(proc)
+
+    assert code == EXIT_STOPPED and out == "" and "Traceback" not in err, err
+    assert err.count(f"maskrcnn: {sig.name} received: stopping after the current step") == 1, err  # not the workers
+    match = STOPPED_LINE.fullmatch(err.splitlines()[-1])
+    assert match and match[1] == sig.name and match[4] == "maskrcnn " + shlex.join(args + ["--resume"]), err
+    step = int(match[2])
+    assert after <= step < STEPS and load_checkpoint(run / "last.pt").step == step
+    assert log_steps(run) == (list(range(1, step + 1)), list(range(4, step + 1, 4)))
+    assert not (run / "run.lock").exists() and not list(run.glob(".*.tmp"))
+    deadline = time.monotonic() + 10
+    while not group_gone(proc.pid) and time.monotonic() < deadline:  # no worker outlives the run
+        time.sleep(0.05)
+    assert group_gone(proc.pid)
+
+    code, out, err = finish(process_group(args + ["--resume"], cwd=tmp_path))
+    assert code == 0, err
+    a, b = load_checkpoint(uninterrupted / "last.pt"), load_checkpoint(run / "last.pt")  # trained without workers
+    assert (a.step, a.epoch, a.batch_in_epoch) == (b.step, b.epoch, b.batch_in_epoch)
+    assert same_state(a.model_state, b.model_state) and same_state(a.optimizer_state, b.optimizer_state)
+    assert log_steps(run) == log_steps(uninterrupted) == (list(range(1, STEPS + 1)), [4, 8, 10])
+
+
 SLOW_LAST_SAVE = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path

@@ -12,7 +12,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from ..errors import DataError
-from .io import read_image
+from .io import read_image, read_image_size
 from .reader import InstanceReader, Sample, existing_dir
 
 
@@ -110,10 +110,7 @@ class CocoReader(InstanceReader):
         entry = self._images[index]
         path = self.image_dir / entry["file_name"]
         image = read_image(path)
-        height, width = image.shape[:2]
-        if (height, width) != (entry["height"], entry["width"]):
-            raise DataError(path, f"image is {height}x{width} (HxW) but {self.json_path.name} says "
-                                  f"{entry['height']}x{entry['width']}")
+        height, width = self._check_size(path, image.shape[:2], entry)
         masks, labels = [], []
         for ann in self._annotations[entry["id"]]:
             mask = self._decode(ann, height, width)
@@ -122,6 +119,20 @@ class CocoReader(InstanceReader):
                 labels.append(self._label_of[ann["category_id"]])
         stacked = np.stack(masks) if masks else np.zeros((0, height, width), dtype=bool)
         return Sample(self.names[index], image, stacked, np.asarray(labels, dtype=np.int64), str(path))
+
+    def _check_header(self, index: int) -> None:
+        """The image exists and its header's size is the JSON's (annotations are checked when read)."""
+        entry = self._images[index]
+        path = self.image_dir / entry["file_name"]
+        self._check_size(path, read_image_size(path), entry)
+
+    def _check_size(self, path: Path, size: tuple[int, int], entry: dict[str, Any]) -> tuple[int, int]:
+        """``size`` (H, W), after checking that it is the size the JSON gives the image."""
+        height, width = size
+        if (height, width) != (entry["height"], entry["width"]):
+            raise DataError(path, f"image is {height}x{width} (HxW) but {self.json_path.name} says "
+                                  f"{entry['height']}x{entry['width']}")
+        return height, width
 
     def _decode(self, ann: dict[str, Any], height: int, width: int) -> np.ndarray:
         """Rasterise one annotation's segmentation to an (H, W) bool mask."""

@@ -3,7 +3,8 @@
 All readers share one interface (``len``, ``reader[i] -> Sample``, ``names``, ``class_names``
 with "background" first, ``left_out``). File lists are resolved when a reader is built, so
 layout problems show up at once; pixels are read lazily, one sample per ``__getitem__``, and a
-bad sample raises :class:`~maskrcnn.errors.DataError` when it is read.
+bad sample raises :class:`~maskrcnn.errors.DataError` when it is read. ``check_header(i)`` checks
+a sample without decoding pixels (its files exist, their headers agree on the size).
 
 The readers live in :mod:`.dsb`, :mod:`.labels` and :mod:`.coco` (the shared parts in
 :mod:`.reader`); this module opens them and re-exports them.

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .io import read_binary_mask, read_image
+from .io import read_binary_mask, read_image, read_image_size, read_mask_size
 from .reader import DEFAULT_CLASS_NAMES, InstanceReader, Sample, check_shape, existing_dir, image_files
 
 
@@ -47,6 +47,12 @@ class DsbReader(InstanceReader):
         stacked = np.stack(masks) if masks else np.zeros((0, *image.shape[:2]), dtype=bool)
         return Sample(self.names[index], image, stacked, np.ones(len(masks), dtype=np.int64),
                       str(image_path))
+
+    def _check_header(self, index: int) -> None:
+        image_path = self._images[index]
+        size = read_image_size(image_path)
+        for file in self._mask_files(image_path.parent.parent):
+            check_shape(file, read_mask_size(file), size)
 
     def _mask_files(self, folder: Path) -> list[Path]:
         """The mask files of sample folder ``folder``; see the class docstring when it has none."""

@@ -2,13 +2,19 @@
 
 Every problem with a file (missing, empty, truncated, not an image, wrong shape) raises
 :class:`maskrcnn.errors.DataError` naming the file, so the CLI can report it and exit 2.
+
+:func:`read_image_size` and :func:`read_mask_size` give the (H, W) that the readers would give
+from the file's header alone, without decoding pixels: the cheap check ``train`` makes of every
+sample before its first step (a file whose pixel data is damaged passes it and fails when read).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -39,7 +45,30 @@ def read_image(path: str | Path) -> np.ndarray:
     Other shapes (1-D, 5-D, ...) raise :class:`DataError`.
     """
     path = Path(path)
-    array = _load(path, keep_palette=False)
+    return _image_plane(path, _load(path, keep_palette=False))
+
+
+def read_image_size(path: str | Path) -> tuple[int, int]:
+    """The (H, W) of the image :func:`read_image` gives, read from the file's header: no pixel is
+    decoded (Pillow opens lazily, tifffile reads the page structure, ``.npy`` is memory-mapped).
+    Raises :class:`DataError` as :func:`read_image` would for a missing, empty or unreadable
+    file and for an unsupported shape; damaged pixel data is found only by reading the image."""
+    path = Path(path)
+    return _image_plane(path, _shape_only(*_header(path, keep_palette=False))).shape[:2]
+
+
+def read_mask_size(path: str | Path) -> tuple[int, int]:
+    """The (H, W) of the mask :func:`read_binary_mask` or :func:`read_label_image` gives, from the
+    file's header (see :func:`read_image_size`). Channel values (colour masks, fractional ids)
+    are not checked: they need the pixels."""
+    path = Path(path)
+    shape, _ = _header(path, keep_palette=True)
+    return _mask_layout(path, _drop_unit_axes(_shape_only(shape, np.dtype(np.uint8))).shape)
+
+
+def _image_plane(path: Path, array: np.ndarray) -> np.ndarray:
+    """The (H, W) or (H, W, C) plane :func:`read_image` returns of a decoded ``array``; also run on
+    a pixel-less array of the header's shape, so that sizes from headers agree with reads."""
     if array.dtype.kind not in "biuf":
         raise DataError(path, f"unsupported pixel type {array.dtype}")
     array = _drop_unit_axes(array)
@@ -51,6 +80,11 @@ def read_image(path: str | Path) -> np.ndarray:
         raise DataError(path, f"unsupported image shape {array.shape}; expected (H, W), (H, W, C) "
                               f"or (C, H, W) with C <= {MAX_CHANNELS}, or a stack of those")
     return array
+
+
+def _shape_only(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An array of ``shape`` and ``dtype`` that holds no memory (one broadcast zero): shape logic only."""
+    return np.broadcast_to(np.zeros((), dtype=dtype), shape)
 
 
 def read_binary_mask(path: str | Path) -> np.ndarray:
@@ -126,21 +160,66 @@ def write_image(path: str | Path, image: np.ndarray) -> None:
 
 def _load(path: Path, keep_palette: bool) -> np.ndarray:
     """Decode a file into an array of any shape, turning every failure into a DataError."""
-    if not path.is_file():
-        raise DataError(path, "no such file" if not path.exists() else "not a file")
-    if path.stat().st_size == 0:
-        raise DataError(path, "empty file (0 bytes)")
-    suffix = path.suffix.lower()
-    if suffix not in IMAGE_EXTENSIONS:
-        raise DataError(path, f"unsupported file type '{suffix}'; expected one of "
-                              f"{', '.join(IMAGE_EXTENSIONS)}")
-    try:
+    suffix = _checked_file(path)
+    with _unreadable(path):
         if suffix == ".npy":
             return np.load(path, allow_pickle=False)
         if suffix in TIFF_EXTENSIONS:
             with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
                 return tif.series[0].asarray()
         return _load_pil(path, keep_palette)
+
+
+def _header(path: Path, keep_palette: bool) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of the array :func:`_load` would decode, from the file's header only. Pillow
+    gives no dtype before decoding: uint8 stands for it (every Pillow mode is numeric)."""
+    suffix = _checked_file(path)
+    with _unreadable(path):
+        if suffix == ".npy":
+            array = np.load(path, mmap_mode="r", allow_pickle=False)  # maps, reads nothing; refuses objects
+            shape, dtype = array.shape, array.dtype
+            del array
+            return shape, dtype
+        if suffix in TIFF_EXTENSIONS:
+            with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                return tuple(series.shape), series.dtype
+        with Image.open(path) as image:  # lazy: reads the header, decodes nothing
+            mode = image.mode
+            if mode == "P" and not keep_palette:
+                mode = "RGBA" if "transparency" in image.info else "RGB"
+            mode = _PIL_CONVERSIONS.get(mode, mode)
+            bands = Image.getmodebands(mode)
+            width, height = image.size
+        return ((height, width) if bands == 1 else (height, width, bands)), np.dtype(np.uint8)
+
+
+def _checked_file(path: Path) -> str:
+    """The file's lower-case suffix, after checking it is a non-empty file of a known type."""
+    try:
+        info = path.stat()  # one system call: the cheap check makes this for every file of a dataset
+    except OSError as err:
+        if err.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EBADF):  # what Path.exists ignores
+            raise
+        raise DataError(path, "no such file") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise DataError(path, "not a file")
+    if info.st_size == 0:
+        raise DataError(path, "empty file (0 bytes)")
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_EXTENSIONS:
+        raise DataError(path, f"unsupported file type '{suffix}'; expected one of "
+                              f"{', '.join(IMAGE_EXTENSIONS)}")
+    return suffix
+
+
+@contextlib.contextmanager
+def _unreadable(path: Path) -> Iterator[None]:
+    """Turn whatever a decoder raises into one DataError naming the file."""
+    try:
+        yield
+    except DataError:
+        raise
     # Decoders raise many unrelated types (OSError, ValueError, SyntaxError, struct.error,
     # zlib.error, ...) for corrupt input; all of them mean "this file cannot be read".
     except Exception as exc:
@@ -190,9 +269,7 @@ def mask_channel(path: str | Path, array: np.ndarray) -> np.ndarray:
     """
     if array.ndim == 2:
         return array
-    if array.ndim != 3 or array.shape[-1] not in (2, 3, 4):
-        raise DataError(path, f"mask is not 2-D (shape {array.shape}); expected one channel "
-                              "of instance ids or 0/nonzero values")
+    _mask_layout(path, array.shape)
     has_alpha = array.shape[-1] in (2, 4)
     colour = array[..., :-1] if has_alpha else array
     visible = array[..., -1] != 0 if has_alpha else np.ones(array.shape[:2], dtype=bool)
@@ -208,6 +285,17 @@ def mask_channel(path: str | Path, array: np.ndarray) -> np.ndarray:
                               "the others transparent); save the instance in a nonzero colour, "
                               "e.g. white on black")
     return value
+
+
+def _mask_layout(path: str | Path, shape: tuple[int, ...]) -> tuple[int, int]:
+    """The (H, W) of a mask array of ``shape`` (after unit axes are dropped): 2-D, or channels-last
+    with 2 to 4 channels (grey + alpha, RGB, RGBA); anything else is refused."""
+    if len(shape) == 2:
+        return tuple(shape)
+    if len(shape) != 3 or shape[-1] not in (2, 3, 4):
+        raise DataError(path, f"mask is not 2-D (shape {tuple(shape)}); expected one channel "
+                              "of instance ids or 0/nonzero values")
+    return tuple(shape[:2])
 
 
 def _drop_unit_axes(array: np.ndarray) -> np.ndarray:

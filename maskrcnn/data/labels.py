@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .io import read_image, read_label_image
+from .io import read_image, read_image_size, read_label_image, read_mask_size
 from .reader import DEFAULT_CLASS_NAMES, InstanceReader, Sample, check_shape, existing_dir, files_by_stem
 
 
@@ -45,6 +45,12 @@ class LabelsReader(InstanceReader):
         else:
             masks = np.zeros((0, *image.shape[:2]), dtype=bool)
         return Sample(name, image, masks, np.ones(len(masks), dtype=np.int64), str(self._images[name]))
+
+    def _check_header(self, index: int) -> None:
+        name = self.names[index]
+        size = read_image_size(self._images[name])
+        if name in self._masks:
+            check_shape(self._masks[name], read_mask_size(self._masks[name]), size)
 
 
 def _label_masks(path: Path, shape: tuple[int, int]) -> np.ndarray:

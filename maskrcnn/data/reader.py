@@ -4,6 +4,7 @@ folder helpers of the folder layouts. The readers live in dsb.py, labels.py and 
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,9 +51,23 @@ class InstanceReader(ABC):
         return len(self.names)
 
     def __getitem__(self, index: int) -> Sample:
+        return self._load(self._in_range(index))
+
+    def check_header(self, index: int) -> None:
+        """Check sample ``index`` without decoding its pixels: its files exist and their headers
+        agree (an image and its masks have one size). Raises :class:`DataError` as reading the
+        sample would; a sample that passes may still fail when read (damaged pixel data, colour
+        masks, bad RLE). ``train`` checks every sample so before its first step."""
+        self._check_header(self._in_range(index))
+
+    def _check_header(self, index: int) -> None:
+        """What :meth:`check_header` does; a reader without a cheaper check reads the sample."""
+        self._load(index)
+
+    def _in_range(self, index: int) -> int:
         if not -len(self) <= index < len(self):
             raise IndexError(f"sample {index} out of range for {len(self)} samples")
-        return self._load(index % len(self))
+        return index % len(self)
 
     @abstractmethod
     def _load(self, index: int) -> Sample:
@@ -68,8 +83,10 @@ def existing_dir(path: str | Path) -> Path:
 
 def image_files(folder: Path) -> list[Path]:
     """Image files directly in ``folder``, sorted by name; hidden files are ignored."""
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+    with os.scandir(folder) as entries:  # file types from the listing: no system call per file on most systems
+        return sorted(folder / e.name for e in entries
+                      if not e.name.startswith(".") and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS
+                      and e.is_file())
 
 
 def files_by_stem(folder: Path) -> dict[str, Path]:

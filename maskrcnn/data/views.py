@@ -36,6 +36,9 @@ class RegionReader(InstanceReader):
         return replace(sample, name=self.names[index], image=sample.image[:, x0:x1],
                        masks=masks[keep], labels=sample.labels[keep])
 
+    def _check_header(self, index: int) -> None:
+        self.reader.check_header(index)
+
 
 class SubsetReader(InstanceReader):
     """The samples of ``reader`` at ``indices``, in that order."""
@@ -47,6 +50,9 @@ class SubsetReader(InstanceReader):
 
     def _load(self, index: int) -> Sample:
         return self.reader[self.indices[index]]
+
+    def _check_header(self, index: int) -> None:
+        self.reader.check_header(self.indices[index])
 
 
 class ConcatReader(InstanceReader):
@@ -67,6 +73,10 @@ class ConcatReader(InstanceReader):
         part = bisect.bisect_right(self.starts, index) - 1
         return self.readers[part][index - self.starts[part]]
 
+    def _check_header(self, index: int) -> None:
+        part = bisect.bisect_right(self.starts, index) - 1
+        self.readers[part].check_header(index - self.starts[part])
+
 
 class CachedReader(InstanceReader):
     """``reader`` with every sample kept in memory after its first read: for a few large images
@@ -81,3 +91,7 @@ class CachedReader(InstanceReader):
         if index not in self.cache:
             self.cache[index] = self.reader[index]
         return self.cache[index]
+
+    def _check_header(self, index: int) -> None:
+        if index not in self.cache:
+            self.reader.check_header(index)

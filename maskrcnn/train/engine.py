@@ -17,6 +17,11 @@ Checkpointer and calls ``trainer.request_stop(reason, interrupted=True)`` in ``a
 loop ends, the final validation is left out and the Checkpointer writes last.pt at that step,
 before the later hook's ``after_train`` runs.
 
+Each step's samples are read by a ``BatchLoader`` (loading.py): in this process, or with
+--workers N in DataLoader worker processes, with the same batches and results. A sample that
+cannot be read stops the run with its one-line error, or with --skip-bad is left out of its batch
+(``usable``); a batch left with no sample is skipped like a non-finite step, but counts as none.
+
 ``train()`` is the whole run: it holds the run directory's lock (maskrcnn/runlock.py) and, until
 the loop starts, lets these signals stop it at once, so that the lock is released.
 """
@@ -24,20 +29,22 @@ the loop starts, lets these signals stop it at once, so that the lock is release
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..data.torch_dataset import collate
 from ..distributed import DistContext, epoch_batches, resolve_device
+from ..errors import DataError, UserError
 from ..runlock import run_lock
 from ..signals import StopSignals
 from .init import initialise, load_init, with_init_layout
 from .hooks import Checkpointer, HookBase, MetricsLog, ProgressBar, SkipNonFinite, TimeBudget, Validation
+from .loading import Batch, BatchLoader, BadSample
 from .schedule import learning_rate, time_budget
-from .setup import (TrainOptions, build_data, build_model, build_optimizer, build_scaler, prepare_run_dir,
-                    warn_if_slow_amp)
+from .setup import (SKIP_BAD_HINT, TrainOptions, append_listing, build_data, build_model, build_optimizer,
+                    build_scaler, prepare_run_dir, warn_if_slow_amp)
 from .signals import SignalStop
 
 
@@ -60,12 +67,17 @@ class Trainer:
         if init is not None:
             opts = with_init_layout(opts, init)
         self.opts = opts
+        if opts.workers < 0:
+            raise UserError(f"--workers must be 0 or more, got {opts.workers}")
         self.dist = dist or DistContext.single()
         self.device = self.dist.device if dist else resolve_device(opts.device)
         self.run_dir = prepare_run_dir(opts.out, self.dist)
         data = build_data(opts, self.dist, self.run_dir)
         self.cfg, self.normalizer, self.train_set, self.val_reader = (data.config, data.normalizer,
                                                                       data.train_set, data.val_reader)
+        self.listing, self.val_listing = data.listing, data.val_listing
+        self.val_checked = opts.check_data or opts.reader is not None  # else read at the first validation
+        self.loader = BatchLoader(self.train_set, opts.workers, pin_memory=self.device.type == "cuda")
         self.global_batch = opts.batch_size * self.dist.world_size  # images per optimizer step
         self.batches_per_epoch = max(1, math.ceil(len(self.train_set) / self.global_batch))
         self.total_steps = opts.iters or (opts.epochs * self.batches_per_epoch if opts.epochs else None)
@@ -81,7 +93,7 @@ class Trainer:
         self.best_score: float | None = None  # the best validation mask AP so far
         self.metrics: dict[str, float] = {}  # the latest validation's scores
         self.losses: dict[str, float] | None = None  # the latest step's; None when it was skipped
-        self.skip_reason: str | None = None  # why it was: "loss" or "gradients"
+        self.skip_reason: str | None = None  # why it was: "loss", "gradients" or "data" (no readable sample)
         self.stop_reason: str | None = None
         self.interrupted = False
         self._batches: tuple[int, torch.Tensor] | None = None  # (epoch, its batches): see next_batch
@@ -115,6 +127,7 @@ class Trainer:
         try:
             return self._loop()
         finally:
+            self.loader.close()
             for hook in self.hooks:
                 hook.close()
 
@@ -167,11 +180,17 @@ class Trainer:
         return self._batches[1][self.batch_in_epoch].tolist()
 
     def train_step(self, indices: list[int], lr: float) -> dict[str, float] | None:
-        """One optimizer step; None (and no update) when the loss, or with AMP off the gradients,
-        are not finite (``skip_reason`` says which)."""
+        """One optimizer step on the samples at ``indices``; None (and no update) when the loss, or
+        with AMP off the gradients, are not finite, or no sample could be read (``skip_reason``
+        says which)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        images, targets = collate([self.train_set[i] for i in indices])
+        self.skip_reason = None
+        usable = self.usable(self.read_batch(indices))
+        if usable is None:
+            self.skip_reason = "data"
+            return None
+        images, targets = usable
         self.net.train()
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.opts.amp):
             losses = self.net(images, targets).losses
@@ -179,7 +198,6 @@ class Trainer:
         # ranks (a rank skipping backward alone would leave the others waiting in DDP's all-reduce).
         logged = self.dist.mean_floats(losses.as_floats())
         self.optimizer.zero_grad(set_to_none=True)
-        self.skip_reason = None
         if not all(math.isfinite(v) for v in logged.values()):
             self.skip_reason = "loss"
             return None
@@ -195,6 +213,43 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return logged | {"lr": lr}
+
+    def read_batch(self, indices: list[int]) -> Batch:
+        """The samples at ``indices``: with workers, from the DataLoader when they are this step's
+        batch (they are in the loop; a caller may ask for others, which are read here)."""
+        table = self._batches[1] if self._batches is not None and self._batches[0] == self.epoch else None
+        current = (table is not None and self.batch_in_epoch < len(table)
+                   and table[self.batch_in_epoch].tolist() == list(indices))
+        return self.loader.load(indices, self.epoch, self.batch_in_epoch, table if current else None)
+
+    def usable(self, batch: Batch) -> tuple[list[torch.Tensor], list] | None:
+        """The batch's readable (images, targets); None when some rank has none (every rank then
+        skips the step). A sample that could not be read stops the run with its one-line error, or
+        with --skip-bad is left out: a warning names it, RUN_DIR/skipped.txt lists it (rank 0
+        writes) and it is not read again. Under torchrun the ranks share what they found, so all
+        stop, or all know the sample, alike: one small all-reduce per step."""
+        found = list({b.index: b for b in batch.bad if not b.known}.values())
+        empty = not batch.images
+        if self.dist.active:
+            counts = self.dist.mean_floats({"bad": float(len(found)), "empty": float(empty)})
+            empty = counts["empty"] > 0
+            if counts["bad"] > 0:
+                found = list({b.index: b for part in self.dist.all_gather_objects(found) for b in part}.values())
+        found = [b for b in found if not self.loader.bad[b.index]]  # a worker may have read it before it was known
+        if found:
+            self.leave_out(sorted(found, key=lambda b: b.index))
+        return None if empty else (batch.images, batch.targets)
+
+    def leave_out(self, found: list[BadSample]) -> None:
+        """Stop on the first of samples found bad, or with --skip-bad never read them again."""
+        if not self.opts.skip_bad:
+            raise DataError(found[0].path, f"{found[0].problem} {SKIP_BAD_HINT}")
+        for bad in found:
+            self.loader.bad[bad.index] = True
+        if self.dist.is_main:
+            append_listing(self.listing, [(b.name, f"{b.path}: {b.problem}") for b in found])
+            for bad in found:
+                warnings.warn(f"{bad.path}: {bad.problem}; sample {bad.name} skipped (listed in {self.listing})")
 
     @property
     def amp_dtype(self) -> torch.dtype:

@@ -26,7 +26,7 @@ from ..data.normalize import Normalizer
 from ..errors import UserError
 from ..evaluate import evaluate_model
 from ..plots import plot_training_curves
-from .setup import build_model, build_optimizer
+from .setup import build_model, build_optimizer, checked
 
 if TYPE_CHECKING:
     from .engine import Trainer
@@ -79,7 +79,8 @@ class TimeBudget(HookBase):
 class SkipNonFinite(HookBase):
     """A step that ``train_step`` skipped (non-finite loss, or with AMP off non-finite gradients)
     changes nothing: its forward pass's BatchNorm statistics are undone. The run is aborted
-    after MAX_BAD_STEPS such steps in a row, pointing at the last good checkpoint."""
+    after MAX_BAD_STEPS such steps in a row, pointing at the last good checkpoint. A step skipped
+    because no sample of its batch could be read (--skip-bad) ran nothing and counts as neither."""
 
     def before_train(self) -> None:
         self.in_row: list[str] = []
@@ -91,6 +92,9 @@ class SkipNonFinite(HookBase):
         t = self.trainer
         if t.losses is not None:
             self.in_row = []
+            return
+        if t.skip_reason == "data":
+            warnings.warn(f"step {t.step}: no readable sample in the batch, step skipped")
             return
         warnings.warn(f"step {t.step}: non-finite {t.skip_reason}, step skipped")
         with torch.no_grad():
@@ -163,7 +167,9 @@ class MetricsLog(HookBase):
 
 class Validation(HookBase):
     """Every ``every`` steps and once at the end: score the model on the validation images, log
-    the scores, save last.pt (and best.pt when mask AP improved) and redraw the curves."""
+    the scores, save last.pt (and best.pt when mask AP improved) and redraw the curves. The first
+    time, each validation image is read once beforehand (unless --check-data read it before the
+    first step): a bad one stops the run, or with --skip-bad is left out and listed."""
 
     def __init__(self, every: int, log: MetricsLog, checkpoints: Checkpointer) -> None:
         self.every, self.log, self.checkpoints = every, log, checkpoints
@@ -196,6 +202,9 @@ class Validation(HookBase):
 
     def validate(self) -> dict[str, float]:
         t = self.trainer
+        if not t.val_checked:  # only files and sizes were checked before the first step: read them now
+            t.val_reader = checked(t.val_reader, t.opts, t.dist, t.val_listing, full=True, validation=True)
+            t.val_checked = True
         if len(t.val_reader) == 0:
             return {}
         t.dist.broadcast_buffers(t.model)  # every rank validates the model rank 0 saves

@@ -47,8 +47,9 @@ def initialise(model: torch.nn.Module, ckpt: Checkpoint, cfg: Config, source: st
     if ckpt.config.num_classes != cfg.num_classes:
         fresh = sorted(k for k in state if k.startswith(CLASS_SPECIFIC))
         state = {k: v for k, v in state.items() if k not in fresh}
+        layers = ", ".join(sorted({k.rsplit(".", 1)[0] for k in fresh}))
         warnings.warn(f"--init {source}: {ckpt.config.num_classes - 1} class(es) there, {cfg.num_classes - 1} "
-                      f"here; the class-specific layers start fresh ({', '.join(sorted({k.rsplit('.', 1)[0] for k in fresh}))})")
+                      f"here; the class-specific layers start fresh ({layers})")
     own = model.state_dict()
     wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if wrong:

@@ -1,0 +1,228 @@
+"""What the napari widget does, without Qt or napari: segment an array, measure its instances,
+fine-tune a model on an image and its corrected labels. The widget (``_widget.py``) runs these in a
+worker thread and passes ``report`` (progress) and ``cancel`` (a ``threading.Event``).
+
+Everything goes through the library's own code paths: ``Predictor`` (as ``maskrcnn predict``),
+``outputs.instance_table`` (the rows of ``NAME_instances.csv``) and the training engine
+(``TrainOptions(reader=...)``, as ``maskrcnn train --init``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ..data.reader import InstanceReader, Sample
+from ..errors import UserError
+from ..outputs import TABLE_FIELDS, instance_table
+from ..predict import Predictor
+from ..structures import InstanceResult
+from ..tiling import TILE_OVERLAP, fitted_tile, tile_starts
+from ..train import HookBase
+
+AUTO_TILE_ABOVE = 2048  # images larger than this (either side) are segmented in tiles...
+AUTO_TILE = 1024  # ...of at most this many pixels (as ``maskrcnn predict --tile 1024``)
+
+MAX_MASK_BYTES = 2 * 2**30  # the (G, H, W) bool masks training reads an image's instances as
+
+Report = Callable[[int, str], None]  # (percent 0..100, or -1 when unknown; a line of text)
+
+
+class Cancelled(Exception):
+    """The user pressed Stop."""
+
+
+def _no_report(percent: int, text: str) -> None:
+    pass
+
+
+# --- models ----------------------------------------------------------------------------------------
+def load_predictor(spec: str, device: str = "auto", precision: str = "auto") -> Predictor:
+    """A built-in model's name, a checkpoint or an exported file, as ``predict --weights`` takes it."""
+    spec = spec.strip()
+    if not spec:
+        raise UserError("choose a model: a built-in name (e.g. nuclei) or a checkpoint / exported file")
+    from ..builtin import is_builtin
+
+    if not is_builtin(spec) and not Path(spec).is_file():
+        raise UserError(f"{spec}: no built-in model of that name and no such file")
+    return Predictor.from_weights(spec, device, precision)
+
+
+def can_fine_tune(spec: str) -> None:
+    """Raise UserError when ``spec`` is a model that training cannot start from (an exported file)."""
+    from ..builtin import is_builtin
+    from ..deploy import exported_kind
+
+    if not is_builtin(spec) and Path(spec).is_file() and exported_kind(spec):
+        raise UserError(f"{spec}: an exported model runs inference only; fine-tune the checkpoint it was "
+                        "exported from")
+
+
+# --- segmentation ---------------------------------------------------------------------------------
+def auto_tile(shape: tuple[int, ...], tile: int = 0) -> int | None:
+    """The tile size for an image of ``shape`` (H, W, ...): ``tile`` when > 0, else AUTO_TILE for
+    images larger than AUTO_TILE_ABOVE on a side, else None (the whole image at once)."""
+    if tile > 0:
+        return tile
+    return AUTO_TILE if max(shape[:2]) > AUTO_TILE_ABOVE else None
+
+
+def tile_count(shape: tuple[int, ...], tile: int | None, overlap: int) -> int:
+    """How many tiles ``maskrcnn.tiling.predict_tiled`` cuts an image of ``shape`` into."""
+    if not tile:
+        return 1
+    height, width = shape[:2]
+    rows = tile_starts(height, fitted_tile(height, tile, overlap), overlap)
+    cols = tile_starts(width, fitted_tile(width, tile, overlap), overlap)
+    return len(rows) * len(cols)
+
+
+class _CountingDetector:
+    """A Detector that reports each call (one per tile) and stops between tiles when cancelled."""
+
+    def __init__(self, detector, total: int, report: Report, cancel: threading.Event | None) -> None:
+        self._detector, self._total, self._report, self._cancel = detector, total, report, cancel
+        self._done = 0
+
+    def __call__(self, images):
+        if self._cancel is not None and self._cancel.is_set():
+            raise Cancelled()
+        if self._total > 1:
+            self._report(int(100 * self._done / self._total), f"segmenting tile {self._done + 1} of {self._total}")
+        output = self._detector(images)
+        self._done += 1
+        return output
+
+    def __getattr__(self, name):  # cfg, training, eval, train, ...: the wrapped detector's
+        return getattr(self._detector, name)
+
+
+def segment_array(predictor: Predictor, image: np.ndarray, tile: int | None = None, overlap: int = TILE_OVERLAP,
+                  report: Report = _no_report, cancel: threading.Event | None = None
+                  ) -> tuple[InstanceResult, list[dict]]:
+    """A raw (H, W) or (H, W, C) image -> its instances and their measurements, as ``maskrcnn
+    predict`` computes them (the label image of NAME_labels.png, the rows of NAME_instances.csv)."""
+    image = np.asarray(image)
+    if tile and not 0 <= overlap < tile:
+        raise UserError(f"the tile overlap must be in [0, tile), got {overlap} for tile {tile}")
+    total = tile_count(image.shape, tile, overlap)
+    counting = dataclasses.replace(predictor, model=_CountingDetector(predictor.model, total, report, cancel))
+    report(0 if total > 1 else -1, "segmenting" + (f" in {total} tiles" if total > 1 else ""))
+    result = counting(image, tile, overlap)
+    report(100, "measuring")
+    return result, instance_table(result, image, predictor.class_names)
+
+
+def features_table(rows: list[dict]) -> dict[str, list]:
+    """The instance table as columns for a napari Labels layer's ``features``: ``index`` (the label
+    id, which napari matches to label values) first, then the CSV's other columns."""
+    columns = {"index": [r["id"] for r in rows]}
+    columns.update({k: [r[k] for r in rows] for k in TABLE_FIELDS if k != "id"})
+    return columns
+
+
+# --- fine-tuning ----------------------------------------------------------------------------------
+class ArrayReader(InstanceReader):
+    """One image and its label image (0 background, each other id one instance) as a dataset.
+
+    ``copies`` lists the sample that many times, so that a batch holds as many different random
+    crops of it (augmentations are drawn per (seed, epoch, index)).
+    """
+
+    def __init__(self, image: np.ndarray, labels: np.ndarray, class_names: list[str], name: str = "napari",
+                 copies: int = 2) -> None:
+        image, labels = np.asarray(image), np.asarray(labels)
+        if labels.ndim != 2:
+            raise UserError(f"{name}: the labels must be one plane (H, W), got shape {labels.shape}")
+        if tuple(image.shape[:2]) != tuple(labels.shape):
+            raise UserError(f"{name}: the labels are {labels.shape[0]}x{labels.shape[1]} but the image is "
+                            f"{image.shape[0]}x{image.shape[1]} (HxW)")
+        if labels.dtype.kind not in "iub":
+            raise UserError(f"{name}: labels must be integer ids, got {labels.dtype}")
+        if labels.dtype.kind == "i" and labels.size and labels.min() < 0:
+            raise UserError(f"{name}: labels have negative ids")
+        ids = np.unique(labels)
+        ids = ids[ids > 0]
+        if len(ids) * labels.size > MAX_MASK_BYTES:
+            raise UserError(f"{name}: {len(ids)} instances on {labels.shape[0]}x{labels.shape[1]} pixels need "
+                            f"{len(ids) * labels.size / 2**30:.1f} GB of masks; fine-tune on a crop of the image "
+                            "and its labels")
+        self.image = image
+        self.masks = labels[None] == ids[:, None, None]  # (G, H, W) bool
+        self.name = name
+        self.class_names = list(class_names)
+        self.names = [f"{name}#{i}" for i in range(copies)]
+
+    @property
+    def instances(self) -> int:
+        return len(self.masks)
+
+    def _load(self, index: int) -> Sample:
+        return Sample(self.names[index], self.image, self.masks, np.ones(len(self.masks), np.int64), self.name)
+
+
+class ProgressHook(HookBase):
+    """A training hook (``maskrcnn.train.HookBase``'s points) that reports each step and stops the
+    run when ``cancel`` is set (as a signal would: last.pt is written at the step reached)."""
+
+    def __init__(self, report: Report, cancel: threading.Event | None, minutes: float | None,
+                 iters: int | None) -> None:
+        self.report, self.cancel, self.minutes, self.iters = report, cancel, minutes, iters
+
+    def before_train(self) -> None:
+        self.started = time.monotonic()
+        self.report(0, "training")
+
+    def before_step(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            self.trainer.request_stop("stopped", interrupted=True)
+
+    def after_step(self) -> None:
+        t = self.trainer
+        if t.losses is None:
+            return
+        elapsed = time.monotonic() - self.started
+        fractions = [t.step / self.iters] if self.iters else []
+        if self.minutes:
+            fractions.append(elapsed / (60 * self.minutes))
+        percent = int(100 * min(1.0, max(fractions))) if fractions else -1
+        loss = sum(v for k, v in t.losses.items() if k != "lr")
+        self.report(percent, f"training: step {t.step}, loss {loss:.3f}, {elapsed:.0f} s")
+
+
+def fine_tune(image: np.ndarray, labels: np.ndarray, init: str, out: str | Path, *, minutes: float | None = 1.0,
+              iters: int | None = None, lr: float = 1e-3, warmup_iters: int = 10, device: str = "auto",
+              seed: int = 0, name: str = "napari", report: Report = _no_report,
+              cancel: threading.Event | None = None):
+    """Train from ``init`` (a built-in name or a checkpoint) on one image and its label image for at
+    most ``minutes`` and/or ``iters`` steps, into run folder ``out``; returns the ``TrainResult``
+    (its ``last`` is the fine-tuned checkpoint). No validation: every labelled pixel trains."""
+    from ..checkpoint import load_checkpoint
+    from ..builtin import resolve_weights
+    from ..distributed import DistContext
+    from ..runlock import run_lock
+    from ..train import TrainOptions, Trainer
+
+    can_fine_tune(init)
+    if not minutes and not iters:
+        raise UserError("give the fine-tuning a time budget (minutes) or a number of steps")
+    class_names = load_checkpoint(resolve_weights(init)).config.class_names
+    reader = ArrayReader(image, labels, class_names, name)
+    if reader.instances == 0:
+        raise UserError(f"{name}: the labels hold no instances to learn from")
+    opts = TrainOptions(data=f"napari layers ({name})", out=str(out), reader=reader, init=init,
+                        max_minutes=minutes or None, iters=iters or None, val_fraction=0.0,
+                        val_every=10**9, lr=lr, warmup_iters=warmup_iters, device=device, seed=seed,
+                        progress=False)
+    hook = ProgressHook(report, cancel, minutes, iters)
+    report(-1, f"preparing the fine-tuning ({reader.instances} instances)")
+    with run_lock(out, DistContext.single(), command=f"napari fine-tune from {init}"):
+        trainer = Trainer(opts)
+        trainer.register(hook)
+        return trainer.run()

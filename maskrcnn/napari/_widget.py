@@ -1,0 +1,449 @@
+"""The napari dock widget: segment an image layer, measure the instances, fine-tune on corrections.
+
+Work runs in a napari worker thread (``napari.qt.threading.create_worker``), so the viewer stays
+responsive; it reports progress through a Qt signal, which Qt delivers in the main thread. Layers
+are read in the main thread before a job starts (copies of the plane in view) and written there
+when it returns.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout,
+                            QHeaderView, QLabel, QLineEdit, QProgressBar, QPushButton, QSpinBox,
+                            QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
+
+from ..builtin import builtin_names
+from ..errors import UserError
+from ..outputs import TABLE_FIELDS, write_csv
+from ..tiling import TILE_OVERLAP
+from ._core import AUTO_TILE, AUTO_TILE_ABOVE, Cancelled, auto_tile, can_fine_tune, features_table, fine_tune, \
+    load_predictor, segment_array
+
+MAX_TABLE_ROWS = 5000  # rows shown in the dock; the layer's features and a saved CSV hold all of them
+
+
+class _Signals(QObject):
+    progress = Signal(int, str)  # percent (-1: unknown), text
+
+
+def _is(layer, kind: str) -> bool:
+    """Whether ``layer`` is a napari Image or Labels layer (``kind``). isinstance, not type(): napari
+    hands plugins proxies of its objects."""
+    import napari.layers
+
+    return isinstance(layer, getattr(napari.layers, kind))
+
+
+def _plane(layer, viewer) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The 2-D plane of an image or labels layer that the viewer shows (a copy) and its index in the
+    layer's leading axes: () for a 2-D (or RGB) layer, e.g. (z,) for a z-stack."""
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    lead = data.ndim - (1 if getattr(layer, "rgb", False) else 0) - 2
+    if lead <= 0:
+        return np.array(data), ()
+    coords = layer.world_to_data(viewer.dims.point)
+    index = tuple(int(np.clip(round(float(c)), 0, n - 1)) for c, n in zip(coords[:lead], data.shape[:lead]))
+    return np.array(data[index]), index
+
+
+class MaskRCNNWidget(QWidget):
+    """Segment with a Mask R-CNN model; fine-tune it on labels corrected in napari."""
+
+    def __init__(self, napari_viewer, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.worker = None  # the running job's worker, None when idle
+        self.work_threads: list[int] = []  # the thread each job ran in (threading.get_ident())
+        self.last_error: BaseException | None = None  # the last job's error, None after a success
+        self.rows: list[dict] = []  # the instance table of the last segmentation
+        self.output_layer = None  # the Labels layer the last segmentation added
+        self._predictor = None  # (spec, Predictor): the model last loaded
+        self._cancel = threading.Event()
+        self._signals = _Signals()
+        self._signals.progress.connect(self._on_progress)
+        self._started = 0.0
+        self._build()
+        self._refresh_layers()
+        for name in ("inserted", "removed", "moved"):
+            getattr(self.viewer.layers.events, name).connect(self._refresh_layers)
+        self.viewer.layers.selection.events.active.connect(self._on_active_layer)
+        for layer in self.viewer.layers:
+            layer.events.name.connect(self._refresh_layers)
+        self._on_active_layer()
+
+    # --- layout ------------------------------------------------------------------------------------
+    def _build(self) -> None:
+        self.model_combo = QComboBox()
+        self.model_combo.setEditable(True)
+        self.model_combo.addItems(builtin_names())
+        self.model_combo.setToolTip("a built-in model's name, or a checkpoint (.pt) or exported (.onnx, .pt) file")
+        self.model_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.model_combo.setMinimumContentsLength(12)
+        browse_model = QPushButton("…")
+        browse_model.setToolTip("choose a checkpoint or exported model file")
+        browse_model.clicked.connect(self._browse_model)
+        model_row = QHBoxLayout()
+        model_row.addWidget(self.model_combo, 1)
+        model_row.addWidget(browse_model)
+
+        self.image_combo = QComboBox()
+        self.tile_spin = QSpinBox()
+        self.tile_spin.setRange(0, 1 << 16)
+        self.tile_spin.setSingleStep(256)
+        self.tile_spin.setSpecialValueText("auto")
+        self.tile_spin.setSuffix(" px")
+        self.tile_spin.setToolTip(f"tile size for large images; auto: tiles of {AUTO_TILE} px above "
+                                  f"{AUTO_TILE_ABOVE} px, else the whole image at once")
+        self.overlap_spin = QSpinBox()
+        self.overlap_spin.setRange(0, 1 << 15)
+        self.overlap_spin.setValue(TILE_OVERLAP)
+        self.overlap_spin.setSuffix(" px")
+        self.overlap_spin.setToolTip("overlap of neighbouring tiles: more than twice the largest object")
+        self.segment_button = QPushButton("Segment")
+        self.segment_button.clicked.connect(self.segment)
+
+        form = QFormLayout()
+        form.addRow("Model", model_row)
+        form.addRow("Image", self.image_combo)
+        tiles = QHBoxLayout()
+        tiles.addWidget(self.tile_spin)
+        tiles.addWidget(QLabel("overlap"))
+        tiles.addWidget(self.overlap_spin)
+        form.addRow("Tile", tiles)
+
+        self.labels_combo = QComboBox()
+        self.labels_combo.setToolTip("the corrected labels of the image (0 background, one id per instance)")
+        self.minutes_spin = QDoubleSpinBox()
+        self.minutes_spin.setRange(0.0, 24 * 60.0)
+        self.minutes_spin.setDecimals(1)
+        self.minutes_spin.setValue(1.0)
+        self.minutes_spin.setSuffix(" min")
+        self.minutes_spin.setSpecialValueText("no limit")
+        self.steps_spin = QSpinBox()
+        self.steps_spin.setRange(0, 10**6)
+        self.steps_spin.setSpecialValueText("no limit")
+        self.steps_spin.setToolTip("training steps at most (the time budget may end it first)")
+        self.run_dir_edit = QLineEdit()
+        self.run_dir_edit.setPlaceholderText("a temporary folder")
+        self.run_dir_edit.setToolTip("where each fine-tuning writes its run folder (last.pt, metrics.jsonl)")
+        browse_dir = QPushButton("…")
+        browse_dir.clicked.connect(self._browse_run_dir)
+        run_row = QHBoxLayout()
+        run_row.addWidget(self.run_dir_edit, 1)
+        run_row.addWidget(browse_dir)
+        self.finetune_button = QPushButton("Fine-tune and re-segment")
+        self.finetune_button.clicked.connect(self.fine_tune)
+        budget = QHBoxLayout()
+        budget.addWidget(self.minutes_spin)
+        budget.addWidget(QLabel("steps"))
+        budget.addWidget(self.steps_spin)
+        tune_form = QFormLayout()
+        tune_form.addRow("Labels", self.labels_combo)
+        tune_form.addRow("Budget", budget)
+        tune_form.addRow("Runs in", run_row)
+        tune_box = QGroupBox("Fine-tune on corrected labels")
+        tune_layout = QVBoxLayout(tune_box)
+        tune_layout.addLayout(tune_form)
+        tune_layout.addWidget(self.finetune_button)
+
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, 100)
+        self.progress_bar.setValue(0)
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setEnabled(False)
+        self.stop_button.setToolTip("segmentation: stop after the tile in progress; fine-tuning: end it "
+                                    "after the step in progress and re-segment with the weights so far")
+        self.stop_button.clicked.connect(self.stop)
+        progress_row = QHBoxLayout()
+        progress_row.addWidget(self.progress_bar, 1)
+        progress_row.addWidget(self.stop_button)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+
+        self.table = QTableWidget(0, len(TABLE_FIELDS))
+        self.table.setHorizontalHeaderLabels(TABLE_FIELDS)
+        self.table.verticalHeader().setVisible(False)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        self.table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
+        self.table.setSortingEnabled(True)
+        self.table.cellClicked.connect(self._on_row_clicked)
+        self.save_button = QPushButton("Save table…")
+        self.save_button.setEnabled(False)
+        self.save_button.clicked.connect(self._save_table)
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.segment_button)
+        layout.addWidget(tune_box)
+        layout.addLayout(progress_row)
+        layout.addWidget(self.status)
+        layout.addWidget(QLabel("Instances (as maskrcnn predict's NAME_instances.csv)"))
+        layout.addWidget(self.table, 1)
+        layout.addWidget(self.save_button)
+
+    # --- layers ------------------------------------------------------------------------------------
+    def _layers_of(self, kind: str) -> list:
+        return [layer for layer in self.viewer.layers if _is(layer, kind)]
+
+    def _refresh_layers(self, event=None) -> None:
+        if event is not None and getattr(event, "type", None) == "inserted":
+            event.value.events.name.connect(self._refresh_layers)
+        for combo, kind in ((self.image_combo, "Image"), (self.labels_combo, "Labels")):
+            current = combo.currentText()
+            names = [layer.name for layer in self._layers_of(kind)]
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems(names)
+            if current in names:
+                combo.setCurrentText(current)
+            combo.blockSignals(False)
+
+    def _on_active_layer(self, event=None) -> None:
+        """Follow the viewer: the active Image layer is the one to segment, the active Labels layer
+        the one to train on."""
+        layer = self.viewer.layers.selection.active
+        if _is(layer, "Image"):
+            self.image_combo.setCurrentText(layer.name)
+        elif _is(layer, "Labels"):
+            self.labels_combo.setCurrentText(layer.name)
+
+    def _layer(self, combo: QComboBox, kind: str):
+        name = combo.currentText()
+        if not name or name not in self.viewer.layers:
+            raise UserError(f"open or choose {'an' if kind[0] in 'aeiou' else 'a'} {kind} layer first")
+        return self.viewer.layers[name]
+
+    # --- actions -----------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return self.worker is not None
+
+    def segment(self):
+        """Segment the chosen image layer (the plane in view) in a worker thread; returns the worker
+        (None when nothing could start: the status line says why)."""
+        if self.busy:
+            return self._refuse(UserError("busy: wait for the running job, or press Stop"))
+        try:
+            layer = self._layer(self.image_combo, "image")
+            image, index = _plane(layer, self.viewer)
+            spec = self.model_combo.currentText().strip()
+            tile = auto_tile(image.shape, self.tile_spin.value())
+            overlap = self.overlap_spin.value()
+        except UserError as err:
+            return self._refuse(err)
+        predictor = self._predictor[1] if self._predictor and self._predictor[0] == spec else None
+        return self._start(self._segment_job, (spec, predictor, image, tile, overlap),
+                           lambda out: self._show_result(out, layer, index, spec, tile, overlap, "masks"))
+
+    def fine_tune(self):
+        """Fine-tune the current model on the chosen image and labels layers (the planes in view) in
+        a worker thread, then re-segment the image with it and make it the current model."""
+        if self.busy:
+            return self._refuse(UserError("busy: wait for the running job, or press Stop"))
+        try:
+            spec = self.model_combo.currentText().strip()
+            if not spec:
+                raise UserError("choose the model to start from")
+            can_fine_tune(spec)
+            image_layer = self._layer(self.image_combo, "image")
+            labels_layer = self._layer(self.labels_combo, "labels")
+            image, index = _plane(image_layer, self.viewer)
+            labels, _ = _plane(labels_layer, self.viewer)
+            minutes, steps = self.minutes_spin.value(), self.steps_spin.value()
+            if not minutes and not steps:
+                raise UserError("give the fine-tuning a time budget or a number of steps")
+            out = self._new_run_dir()
+            tile = auto_tile(image.shape, self.tile_spin.value())
+            overlap = self.overlap_spin.value()
+        except UserError as err:
+            return self._refuse(err)
+        job_args = (spec, image, labels, labels_layer.name, out, minutes, steps, tile, overlap)
+        return self._start(self._fine_tune_job, job_args,
+                           lambda res: self._fine_tuned(res, image_layer, index, tile, overlap))
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self._cancel.set()
+            self.status.setText("stopping…")
+
+    # --- jobs (run in the worker thread: no Qt calls but the progress signal) -----------------------
+    def _report(self, percent: int, text: str) -> None:
+        self._signals.progress.emit(percent, text)
+
+    def _segment_job(self, spec, predictor, image, tile, overlap):
+        self.work_threads.append(threading.get_ident())
+        if predictor is None:
+            self._report(-1, f"loading {spec}")
+            predictor = load_predictor(spec)
+        result, rows = segment_array(predictor, image, tile, overlap, self._report, self._cancel)
+        return predictor, result.label_image.numpy(), rows
+
+    def _fine_tune_job(self, spec, image, labels, name, out, minutes, steps, tile, overlap):
+        self.work_threads.append(threading.get_ident())
+        run = fine_tune(image, labels, spec, out, minutes=minutes or None, iters=steps or None, name=name,
+                        report=self._report, cancel=self._cancel)
+        self._cancel.clear()  # a Stop during training ended it early; the re-segmentation still runs
+        checkpoint = str(run.last)
+        self._report(-1, f"loading {checkpoint}")
+        predictor = load_predictor(checkpoint)
+        result, rows = segment_array(predictor, image, tile, overlap, self._report, self._cancel)
+        return run, checkpoint, (predictor, result.label_image.numpy(), rows)
+
+    # --- running and results (main thread) --------------------------------------------------------
+    def _start(self, job, args, on_result):
+        from napari.qt.threading import create_worker
+
+        self._cancel.clear()
+        self.last_error = None
+        worker = create_worker(job, *args, _start_thread=False, _ignore_errors=True)  # errors: _on_error
+        worker.returned.connect(on_result)
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(self._on_finished)
+        self.worker = worker
+        self._started = time.monotonic()
+        self._set_busy(True)
+        worker.start()
+        return worker
+
+    def _refuse(self, err: UserError) -> None:
+        """Nothing starts: say why (and keep a running job's own last_error)."""
+        if not self.busy:
+            self.last_error = err
+        self.status.setText(str(err))
+        return None
+
+    def _set_busy(self, busy: bool) -> None:
+        self.segment_button.setEnabled(not busy)
+        self.finetune_button.setEnabled(not busy)
+        self.stop_button.setEnabled(busy)
+        if busy:
+            self.progress_bar.setRange(0, 0)  # busy until the job says how far it is
+        else:
+            self.progress_bar.setRange(0, 100)
+
+    def _on_progress(self, percent: int, text: str) -> None:
+        if self.worker is None:
+            return
+        if percent < 0:
+            self.progress_bar.setRange(0, 0)
+        else:
+            self.progress_bar.setRange(0, 100)
+            self.progress_bar.setValue(percent)
+        self.status.setText(text)
+
+    def _on_error(self, err: BaseException) -> None:
+        self.last_error = err
+        if isinstance(err, Cancelled):
+            self.status.setText("stopped")
+            return
+        if not isinstance(err, UserError):  # a bug: napari shows it with its traceback
+            self.status.setText(f"error: {type(err).__name__}: {err}")
+            raise err
+        self.status.setText(f"error: {err}")
+        from napari.utils.notifications import show_error
+
+        show_error(f"Mask R-CNN: {err}")
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self._set_busy(False)
+
+    def _show_result(self, out, layer, index, spec, tile, overlap, suffix: str) -> None:
+        predictor, labels, rows = out
+        self._predictor = (spec, predictor)
+        if index:  # one plane of a stack: a labels layer as large as the stack, that plane filled
+            shape = layer.data[0].shape if getattr(layer, "multiscale", False) else layer.data.shape
+            full = np.zeros(shape[: len(shape) - (1 if layer.rgb else 0)], labels.dtype)
+            full[index] = labels
+            labels = full
+        name = f"{layer.name} {suffix}"
+        self.output_layer = self.viewer.add_labels(
+            labels, name=name, scale=layer.scale, translate=layer.translate, rotate=layer.rotate,
+            shear=layer.shear, affine=layer.affine, features=features_table(rows),
+            metadata={"maskrcnn": {"model": spec, "tile": tile, "overlap": overlap, "plane": index,
+                                   "image": layer.name}})
+        self.rows = rows
+        self._fill_table(rows)
+        tiled = f" in tiles of {tile} px" if tile else ""
+        self.progress_bar.setValue(100)
+        self.status.setText(f"{len(rows)} instances{tiled} in {time.monotonic() - self._started:.1f} s "
+                            f"with {spec} -> layer '{self.output_layer.name}'")
+
+    def _fine_tuned(self, res, image_layer, index, tile, overlap) -> None:
+        run, checkpoint, out = res
+        if self.model_combo.findText(checkpoint) < 0:
+            self.model_combo.addItem(checkpoint)
+        self.model_combo.setCurrentText(checkpoint)
+        self._show_result(out, image_layer, index, checkpoint, tile, overlap, "masks (fine-tuned)")
+        how = "stopped" if run.interrupted else f"stopped by {run.stopped_by}"
+        self.status.setText(f"fine-tuned {run.steps} steps ({how}); the model is now {checkpoint}. "
+                            + self.status.text())
+
+    def _new_run_dir(self) -> str:
+        folder = self.run_dir_edit.text().strip()
+        if not folder:
+            return tempfile.mkdtemp(prefix="maskrcnn-finetune-")
+        base = Path(folder).expanduser() / time.strftime("finetune-%Y%m%d-%H%M%S")
+        run, count = base, 1
+        while run.exists():  # two runs in one second
+            run, count = Path(f"{base}_{count}"), count + 1
+        return str(run)
+
+    # --- table -------------------------------------------------------------------------------------
+    def _fill_table(self, rows: list[dict]) -> None:
+        self.table.setSortingEnabled(False)
+        shown = rows[:MAX_TABLE_ROWS]
+        self.table.setRowCount(len(shown))
+        for r, row in enumerate(shown):
+            for c, key in enumerate(TABLE_FIELDS):
+                item = QTableWidgetItem()
+                value = row[key]
+                item.setData(Qt.ItemDataRole.DisplayRole, value if isinstance(value, (int, float)) else str(value))
+                self.table.setItem(r, c, item)
+        self.table.setSortingEnabled(True)
+        self.table.sortItems(TABLE_FIELDS.index("id"), Qt.SortOrder.AscendingOrder)
+        self.save_button.setEnabled(bool(rows))
+
+    def _on_row_clicked(self, row: int, column: int) -> None:
+        """Select that instance's label in the layer and centre the view on it."""
+        layer = self.output_layer
+        if layer is None or layer not in self.viewer.layers:
+            return
+        item = self.table.item(row, TABLE_FIELDS.index("id"))
+        if item is None:
+            return
+        label = int(item.data(Qt.ItemDataRole.DisplayRole))
+        layer.selected_label = label
+        found = next((r for r in self.rows if r["id"] == label), None)
+        if found is not None:
+            plane = tuple(layer.metadata.get("maskrcnn", {}).get("plane", ()))
+            point = layer.data_to_world([*plane, found["centroid_y"], found["centroid_x"]])
+            self.viewer.camera.center = tuple(point[-2:])
+
+    def _save_table(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save the instance table", "instances.csv", "CSV (*.csv)")
+        if path:
+            write_csv(Path(path), self.rows, TABLE_FIELDS)
+            self.status.setText(f"saved {len(self.rows)} rows to {path}")
+
+    # --- file choosers -----------------------------------------------------------------------------
+    def _browse_model(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Choose a model", "", "Models (*.pt *.onnx);;All files (*)")
+        if path:
+            if self.model_combo.findText(path) < 0:
+                self.model_combo.addItem(path)
+            self.model_combo.setCurrentText(path)
+
+    def _browse_run_dir(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Folder for fine-tuning runs")
+        if path:
+            self.run_dir_edit.setText(path)

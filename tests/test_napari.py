@@ -1,0 +1,311 @@
+"""The napari plugin (maskrcnn/napari), headless: the dock widget on a napari ``ViewerModel`` (layers,
+dims, camera: everything the widget uses, without the OpenGL canvas, which Qt's offscreen platform
+cannot create), pytest-qt's ``qtbot`` for the event loop, and a real ``napari.Viewer`` (which builds
+without OpenGL as long as it draws no layer) for the manifest's dock widget. napari's own pytest
+plugin (``make_napari_viewer``) is not needed: ``-p no:napari`` leaves the other tests without its
+autouse fixtures.
+
+The widget's Labels layer must be what ``maskrcnn predict`` writes for the same image and model,
+whole and tiled, and its features the rows of NAME_instances.csv; fine-tuning trains for two steps.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+# Qt reads this when the QApplication is made (pytest-qt's session-wide ``qapp``): no display needed.
+# Only Qt reads it, and only if it is unset: a developer's own display setting is kept.
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+napari = pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from cli_helpers import cli  # noqa: E402
+from conftest import TINY_RUN  # noqa: E402
+
+from maskrcnn.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
+from maskrcnn.config import nuclei_config  # noqa: E402
+from maskrcnn.data.io import read_label_image, write_image  # noqa: E402
+from maskrcnn.data.normalize import Normalizer  # noqa: E402
+from maskrcnn.data.synthetic import synth_nuclei  # noqa: E402
+from maskrcnn.model import MaskRCNN  # noqa: E402
+from maskrcnn.napari import _sample  # noqa: E402
+from maskrcnn.napari._core import ArrayReader, auto_tile, tile_count  # noqa: E402
+from maskrcnn.napari._widget import MaskRCNNWidget  # noqa: E402
+from maskrcnn.outputs import TABLE_FIELDS  # noqa: E402
+from maskrcnn.predict import Predictor  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+MANIFEST = Path(__file__).resolve().parents[1] / "maskrcnn" / "napari" / "napari.yaml"
+JOB_TIMEOUT_MS = 120_000
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """An untrained tiny model with open thresholds: it finds (up to 10) instances anywhere."""
+    cfg = nuclei_config(**TINY_RUN)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_checkpoint(path, Checkpoint(cfg, MaskRCNN(cfg).state_dict(), Normalizer(channels=cfg.in_channels).to_dict()))
+    return path
+
+
+@pytest.fixture
+def viewer():
+    from napari.components import ViewerModel
+
+    return ViewerModel()
+
+
+@pytest.fixture
+def widget(qtbot, viewer, tiny_model):
+    w = MaskRCNNWidget(viewer)
+    qtbot.addWidget(w)
+    w.model_combo.setCurrentText(str(tiny_model))
+    yield w
+    if w.worker is not None:  # never leave a job running into the next test
+        w.stop()
+        qtbot.waitUntil(lambda: not w.busy, timeout=JOB_TIMEOUT_MS)
+
+
+def nuclei(size, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    return synth_nuclei(size, np.random.default_rng(seed), n_range=(4, 8), diameter_range=(8.0, 20.0))
+
+
+def wait_done(qtbot, widget) -> None:
+    qtbot.waitUntil(lambda: not widget.busy, timeout=JOB_TIMEOUT_MS)
+    assert widget.last_error is None, widget.status.text()
+
+
+def predicted(capsys, tmp_path, image: np.ndarray, weights, *flags) -> tuple[np.ndarray, list[dict]]:
+    """``maskrcnn predict`` in this process: the label image and instance table it writes."""
+    src, out = tmp_path / "in", tmp_path / "pred"
+    src.mkdir(exist_ok=True)
+    write_image(src / "img.png", image)
+    code, _, err = cli(capsys, "predict", src / "img.png", "--weights", weights, "--out", out, "--no-progress", *flags)
+    assert code == 0, err
+    with open(out / "img_instances.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return read_label_image(out / "img_labels.png"), rows
+
+
+def assert_features_match(layer, rows: list[dict]) -> None:
+    features = layer.features
+    assert list(features["index"]) == [int(r["id"]) for r in rows]
+    for key in TABLE_FIELDS[1:]:
+        want = [r[key] for r in rows]
+        got = [str(v) for v in features[key]]
+        assert got == want, key
+
+
+# --- the manifest and the sample data ------------------------------------------------------------
+def test_manifest_declares_the_widget_and_the_samples():
+    from npe2 import PluginManifest
+
+    manifest = PluginManifest.from_file(MANIFEST)
+    assert manifest.name == "maskrcnn"
+    assert [w.display_name for w in manifest.contributions.widgets] == ["Mask R-CNN"]
+    assert {s.key for s in manifest.contributions.sample_data} == {"nuclei", "nuclei_large"}
+    points = importlib.metadata.entry_points(group="napari.manifest")
+    assert any(p.value == "maskrcnn.napari:napari.yaml" for p in points), "pip install -e . registers the plugin"
+
+
+def _plugin_registered() -> None:
+    from npe2 import PluginManager, PluginManifest
+
+    manager = PluginManager.instance()
+    if "maskrcnn" not in manager:  # an installation from before the entry point existed
+        manager.register(PluginManifest.from_file(MANIFEST))
+
+
+def test_sample_data_opens_through_the_manifest(viewer):
+    _plugin_registered()
+    layers = viewer.open_sample("maskrcnn", "nuclei")
+    image, truth = (layer for layer in viewer.layers)
+    assert [type(layer).__name__ for layer in layers] == ["Image", "Labels"]
+    assert image.data.shape == (256, 256) and image.data.dtype == np.uint8
+    assert truth.data.shape == (256, 256) and truth.data.max() >= 5
+    np.testing.assert_array_equal(image.data, _sample.synthetic_nuclei()[0][0])  # a fixed seed: the same every time
+
+
+def test_dock_widget_opens_from_the_manifest_in_a_real_viewer(qtbot):
+    _plugin_registered()
+    real = napari.Viewer(show=False)  # builds headless: OpenGL is only needed to draw layers
+    try:
+        _, dock = real.window.add_plugin_dock_widget("maskrcnn", "Mask R-CNN")
+        assert isinstance(dock, MaskRCNNWidget)  # napari gives it a proxy of the viewer: public API only
+        assert dock.model_combo.currentText() == "nuclei" and dock.image_combo.count() == 0
+    finally:
+        real.close()
+
+
+# --- segmentation ---------------------------------------------------------------------------------
+def test_automatic_tiling_above_2048_pixels():
+    assert auto_tile((2048, 2048)) is None
+    assert auto_tile((2049, 300)) == 1024 and auto_tile((300, 3000, 3)) == 1024
+    assert auto_tile((100, 100), tile=64) == 64
+    assert tile_count((2048, 2048), 1024, 128) == 9 and tile_count((100, 100), None, 128) == 1
+
+
+def test_widget_segments_in_a_worker_thread_like_predict(qtbot, widget, viewer, tiny_model, capsys, tmp_path):
+    image, _ = nuclei(96)
+    viewer.add_image(image, name="cells")
+    assert widget.image_combo.currentText() == "cells"  # the active layer
+    progress = []
+    widget._signals.progress.connect(lambda p, text: progress.append(text))
+
+    worker = widget.segment()
+    assert worker is not None and widget.busy
+    assert len(viewer.layers) == 1  # the call returned before the work was done
+    wait_done(qtbot, widget)
+    assert widget.work_threads and widget.work_threads[-1] != threading.get_ident()
+    assert any(text.startswith("loading") for text in progress)
+
+    layer = viewer.layers["cells masks"]
+    assert widget.output_layer is layer and type(layer).__name__ == "Labels"
+    labels, rows = predicted(capsys, tmp_path, image, tiny_model)
+    assert labels.max() > 0  # open thresholds: the untrained model finds something
+    np.testing.assert_array_equal(layer.data, labels)
+    assert_features_match(layer, rows)
+    assert widget.table.rowCount() == len(rows)
+    assert layer.metadata["maskrcnn"]["model"] == str(tiny_model) and layer.metadata["maskrcnn"]["tile"] is None
+
+    widget.segment()  # the model is loaded once
+    assert widget.fine_tune() is None and widget.status.text().startswith("busy")  # one job at a time
+    wait_done(qtbot, widget)
+    np.testing.assert_array_equal(viewer.layers["cells masks [1]"].data, labels)
+    assert sum(text.startswith("loading") for text in progress) == 1
+
+
+def test_widget_segments_in_tiles_like_predict_tile(qtbot, widget, viewer, tiny_model, capsys, tmp_path):
+    image, _ = nuclei((150, 170), seed=1)
+    viewer.add_image(image, name="big")
+    widget.tile_spin.setValue(96)
+    widget.overlap_spin.setValue(32)
+    progress = []
+    widget._signals.progress.connect(lambda p, text: progress.append(text))
+    widget.segment()
+    wait_done(qtbot, widget)
+    assert tile_count(image.shape, 96, 32) == 6 and "segmenting tile 6 of 6" in progress  # 2 rows of 3
+    labels, rows = predicted(capsys, tmp_path, image, tiny_model, "--tile", 96, "--overlap", 32)
+    layer = viewer.layers["big masks"]
+    np.testing.assert_array_equal(layer.data, labels)
+    assert_features_match(layer, rows)
+
+
+def test_widget_segments_the_plane_in_view_of_a_stack(qtbot, widget, viewer, tiny_model, capsys, tmp_path):
+    planes = [nuclei(64, seed=s)[0] for s in range(3)]
+    stack = viewer.add_image(np.stack(planes), name="stack", scale=(2.0, 0.5, 0.5))
+    viewer.dims.set_current_step(0, 1)
+    widget.segment()
+    wait_done(qtbot, widget)
+    layer = viewer.layers["stack masks"]
+    assert layer.data.shape == (3, 64, 64) and tuple(layer.scale) == tuple(stack.scale)
+    labels, _ = predicted(capsys, tmp_path, planes[1], tiny_model)
+    np.testing.assert_array_equal(layer.data[1], labels)
+    assert not layer.data[0].any() and not layer.data[2].any()
+    assert layer.metadata["maskrcnn"]["plane"] == (1,)
+
+
+def test_widget_segments_an_rgb_image_like_predict(qtbot, widget, viewer, tiny_model, capsys, tmp_path):
+    gray, _ = nuclei(80, seed=3)
+    rgb = np.stack([gray, gray // 2, 255 - gray], axis=-1)
+    layer = viewer.add_image(rgb, name="rgb")
+    assert layer.rgb
+    widget.segment()
+    wait_done(qtbot, widget)
+    labels, rows = predicted(capsys, tmp_path, rgb, tiny_model)
+    np.testing.assert_array_equal(viewer.layers["rgb masks"].data, labels)
+    assert_features_match(viewer.layers["rgb masks"], rows)  # mean intensity over the colour channels
+
+
+def test_widget_says_what_is_missing_and_starts_nothing(widget, viewer, tmp_path):
+    assert widget.segment() is None and "open or choose an image layer" in widget.status.text()
+    viewer.add_image(np.zeros((32, 32), np.uint8), name="blank")
+    widget.model_combo.setCurrentText(str(tmp_path / "missing.pt"))
+    assert widget.fine_tune() is None and "labels layer" in widget.status.text()
+    assert not widget.busy
+
+
+def test_a_bad_model_path_is_reported_on_the_status_line(qtbot, widget, viewer, tmp_path):
+    viewer.add_image(np.zeros((32, 32), np.uint8), name="blank")
+    widget.model_combo.setCurrentText(str(tmp_path / "missing.pt"))
+    widget.segment()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=JOB_TIMEOUT_MS)
+    assert "missing.pt: no built-in model of that name and no such file" in widget.status.text()
+    assert len(viewer.layers) == 1
+
+
+# --- fine-tuning ----------------------------------------------------------------------------------
+def test_array_reader_turns_label_ids_into_masks():
+    labels = np.zeros((8, 9), np.int32)
+    labels[1:3, 1:3], labels[5:7, 2:8] = 7, 2  # ids need not be 1..K
+    reader = ArrayReader(np.zeros((8, 9), np.uint8), labels, ["background", "nucleus"])
+    sample = reader[0]
+    assert sample.masks.shape == (2, 8, 9) and sample.masks.dtype == bool
+    assert sample.masks[0].sum() == 12 and sample.masks[1].sum() == 4  # id 2, then id 7
+    assert sample.labels.tolist() == [1, 1] and len(reader) == 2
+
+
+@pytest.mark.slow
+def test_fine_tune_on_corrected_labels_then_resegment(qtbot, widget, viewer, tiny_model, tmp_path):
+    image, truth = nuclei(96, seed=2)
+    viewer.add_image(image, name="cells")
+    viewer.add_labels(truth, name="corrected")
+    assert widget.labels_combo.currentText() == "corrected"
+    widget.minutes_spin.setValue(1.0)
+    widget.steps_spin.setValue(2)
+    widget.run_dir_edit.setText(str(tmp_path / "runs"))
+    progress = []
+    widget._signals.progress.connect(lambda p, text: progress.append(text))
+
+    assert widget.fine_tune() is not None and widget.busy
+    wait_done(qtbot, widget)
+    assert widget.work_threads[-1] != threading.get_ident()
+    assert any(text.startswith("training: step 2") for text in progress)
+    checkpoint = Path(widget.model_combo.currentText())
+    assert checkpoint.name == "last.pt" and checkpoint.parent.parent == tmp_path / "runs"
+    assert (checkpoint.parent / "metrics.jsonl").is_file()
+    assert "fine-tuned 2 steps" in widget.status.text()
+
+    layer = viewer.layers["cells masks (fine-tuned)"]
+    expected = Predictor.from_weights(checkpoint)(image)  # the fine-tuned model, as predict runs it
+    np.testing.assert_array_equal(layer.data, expected.label_image.numpy())
+    assert layer.metadata["maskrcnn"]["model"] == str(checkpoint)
+
+
+def test_fine_tuning_needs_instances_and_a_trainable_model(qtbot, widget, viewer, tmp_path):
+    viewer.add_image(np.zeros((64, 64), np.uint8), name="cells")
+    viewer.add_labels(np.zeros((64, 64), np.int32), name="empty")
+    widget.steps_spin.setValue(1)
+    widget.run_dir_edit.setText(str(tmp_path / "runs"))
+    widget.fine_tune()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=JOB_TIMEOUT_MS)
+    assert "the labels hold no instances to learn from" in widget.status.text()
+
+
+@pytest.mark.slow
+def test_stop_ends_the_fine_tuning_early_and_still_resegments(qtbot, widget, viewer, tmp_path):
+    image, truth = nuclei(96, seed=4)
+    viewer.add_image(image, name="cells")
+    viewer.add_labels(truth, name="corrected")
+    widget.minutes_spin.setValue(5.0)  # no step limit: only Stop ends it soon
+    widget.run_dir_edit.setText(str(tmp_path / "runs"))
+    progress = []
+    widget._signals.progress.connect(lambda p, text: progress.append(text))
+    widget.fine_tune()
+    qtbot.waitUntil(lambda: any(t.startswith("training: step") for t in progress), timeout=JOB_TIMEOUT_MS)
+    assert widget.busy  # the viewer's event loop ran while the model trained
+    widget.stop()
+    wait_done(qtbot, widget)
+    assert "(stopped)" in widget.status.text() and "cells masks (fine-tuned)" in viewer.layers
+    assert Path(widget.model_combo.currentText()).is_file()
