@@ -103,6 +103,14 @@ def torchvision_record(model: TorchvisionMaskRCNN, name: str, image: torch.Tenso
                             labels=out["labels"].numpy(), boxes=out["boxes"].numpy(), scores=out["scores"].numpy())
 
 
+def split_real(out: Path):
+    """Write the real sample's left SPLIT to OUT/left and the rest to OUT/right; the right's sample."""
+    reader = open_dataset(SHARED, "labels")
+    write_band(reader, 0.0, SPLIT, out / "left")
+    write_band(reader, SPLIT, 1.0, out / "right")
+    return open_dataset(out / "right", "labels")[0]
+
+
 def ours_trained(out: Path, name: str, minutes: float, init: str | None, config) -> tuple[Predictor, int]:
     """Ours trained ``minutes`` on the left band (``init``: starting weights, None: from scratch)."""
     result = train(TrainOptions(data=str(out / "left"), out=str(out / name), format="labels", config=config,
@@ -126,10 +134,7 @@ def main() -> int:
         print(f"skipped: the real sample is not at {SHARED}")
         return 0
     out = Path(args.out)
-    reader = open_dataset(SHARED, "labels")
-    write_band(reader, 0.0, SPLIT, out / "left")
-    write_band(reader, SPLIT, 1.0, out / "right")
-    test = open_dataset(out / "right", "labels")[0]
+    test = split_real(out)
     rows = {}
 
     print("ours: the built-in nuclei model, zero-shot (no training)")

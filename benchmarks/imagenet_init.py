@@ -15,10 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-from dsb_real import BATCH, LR, SEED, SHARED, SPLIT, WARMUP, scored, write_band
+from dsb_real import BATCH, LR, SEED, SHARED, SPLIT, WARMUP, scored, split_real
 
 from maskrcnn.config import builtin_config
-from maskrcnn.data import open_dataset
 from maskrcnn.predict import Predictor
 from maskrcnn.train import TrainOptions, train
 
@@ -35,10 +34,7 @@ def main() -> int:
         print(f"skipped: the real sample is not at {SHARED}")
         return 0
     out = Path(args.out)
-    reader = open_dataset(SHARED, "labels")
-    write_band(reader, 0.0, SPLIT, out / "left")
-    write_band(reader, SPLIT, 1.0, out / "right")
-    test = open_dataset(out / "right", "labels")[0]
+    test = split_real(out)
     table = {}
     for name, weights in (("efficientnet_lite0, ImageNet init", "imagenet"), ("efficientnet_lite0, from scratch", None)):
         print(f"{name}: training {args.minutes:g} min on the left {SPLIT:.0%}")

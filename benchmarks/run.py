@@ -373,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--no-resnet18", action="store_true", help="skip ours' ResNet-18 rows")
     parser.add_argument("--no-throughput", action="store_true", help="skip the throughput measurement")
-    parser.add_argument("--no-default-model", action="store_true", help="skip the rows of the CLI default layouts (builtin_config, nuclei_config)")
+    parser.add_argument("--no-default-model", action="store_true",
+                        help="skip the rows of the CLI default layouts (builtin_config, nuclei_config)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's default)")
     parser.add_argument("--no-large", action="store_true", help="skip the large / dense image rows")
     parser.add_argument("--large-weights", type=Path,

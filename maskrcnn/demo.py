@@ -24,7 +24,7 @@ from .train import TrainOptions, train
 TRAIN_IMAGES, HELD_OUT_IMAGES, IMAGE_SIZE = 40, 8, 256
 
 
-def run_demo(out: Path, minutes: float = 5.0, seed: int = 0, device: str = "auto") -> dict[str, float]:
+def run_demo(out: Path, minutes: float = 10.0, seed: int = 0, device: str = "auto") -> dict[str, float]:
     started = time.monotonic()
     train_dir, test_dir = out / "data" / "train", out / "data" / "held_out"
     print(f"[1/4] synthetic nuclei: {TRAIN_IMAGES} training and {HELD_OUT_IMAGES} held-out images "

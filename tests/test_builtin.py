@@ -35,13 +35,16 @@ from test_tiling import matched_iou
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# in-focus nuclei about 20 px across (the size the card states), moderately crowded, every setting fixed
+NUCLEI_SCENE = Scene(diameter=20.0, size_spread=0.15, coverage=0.3, touch_fraction=0.3, min_aspect=0.6,
+                     irregularity=0.05, kidney_fraction=0.1, condensed_fraction=0.0, dynamic_range=3.0,
+                     defocus_fraction=0.0, texture=0.1, nucleoli=0.5, nucleoli_sign=-1.0, background=0.05,
+                     vignetting=0.2, blur=1.0, photons=500.0, read_noise=0.01, debris=0, bits=8)
+
+
 def nuclei_image(seed: int = 3, size: int = 192) -> tuple[np.ndarray, np.ndarray]:
-    """A synthetic 8-bit scene of in-focus nuclei about 20 px across (the model's stated size)."""
-    rng = np.random.default_rng(seed)
-    scene = Scene.draw(rng)
-    scene = Scene(**{**scene.__dict__, "diameter": 20.0, "defocus_fraction": 0.0, "condensed_fraction": 0.0,
-                     "coverage": 0.3, "dynamic_range": 3.0, "bits": 8, "debris": 0, "photons": 500.0})
-    return synth_scene(size, rng, scene)
+    """A synthetic 8-bit image of NUCLEI_SCENE and its labels."""
+    return synth_scene(size, np.random.default_rng(seed), NUCLEI_SCENE)
 
 
 # --- the shipped model --------------------------------------------------------------------------------
@@ -73,11 +76,15 @@ def test_names_resolve_to_the_package_file_unless_a_file_of_that_name_exists(tmp
 
 @pytest.mark.slow
 def test_nuclei_finds_synthetic_nuclei_with_no_training():
-    image, labels = nuclei_image()
-    result = Predictor.from_weights("nuclei", "cpu")(image)
-    iou = matched_iou(torch.from_numpy(labels), result.label_image)
-    assert (iou > 0.5).float().mean() > 0.8  # recall at IoU 0.5
-    assert len(result) <= 1.3 * labels.max()
+    """Recall at IoU 0.5 over four images of NUCLEI_SCENE (measured: 0.72 to 0.93, mean 0.86)."""
+    predictor = Predictor.from_weights("nuclei", "cpu")
+    recalls = []
+    for seed in (3, 4, 5, 6):
+        image, labels = nuclei_image(seed)
+        result = predictor(image)
+        recalls.append(float((matched_iou(torch.from_numpy(labels), result.label_image) > 0.5).float().mean()))
+        assert len(result) <= 1.3 * labels.max()
+    assert np.mean(recalls) > 0.8, recalls
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ Everything runs on small images (64-128 px): one scene costs a few milliseconds.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import replace
 
 import numpy as np
@@ -14,26 +13,9 @@ import pytest
 
 from maskrcnn.data.synthetic_scenes import BIT_DEPTH_TOPS, Scene, SceneReader, rasterise_shapes, synth_scene
 
+from test_data_synthetic import component_count  # an independent BFS check
+
 DRAWN_SEEDS = range(20)
-
-
-def component_count(mask: np.ndarray) -> int:
-    """Number of 4-connected components of a small bool mask (plain BFS, independent check)."""
-    seen = np.zeros_like(mask)
-    count = 0
-    for start in zip(*np.nonzero(mask)):
-        if seen[start]:
-            continue
-        count += 1
-        queue = deque([start])
-        seen[start] = True
-        while queue:
-            y, x = queue.popleft()
-            for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
-                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
-                    seen[ny, nx] = True
-                    queue.append((ny, nx))
-    return count
 
 
 def touching_pairs(labels: np.ndarray) -> int:

@@ -1,4 +1,4 @@
-"""``maskrcnn demo`` (what ``make demo`` runs), end to end on a few seconds of training."""
+"""``maskrcnn demo`` (what ``make demo`` runs), end to end on a few seconds of fine-tuning."""
 
 from __future__ import annotations
 
@@ -27,3 +27,7 @@ def test_demo_writes_data_run_report_and_overlays(tmp_path, capsys):
     overlays = sorted((out / "predictions").glob("*_overlay.png"))
     assert len(overlays) == 8
     assert f"overlays: {out / 'predictions'}" in stdout
+    # it starts from the built-in model: scored and drawn before any training, then beside the fine-tuned one
+    assert re.search(r"zero-shot: mask AP50 [0-9.]+, DSB2018 score [0-9.]+", stdout), stdout
+    assert len(list((out / "zero_shot").glob("*_overlay.png"))) == 8
+    assert (out / "comparison.png").stat().st_size > 0
