@@ -161,6 +161,12 @@ def main() -> int:
         rows[f"torchvision MaskRCNN, from scratch ({args.minutes:g} min)"] = (
             evaluate([truth_record(test)], [torchvision_record(model, test.name, normalizer(test.image))]), tv_steps)
 
+    write_results(out, args.minutes, rows)
+    return 0
+
+
+def write_results(out: Path, minutes: float, rows: dict) -> None:
+    """rows: name -> (EvaluationReport, training steps); printed as a table and saved as OUT/results.json."""
     table = {name: {"steps": steps, "mask_ap50": r.summary()["mask_ap50"], "mask_ap75": r.summary()["mask_ap75"],
                      "mask_ap": r.summary()["mask_ap"], "dsb_score": r.dsb_score, "f1_50": r.summary()["f1_50"]}
              for name, (r, steps) in rows.items()}
@@ -168,8 +174,7 @@ def main() -> int:
     for name, row in table.items():
         print(f"{name:<52}{row['steps']:>7}{row['mask_ap50']:8.3f}{row['mask_ap75']:8.3f}{row['mask_ap']:8.3f}"
               f"{row['dsb_score']:8.3f}{row['f1_50']:8.3f}")
-    (out / "results.json").write_text(json.dumps({"minutes": args.minutes, "results": table}, indent=2))
-    return 0
+    (out / "results.json").write_text(json.dumps({"minutes": minutes, "results": table}, indent=2))
 
 
 if __name__ == "__main__":

