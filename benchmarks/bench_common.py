@@ -149,9 +149,11 @@ def make_optimizer(model) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=1e-4)
 
 
-def train_step_ours(model, optimizer, samples: list[Sample]) -> float:
+def train_step_ours(model, optimizer, samples: list[Sample], amp: bool = False) -> float:
+    """One step; ``amp``: the forward under CPU bfloat16 autocast, as ``train --amp`` runs it."""
     optimizer.zero_grad(set_to_none=True)
-    losses = model([s.image for s in samples], [s.target for s in samples]).losses
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        losses = model([s.image for s in samples], [s.target for s in samples]).losses
     loss = losses.total
     loss.backward()
     optimizer.step()

@@ -11,6 +11,14 @@ detection count nor its time scales with the image. These rows use a trained nuc
 trained here for ``QUICK_TRAIN_STEPS`` steps on synthetic nuclei (about three minutes). The demo's
 model is not used: it keeps the spec's stride-2 p2, about 4x the cost per pixel. The rows report how many of the
 placed nuclei it found (mask IoU >= 0.5), so a capped or missing detection shows.
+
+The slide rows (:func:`bench_slides`) run ``maskrcnn predict --weights nuclei`` with default flags
+(``--max-memory 2G``) as a user would, in a child process, and report its peak RSS (``os.wait4``'s
+``ru_maxrss`` of that child: the whole process, torch included) and wall time: a 6048 x 6048 PNG
+(decoded, then streamed in tiles) and a 20,000 x 20,000 tiled BigTIFF read lazily region by region
+(with the ``slides`` extra). Both images are mosaics of a few synthetic scenes
+(``maskrcnn.data.synthetic_scenes``, nuclei about 20 px across); the TIFF is written tile by tile from
+a generator, so making it stays small too.
 """
 
 from __future__ import annotations
@@ -127,7 +135,7 @@ def bench_large(out: Path, weights: Path | None, log) -> dict:
         log(f"large images: {size}x{size}, {nuclei} nuclei, {label}")
         rows.append({"case": label, "size": size, "tile": tile, **measure(size, nuclei, tile, weights)})
     return {"weights": str(weights), "tile": TILE, "overlap": OVERLAP, "density_per_mp": DENSITY_PER_MP,
-            "rows": rows, "area_scaling": area_scaling(rows)}
+            "rows": rows, "area_scaling": area_scaling(rows), "slides": bench_slides(out, log)}
 
 
 def area_scaling(rows: list[dict]) -> dict:
@@ -141,6 +149,79 @@ def area_scaling(rows: list[dict]) -> dict:
     return scaling
 
 
+SLIDE_CASES = [("png", 6048), ("tiff", 20000)]  # (format, side)
+SCENE_SIDE, SCENES, MOSAIC_TILE = 1024, 4, 512
+
+
+def scene_blocks(seed: int = 0) -> list[np.ndarray]:
+    """SCENES synthetic 8-bit scenes of SCENE_SIDE pixels (nuclei about 20 px across, 30% cover)."""
+    import dataclasses
+
+    from maskrcnn.data.synthetic_scenes import Scene, synth_scene
+
+    rng = np.random.default_rng(seed)
+    scenes = []
+    for _ in range(SCENES):
+        scene = dataclasses.replace(Scene.draw(rng), diameter=20.0, coverage=0.3, bits=8, vignetting=0.0)
+        scenes.append(synth_scene(SCENE_SIDE, rng, scene)[0])
+    return scenes
+
+
+def mosaic_tile(scenes: list[np.ndarray], ty: int, tx: int) -> np.ndarray:
+    """Tile (ty, tx) of MOSAIC_TILE pixels of the endless mosaic of ``scenes`` (a fixed pattern)."""
+    per = SCENE_SIDE // MOSAIC_TILE
+    scene = scenes[(ty // per + 3 * (tx // per)) % len(scenes)]
+    y0, x0 = (ty % per) * MOSAIC_TILE, (tx % per) * MOSAIC_TILE
+    return scene[y0:y0 + MOSAIC_TILE, x0:x0 + MOSAIC_TILE]
+
+
+def write_mosaic(path: Path, side: int, scenes: list[np.ndarray]) -> None:
+    """A side x side mosaic: PNG (assembled in memory: side**2 bytes) or tiled BigTIFF (tile by tile)."""
+    import tifffile
+    from PIL import Image
+
+    count = -(-side // MOSAIC_TILE)
+    if path.suffix == ".png":
+        rows = [np.concatenate([mosaic_tile(scenes, ty, tx) for tx in range(count)], axis=1) for ty in range(count)]
+        Image.fromarray(np.concatenate(rows)[:side, :side]).save(path)
+        return
+    tiles = (mosaic_tile(scenes, ty, tx) for ty in range(count) for tx in range(count))
+    tifffile.imwrite(path, tiles, shape=(side, side), dtype=np.uint8, tile=(MOSAIC_TILE, MOSAIC_TILE),
+                     bigtiff=True, compression="zlib", photometric="minisblack")
+
+
+def bench_slides(out: Path, log) -> list[dict]:
+    """The slide rows (see the module docstring)."""
+    scenes = scene_blocks()
+    rows = []
+    for kind, side in SLIDE_CASES:
+        image = out / f"mosaic_{side}.{kind}"
+        if not image.exists():
+            log(f"slides: writing {image}")
+            write_mosaic(image, side, scenes)
+        log(f"slides: maskrcnn predict {image.name} --weights nuclei (default --max-memory 2G)")
+        rows.append({"image": image.name, "side": side, **run_measured(image, out / f"slides_{side}")})
+    return rows
+
+
+def run_measured(image: Path, out: Path) -> dict:
+    """``maskrcnn predict IMAGE --weights nuclei`` with default flags in a child process: wall time,
+    peak RSS from os.wait4 (that child alone) and the instances its table lists."""
+    command = [sys.executable, "-m", "maskrcnn", "predict", str(image), "--weights", "nuclei", "--out", str(out),
+               "--no-progress"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    stderr = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    if status != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({status}): {stderr.strip()[-800:]}")
+    with open(out / f"{image.stem}_instances.csv") as table:
+        instances = sum(1 for _ in table) - 1
+    return {"seconds": seconds, "peak_mb": usage.ru_maxrss / 1024, "instances": instances}
+
+
 def markdown(large: dict) -> list[str]:
     lines = ["", f"Large images (`benchmarks/large.py`; weights `{large['weights']}`; tiles "
              f"{large['tile']} / overlap {large['overlap']}; {large['density_per_mp']} nuclei per megapixel "
@@ -152,6 +233,12 @@ def markdown(large: dict) -> list[str]:
         lines.append(f"| {r['size']}x{r['size']} | {r['case']} | {r['instances_placed']} | "
                      f"{r['instances_predicted']} | {r['found']:.2f} | {r['seconds']:.1f} | "
                      f"{r['seconds'] / mp:.2f} | {r['peak_mb']:.0f} |")
+    if large.get("slides"):
+        lines += ["", "Slide-sized images, `maskrcnn predict IMAGE --weights nuclei` with default flags "
+                      "(`--max-memory 2G`), whole process:", "",
+                  "| image | instances | seconds | peak RSS MB |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['image']} ({r['side']} x {r['side']}) | {r['instances']} | {r['seconds']:.0f} | "
+                  f"{r['peak_mb']:.0f} |" for r in large["slides"]]
     for mode, ratios in large["area_scaling"].items():
         lines.append("")
         lines.append(f"Time per megapixel relative to the smallest ({mode}): "
@@ -161,3 +248,11 @@ def markdown(large: dict) -> list[str]:
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--child":
     print(json.dumps(child(json.loads(sys.argv[2]))))
+elif __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--slides":
+    # the slide rows alone: python benchmarks/large.py --slides OUT
+    folder = Path(sys.argv[2])
+    folder.mkdir(parents=True, exist_ok=True)
+    slides = bench_slides(folder, lambda line: print(line, file=sys.stderr, flush=True))
+    print(json.dumps(slides))
+    print("\n".join(markdown({"weights": "nuclei", "tile": TILE, "overlap": OVERLAP, "density_per_mp": DENSITY_PER_MP,
+                               "rows": [], "area_scaling": {}, "slides": slides})))

@@ -53,6 +53,7 @@ from maskrcnn.config import builtin_config, nuclei_config  # noqa: E402
 from maskrcnn.model import for_inference  # noqa: E402
 from maskrcnn.precision import autocast_dtype  # noqa: E402
 import large  # noqa: E402
+import loader  # noqa: E402
 
 TRAIN_INSTANCES = 5
 THROUGHPUT_BATCH = 4
@@ -175,9 +176,11 @@ def bench_pair(size: int, warmup: int, repeats: int, memory: bool) -> list[dict]
     bc.log(f"{name} {size}: training step")
     ours.train(), tv.train()
     opt_ours, opt_tv = bc.make_optimizer(ours), bc.make_optimizer(tv)
-    train = bc.alternate({"ours": lambda: bc.train_step_ours(ours, opt_ours, samples),
-                       "torchvision": lambda: bc.train_step_torchvision(tv, opt_tv, samples)},
-                      warmup, repeats)
+    steps = {"ours": lambda: bc.train_step_ours(ours, opt_ours, samples),
+             "torchvision": lambda: bc.train_step_torchvision(tv, opt_tv, samples)}
+    if bc.cpu_has_fast_bfloat16():  # train --amp: bfloat16 autocast, where the CPU has it natively
+        steps["ours_amp"] = lambda: bc.train_step_ours(ours, opt_ours, samples, amp=True)
+    train = bc.alternate(steps, warmup, repeats)
     del ours, fast, tv, opt_ours, opt_tv
     gc.collect()
 
@@ -192,6 +195,9 @@ def bench_pair(size: int, warmup: int, repeats: int, memory: bool) -> list[dict]
             train["torchvision"]["median_s"] * 1e3,
             times_ms={k: [t * 1e3 for t in v["times_s"]] for k, v in train.items()}),
     ]
+    if "ours_amp" in train:
+        rows.append(row(name, size, "train_step_amp_ms", train["ours_amp"]["median_s"] * 1e3,
+                        train["torchvision"]["median_s"] * 1e3, precision="bfloat16 autocast (train --amp)"))
     if memory:
         for mode in ("infer", "train"):
             bc.log(f"{name} {size}: peak memory, {mode} (child processes)")
@@ -306,6 +312,7 @@ _METRIC_LABELS = {
     "inference_ms": "inference latency (ms)",
     "inference_auto_ms": "inference, as predict runs it (ms)",
     "train_step_ms": "train step (ms)",
+    "train_step_amp_ms": "train step, --amp (bfloat16) (ms)",
     "peak_mem_infer_mb": "peak mem, inference (MB)",
     "peak_mem_infer_auto_mb": "peak mem, inference as predict runs it (MB)",
     "predict_images_per_s": "predict, images / s (as predict runs it)",
@@ -357,6 +364,11 @@ def markdown(report: dict) -> str:
         out += [f"Training throughput, ours ({t['model']}), synthetic nuclei {t['size']}x{t['size']}, "
                 f"batch {t['batch']}, instances per image {t['instances_per_image']} ({t['data']}): "
                 f"**{t['images_per_s']:.2f} images/s** ({t['step_ms']:.0f} ms per step).", ""]
+    if report.get("loader"):
+        feeds = {"ResNet-50-FPN at 256": t["images_per_s"]} if t else {}
+        feeds |= {f"{r['model']} at {r['size']}": 2 * r["ours"] for r in report["rows"]
+                  if r["metric"] == "train_steps_per_s_batch2"}
+        out += loader.markdown(report["loader"], feeds) + [""]
     if report.get("large"):
         out += large.markdown(report["large"]) + [""]
     out.append(f"Total benchmark wall time: {report['wall_s']:.0f} s.")
@@ -426,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         report["rows"] += bench_default_model(warmup, repeats_big)
     if not args.no_throughput:
         report["throughput"] = bench_throughput(warmup, repeats_big)
+        report["loader"] = loader.bench_loader(bc.log)
     if not (args.no_large or args.quick):
         report["large"] = large.bench_large(Path(args.out), args.large_weights, bc.log)
     report["wall_s"] = time.perf_counter() - bc.START  # markdown() reports it

@@ -7,9 +7,11 @@ removes those whose process is gone (:func:`remove_stale_temporaries`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 def _default_permissions() -> int:
@@ -37,6 +39,27 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except OSError as err:  # e.g. a full disk: name the file it was for (os.write errors name none)
         Path(tmp).unlink(missing_ok=True)
         raise OSError(err.errno, err.strerror, str(path)) from err
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _sync_folder(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """For writers that take a file name (tifffile, zarr): yields a temporary path beside ``path``;
+    on a clean exit it is flushed and renamed over ``path``, on any exception (KeyboardInterrupt
+    included) removed, so ``path`` is never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fchmod(f.fileno(), _PERMISSIONS)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

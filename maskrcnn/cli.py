@@ -21,6 +21,7 @@ from .data.datasets import FORMATS as DATA_FORMATS
 from .distributed import DEVICES
 from .errors import UserError
 from .export import FORMATS as EXPORT_FORMATS
+from .memory import parse_memory
 from .precision import PRECISIONS
 from .tiling import TILE_OVERLAP
 
@@ -66,6 +67,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _memory(text: str) -> int:
+    try:
+        return parse_memory(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line (argparse prints the whole usage first) and exit code 2."""
 
@@ -91,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--epochs", type=_positive_int, help="passes over the training set")
     train.add_argument("--max-minutes", type=_positive_float, help="stop cleanly after this wall-clock time")
     train.add_argument("--batch-size", type=_positive_int, default=2)
-    train.add_argument("--lr", type=_positive_float, default=1e-3)
+    train.add_argument("--lr", type=_positive_float,
+                       help="base learning rate (default: 1e-3 from scratch, 1e-4 with --init)")
     train.add_argument("--crop", type=_positive_int,
                        help="training crop size in pixels (default 128 for p2 at stride 2, as the built-in "
                             "model; else 256)")
@@ -119,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--amp", action="store_true",
                        help="mixed precision: CUDA float16 with loss scaling, CPU bfloat16; losses stay float32")
     train.add_argument("--no-progress", action="store_true")
+    _plane_flags(train)
     train.set_defaults(run=cmd_train)
 
     predict = sub.add_parser("predict", help="segment images with a trained model",
@@ -143,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "the run's files still cover every image")
     predict.add_argument("--device", choices=DEVICES, default="auto")
     _inference_flags(predict)
+    _plane_flags(predict)
     predict.set_defaults(run=cmd_predict)
 
     evaluate = sub.add_parser("evaluate", help="score a model on an annotated dataset",
@@ -157,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--overlap", type=int, default=TILE_OVERLAP, help="tile overlap in pixels")
     evaluate.add_argument("--device", choices=DEVICES, default="auto")
     _inference_flags(evaluate)
+    _plane_flags(evaluate)
     evaluate.set_defaults(run=cmd_evaluate)
 
     export = sub.add_parser("export", help="write a trained model as TorchScript or ONNX",
@@ -213,7 +225,22 @@ def _inference_flags(command: argparse.ArgumentParser) -> None:
                             "model's scale (see maskrcnn models)")
     command.add_argument("--tta", action="store_true",
                          help="test-time augmentation: 8 flips and quarter turns, merged (8x the time)")
+    command.add_argument("--max-memory", type=_memory, metavar="SIZE",
+                         help="memory the whole process may use, e.g. 2G, 1500M, 8GiB (default: "
+                              "$MASKRCNN_MAX_MEMORY, else 2G): each image is "
+                              "segmented whole, in tiles sized to fit, or (predict, when even its outputs would "
+                              "not fit) streamed tile by tile to a tiled BigTIFF; --tile forces the tile size")
     command.add_argument("--no-progress", action="store_true")
+
+
+def _plane_flags(command: argparse.ArgumentParser) -> None:
+    """Flags train, predict and evaluate share: the plane of multi-dimensional images (OME-TIFF,
+    OME-Zarr, ImageJ stacks) to read; see maskrcnn.data.planes. Checked by commands._planes."""
+    command.add_argument("--channel", help="channel of multi-channel images: a name from the file's OME metadata "
+                                           "(e.g. DAPI) or a 0-based index (default: the first channel)")
+    command.add_argument("--z", help="z-slice of 3-D images: a 0-based index, or max / mean to project all "
+                                     "slices (default: the first slice)")
+    command.add_argument("--t", help="time point of time series: a 0-based index (default: the first)")
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

@@ -36,7 +36,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         crop=args.crop, val_every=args.val_every, checkpoint_every=args.checkpoint_every, device=args.device,
         seed=args.seed, resume=args.resume, skip_bad=args.skip_bad, progress=not args.no_progress,
         sync_bn=args.sync_bn, amp=args.amp, image_dir=args.images, init=init, check_data=args.check_data,
-        workers=args.workers)
+        workers=args.workers, planes=_planes(args))
     try:
         result = train(opts, dist, command="maskrcnn " + shlex.join(args.argv))
     finally:
@@ -76,6 +76,13 @@ def _resume_command(argv: list[str], distributed: bool) -> str:
     return f"torchrun [its options] -m maskrcnn {command}" if distributed else f"maskrcnn {command}"
 
 
+def _planes(args: argparse.Namespace):
+    """The plane of multi-dimensional images chosen by --channel, --z and --t (ConfigError if bad)."""
+    from .data.planes import Planes
+
+    return Planes.from_text(args.channel, args.z, args.t)
+
+
 def _check_tiling(args: argparse.Namespace) -> None:
     if args.tile and not 0 <= args.overlap < args.tile:
         raise UserError(f"--overlap must be in [0, --tile), got {args.overlap} for --tile {args.tile}")
@@ -90,6 +97,7 @@ def _predictor(args: argparse.Namespace):
     predictor = Predictor.from_weights(args.weights, args.device, args.precision)
     predictor.tta = args.tta
     predictor.scale = args.scale or 1.0
+    predictor.max_memory = args.max_memory or predictor.max_memory  # unset: $MASKRCNN_MAX_MEMORY or 2 GB
     if args.diameter:
         trained = card(args.weights).get("diameter_px") if is_builtin(args.weights) else None
         if trained is None:
@@ -105,7 +113,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     predictor = _predictor(args)
     run = predict_files(predictor, args.inputs, args.out, tile=args.tile, overlap=args.overlap,
                         kaggle=args.kaggle, progress=not args.no_progress, skip_existing=args.skip_existing,
-                        rois=args.rois, geojson=args.geojson)
+                        rois=args.rois, geojson=args.geojson, planes=_planes(args))
     for path, why in run.failed:
         print(f"maskrcnn: skipped {path}: {why}", file=sys.stderr)
     if run.stopped_by:
@@ -123,10 +131,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_model
 
     predictor = _predictor(args)
-    reader = open_dataset(args.data, args.format, image_dir=args.images)
+    reader = open_dataset(args.data, args.format, image_dir=args.images, planes=_planes(args))
     report = evaluate_model(predictor.model, predictor.normalizer, reader, device=predictor.device,
                             progress=not args.no_progress, tile=args.tile, overlap=args.overlap,
-                            precision=predictor.precision, scale=predictor.scale, tta=predictor.tta)
+                            precision=predictor.precision, scale=predictor.scale, tta=predictor.tta,
+                            max_memory=predictor.max_memory)
     print(report.format_table())
     if args.out:
         report.to_json(args.out)

@@ -217,6 +217,13 @@ class RunOutputs:
         if self.kaggle:
             self.kaggle_table += label_kaggle_rows(path.stem, prediction.label_image)
 
+    def add_streamed(self, image_id: int, path: Path, image_size: tuple[int, int]) -> None:
+        """Record an image streamed by maskrcnn.large: its image entry (``"streamed": true``) only;
+        it has no COCO records or Kaggle rows (see maskrcnn.large)."""
+        height, width = image_size
+        self.images.append({"id": image_id, "file_name": str(path), "height": height, "width": width,
+                            "streamed": True})
+
     def write(self) -> tuple[Path, Path | None]:
         """Write the run's files; returns the COCO results path and the submission path (None without kaggle)."""
         coco_json = self.out_dir / COCO_JSON

@@ -4,14 +4,21 @@
 with; ``predict_files`` runs it over files, folders and glob patterns and writes what
 ``outputs`` describes for each image and for the run.
 
-SIGINT, SIGTERM or SIGUSR1 during ``predict_files`` let the image in progress finish; the run
-then ends early (``PredictRun.stopped_by``) with the run's files written for the images done, and
+SIGINT, SIGTERM or SIGUSR1 during ``predict_files`` let the image in progress finish (a streamed
+image is abandoned at its next tile instead, leaving no file of it); the run then ends early
+(``PredictRun.stopped_by``) with the run's files written for the images done, and
 ``skip_existing`` continues it (maskrcnn/signals.py).
+
+Memory: ``Predictor.max_memory`` bounds the process; each image is processed whole, in tiles, or
+(when even its whole-image outputs would not fit) streamed tile by tile to disk by maskrcnn.large,
+as maskrcnn.memory decides. ``tile`` forces the tile size.
 """
 
 from __future__ import annotations
 
+
 import glob
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,11 +28,14 @@ import torch
 from .atomic import remove_stale_temporaries
 from .builtin import is_builtin, resolve_weights
 from .checkpoint import load_checkpoint
-from .data.io import IMAGE_EXTENSIONS, read_image
+from .data.io import IMAGE_EXTENSIONS, read_image, read_image_size
+from .data.planes import Planes
 from .data.normalize import Normalizer
 from .distributed import resolve_device
 from .errors import DataError, UserError
 from .inference import segment
+from .large import StreamStopped, predict_streamed, region_source, streamed_shape
+from .memory import Plan, default_max_memory, plan_inference
 from .model import MaskRCNN, for_inference
 from .metrics import PredictionRecord
 from .outputs import (IMAGES_JSON, PredictionFiles, RunOutputs, existing_prediction, read_prediction,
@@ -46,6 +56,8 @@ class Predictor:
     precision: str = "fp32"  # see maskrcnn.precision; exported models always run float32
     scale: float = 1.0  # images are resized by this factor before the model sees them (maskrcnn.inference)
     tta: bool = False  # test-time augmentation: the 8 flips and quarter turns, merged by the mask NMS
+    # bytes the whole process may use: picks whole, tiled or streamed (default $MASKRCNN_MAX_MEMORY or 2 GB)
+    max_memory: int = field(default_factory=default_max_memory)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", precision: str = "auto") -> "Predictor":
@@ -83,8 +95,17 @@ class Predictor:
         return self.predict_normalized(self.normalizer(image), tile, overlap)
 
     def predict_normalized(self, image: torch.Tensor, tile: int | None = None, overlap: int = TILE_OVERLAP) -> InstanceResult:
-        """A normalised (C, H, W) float image -> its instances, on the CPU; tiled when ``tile`` is given."""
+        """A normalised (C, H, W) float image -> its instances, on the CPU; tiled with ``tile``, or
+        when ``max_memory`` cannot hold the model on the whole image (tile size from maskrcnn.memory)."""
+        tile = tile or self.plan(tuple(image.shape[-2:]), None, overlap, in_memory=True).tile
         return segment(self.model, image, self.device, tile, overlap, self.precision, self.scale, self.tta)
+
+    def plan(self, shape: tuple[int, int], tile: int | None = None, overlap: int = TILE_OVERLAP,
+             in_memory: bool = False) -> Plan:
+        """Whole, tiled or streamed for an image of ``shape`` (H, W) under ``max_memory``
+        (maskrcnn.memory.plan_inference); ``in_memory``: never streamed."""
+        return plan_inference(self.model.cfg, shape, self.max_memory, scale=self.scale, overlap=overlap, tile=tile,
+                              in_memory=in_memory)
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
@@ -126,11 +147,13 @@ class PredictRun:
 
 def predict_files(predictor: Predictor, inputs: list[str], out_dir: str | Path, *, tile: int | None = None,
                   overlap: int = TILE_OVERLAP, kaggle: bool = False, progress: bool = True,
-                  skip_existing: bool = False, rois: bool = False, geojson: bool = False) -> PredictRun:
+                  skip_existing: bool = False, rois: bool = False, geojson: bool = False,
+                  planes: Planes | None = None) -> PredictRun:
     """Predict every input image; a bad image is reported and skipped, the others still processed.
     ``rois`` / ``geojson``: also write each image's instance outlines as an ImageJ ROI zip / a QuPath
     GeoJSON (see outputs_outlines). ``skip_existing``: keep the outputs of images that have all
-    their files already, those two included when asked for (see outputs)."""
+    their files already, those two included when asked for (see outputs). ``planes``: the channel,
+    z-slice (or projection) and time point of multi-dimensional images (maskrcnn.data.planes)."""
     from tqdm import tqdm
 
     out = Path(out_dir)
@@ -145,11 +168,19 @@ def predict_files(predictor: Predictor, inputs: list[str], out_dir: str | Path, 
     with StopSignals(graceful=True, unit="image") as signals:
         for image_id, path in enumerate(tqdm(paths, desc="predict", unit="img", disable=not progress), start=1):
             kept = _kept_prediction(out, path, predictor.class_names, rois, geojson) if skip_existing else None
-            if kept is not None:
+            if isinstance(kept, tuple):
+                run.add_streamed(image_id, path, kept)
+                skipped.append(path)
+            elif kept is not None:
                 run.add_record(image_id, path, kept)
                 skipped.append(path)
             else:
-                files = _predict_one(predictor, run, image_id, path, tile, overlap, rois, geojson)
+                try:
+                    files = _predict_one(predictor, run, image_id, path, tile, overlap, rois, geojson, planes,
+                                         signals, progress)
+                except StreamStopped:  # a signal stopped a streamed image between tiles: none of its files
+                    stopped_by = signals.received
+                    break
                 written += [files] if files else []
             done = image_id
             if signals.received and done < len(paths):  # after the last image the run is whole anyway
@@ -160,12 +191,23 @@ def predict_files(predictor: Predictor, inputs: list[str], out_dir: str | Path, 
 
 
 def _predict_one(predictor: Predictor, run: RunOutputs, image_id: int, path: Path, tile: int | None,
-                 overlap: int, rois: bool, geojson: bool) -> PredictionFiles | None:
-    """Predict one image, write its files and add it to the run; None when it cannot be read."""
+                 overlap: int, rois: bool, geojson: bool, planes: Planes | None = None,
+                 signals: StopSignals | None = None, progress: bool = False) -> PredictionFiles | None:
+    """Predict one image, write its files and add it to the run; None when it cannot be read.
+
+    An image whose outputs do not fit ``predictor.max_memory`` is streamed (maskrcnn.large):
+    StreamStopped when ``signals`` receives a stop before its last tile."""
     try:
-        image = read_image(path)
+        plan = predictor.plan(read_image_size(path, planes), tile, overlap)  # from the header: no pixel decoded
+        if plan.mode == "stream":
+            skipped = [name for name, asked in (("ROIs", rois), ("GeoJSON", geojson), ("Kaggle rows", run.kaggle),
+                                                ("COCO records", True)) if asked]
+            warnings.warn(f"{path}: larger than --max-memory allows in memory: streamed in tiles of {plan.tile} to "
+                          f"{path.stem}_labels.tif (tiled BigTIFF), without {', '.join(skipped)}")
+            return _predict_streamed(predictor, run, image_id, path, plan.tile, overlap, planes, signals, progress)
+        image = read_image(path, planes)
         normalized = predictor.normalizer(image)
-        result = predictor.predict_normalized(normalized, tile, overlap)
+        result = predictor.predict_normalized(normalized, plan.tile, overlap)  # None: planned again, decoded
     except DataError as err:
         run.failed.append((path, err.problem))
         return None
@@ -175,11 +217,36 @@ def _predict_one(predictor: Predictor, run: RunOutputs, image_id: int, path: Pat
     return files
 
 
+def _predict_streamed(predictor: Predictor, run: RunOutputs, image_id: int, path: Path, tile: int, overlap: int,
+                      planes: Planes | None, signals: StopSignals | None, progress: bool) -> PredictionFiles:
+    """Stream one image tile by tile (read lazily when maskrcnn.data.lazy can: a TIFF or zarr, with
+    the ``slides`` extra installed; else decoded whole) and write its files (see maskrcnn.large)."""
+    from tqdm import tqdm
+
+    source = region_source(path, planes)
+    bar = tqdm(desc=f"{path.name} tiles", unit="tile", leave=False, disable=not progress)
+    try:
+        def advance(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        stop = (lambda: signals.received is not None) if signals is not None else None
+        done = predict_streamed(predictor, source, run.out_dir, path.stem, tile, overlap, should_stop=stop,
+                                progress=advance)
+    finally:
+        bar.close()
+        getattr(source, "close", lambda: None)()
+    run.add_streamed(image_id, path, done.shape)
+    return PredictionFiles(done.label_image, done.overlay, done.table)
+
+
 def _kept_prediction(out: Path, path: Path, class_names: list[str], rois: bool,
-                     geojson: bool) -> PredictionRecord | None:
+                     geojson: bool) -> PredictionRecord | tuple[int, int] | None:
     """The prediction of ``path`` an earlier run left in ``out`` (with the outline files asked for),
-    or None to predict it (again)."""
+    or None to predict it (again); for a streamed image (maskrcnn.large) its (H, W)."""
     files = existing_prediction(out, path.stem, rois=rois, geojson=geojson)
+    if files is not None and streamed_shape(files.label_image) is not None:
+        return None if rois or geojson else streamed_shape(files.label_image)  # not read: slide-sized
     return read_prediction(files, class_names) if files else None
 
 

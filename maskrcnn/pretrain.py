@@ -84,7 +84,8 @@ def _log_session(out: Path, steps: int, seconds: float, opts: PretrainOptions) -
     history = sessions(out)
     if history and history[-1]["steps"] == steps:
         return
-    record = {"steps": steps, "minutes": round(seconds / 60, 1), "device": _hardware(opts.device),
+    record = {"steps": steps, "schedule": opts.steps, "minutes": round(seconds / 60, 1),
+              "device": _hardware(opts.device),
               "date": time.strftime("%Y-%m-%d")}
     with open(out / "sessions.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -125,8 +126,7 @@ def write_builtin(out: str | Path, scores: dict[str, Any], opts: PretrainOptions
                      "minutes": round(sum(h["minutes"] for h in history), 1),
                      "hardware": sorted({h["device"] for h in history}),
                      "sessions": len(history), "date": history[-1]["date"] if history else None,
-                     "recipe": f"maskrcnn pretrain --out OUT --steps {opts.steps}"
-                               + (f" --real {opts.real}" if opts.real else "") + " --publish"},
+                     "recipe": _recipe(history, opts)},
         "input": "one channel (RGB is averaged); any bit depth (each image scaled by its own 1st-99.8th "
                  "percentiles); trained on nuclei of about 7 to 60 px across (synthetic) and about 20 px "
                  "(the real image); --diameter D rescales images whose nuclei are D px across to 20 px",
@@ -140,6 +140,16 @@ def write_builtin(out: str | Path, scores: dict[str, Any], opts: PretrainOptions
                                                                     "rpn_scales", "in_channels")},
     }
     return publish(out / "run" / "last.pt", "nuclei", info, folder)
+
+
+def _recipe(history: list[dict[str, Any]], opts: PretrainOptions) -> str:
+    """The commands that made the run: one per schedule length its sessions reached. A later, longer
+    ``--steps`` continues the same run with the cosine stretched to it (the rate rises again)."""
+    real = f" --real {opts.real}" if opts.real else ""
+    lengths = list(dict.fromkeys(h.get("schedule", h["steps"]) for h in history))  # in order, once each
+    commands = [f"maskrcnn pretrain --out OUT --steps {n}{real}" for n in lengths if n != opts.steps]
+    commands.append(f"maskrcnn pretrain --out OUT --steps {opts.steps}{real} --publish")
+    return "; then ".join(commands)
 
 
 def score_builtin_run(checkpoint: str | Path, opts: PretrainOptions) -> dict[str, Any]:

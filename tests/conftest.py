@@ -72,6 +72,11 @@ def train_steps(model: torch.nn.Module, batches: Sequence[Batch], steps: int, lr
 
 
 # --- replayable randomness --------------------------------------------------------------------------
+# The test process holds many models and libraries (napari, Qt, onnxruntime): its resident memory
+# is not a `maskrcnn predict` process's, so the default budget (2 GB for the whole process) would
+# tile or refuse images for that reason alone. Tests of the budget pass --max-memory / max_memory.
+os.environ.setdefault("MASKRCNN_MAX_MEMORY", "1T")
+
 SEED_VARIABLE = "MASKRCNN_TEST_SEED"
 DEFAULT_SEED = 0
 

@@ -230,10 +230,10 @@ def reads(monkeypatch, tmp_path) -> Path:
     log = tmp_path / "reads.log"
     read = labels_module.read_image
 
-    def logged(path):
+    def logged(path, *planes):
         with open(log, "a") as f:
             f.write(f"{Path(path).name}\n")
-        return read(path)
+        return read(path, *planes)
 
     monkeypatch.setattr(labels_module, "read_image", logged)
     return log

@@ -111,3 +111,11 @@ def test_cli_train_defaults_to_the_builtin_model_for_one_class_data(data, tmp_pa
     # the same layout (the CLI's default is the built-in one), but not the built-in weights
     assert scratch.keys() == builtin.model_state.keys()
     assert not torch.equal(scratch["rcnn.head.fc1.weight"], builtin.model_state["rcnn.head.fc1.weight"].float())
+
+
+def test_learning_rate_default_follows_the_start():
+    from maskrcnn.train import FINETUNE_LR, SCRATCH_LR, TrainOptions
+
+    assert TrainOptions(data="d", out="o").lr == SCRATCH_LR
+    assert TrainOptions(data="d", out="o", init="nuclei").lr == FINETUNE_LR < SCRATCH_LR
+    assert TrainOptions(data="d", out="o", init="nuclei", lr=3e-3).lr == 3e-3

@@ -59,3 +59,15 @@ def test_pretraining_continues_across_sessions_and_publishes(real, tmp_path):
     assert card["training"]["steps"] == 3 and card["training"]["sessions"] == 2
     assert card["scores"] == scores
     assert target.stat().st_size < 10 * 2**20
+
+
+def test_card_recipe_lists_each_schedule_length_its_sessions_ran():
+    from maskrcnn.pretrain import PretrainOptions, _recipe
+
+    longer = PretrainOptions(out="x", steps=8500, real="R")
+    assert _recipe([{"steps": 5000}, {"steps": 8500, "schedule": 8500}], longer) == (
+        "maskrcnn pretrain --out OUT --steps 5000 --real R; then maskrcnn pretrain --out OUT --steps 8500 --real R "
+        "--publish")
+    # a session cut short by --minutes ran the same schedule: one command
+    short = [{"steps": 3000, "schedule": 5000}, {"steps": 5000, "schedule": 5000}]
+    assert _recipe(short, PretrainOptions(out="x", steps=5000)) == "maskrcnn pretrain --out OUT --steps 5000 --publish"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from maskrcnn.roi_align import MultiLevelRoiAlign, assign_levels
@@ -72,3 +73,80 @@ def test_images_without_boxes():
     out = crop(features, [torch.zeros(0, 4), torch.tensor([[0.0, 0.0, 8.0, 8.0]])])
     assert torch.allclose(out[:, 0], torch.full((1, 2, 2), 11.0))
     assert crop(features, [torch.zeros(0, 4), torch.zeros(0, 4)]).shape == (0, 2, 2, 2)
+
+
+def _many_boxes(count: int, image: int = 256, seed: int = 0) -> torch.Tensor:
+    """(count, 4) boxes of every size, so every level gets some."""
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(count, 2, generator=g) * image * 0.7
+    wh = torch.rand(count, 2, generator=g) ** 2 * image * 0.5 + 2
+    return torch.cat([xy, (xy + wh).clamp(max=image)], dim=1)
+
+
+def _random_features(batch: int, channels: int = 8, image: int = 256) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(batch, channels, image // s, image // s, generator=g) for s in STRIDES]
+
+
+def _serial(crop: MultiLevelRoiAlign, features, boxes, image, monkeypatch) -> torch.Tensor:
+    import maskrcnn.roi_align as module
+    with monkeypatch.context() as m:
+        m.setattr(module, "_crop_threads", lambda feature, count: 1)
+        return crop.crop(features, boxes, image)
+
+
+@pytest.fixture
+def two_threads():
+    """The threaded path needs >= 2 intra-op threads, whatever this machine's default."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_threaded_crops_equal_one_call_per_level_at_every_level(monkeypatch, two_threads):
+    crop = MultiLevelRoiAlign(BASE_SIZES, STRIDES, output_size=7)
+    features, boxes = _random_features(batch=2), _many_boxes(600)
+    image = torch.arange(600) % 2
+    assert set(assign_levels(boxes, torch.tensor(BASE_SIZES)).tolist()) == {0, 1, 2, 3}
+    threaded = crop.crop(features, boxes, image)
+    assert torch.equal(threaded, _serial(crop, features, boxes, image, monkeypatch))
+    # and equal to torchvision's kernel box by box (the level choice as the spec's)
+    from torchvision.ops import roi_align
+    levels = assign_levels(boxes, torch.tensor(BASE_SIZES))
+    for i in (0, 7, 123, 599):
+        ref = roi_align(features[levels[i]], torch.cat([image[i:i + 1, None].float(), boxes[i:i + 1]], 1), 7,
+                        spatial_scale=1.0 / STRIDES[levels[i]], sampling_ratio=2, aligned=False)
+        assert torch.allclose(threaded[i:i + 1], ref, atol=1e-6)
+
+
+def test_threaded_crops_keep_the_callers_modes(monkeypatch, two_threads):
+    crop = MultiLevelRoiAlign(BASE_SIZES, STRIDES, output_size=5)
+    features, boxes, image = _random_features(batch=1), _many_boxes(300), torch.zeros(300, dtype=torch.int64)
+    with torch.inference_mode():
+        out = crop.crop(features, boxes, image)
+    assert out.is_inference()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = crop.crop([f.bfloat16() for f in features], boxes, image)
+        serial = _serial(crop, [f.bfloat16() for f in features], boxes, image, monkeypatch)
+    assert mixed.dtype == serial.dtype and torch.equal(mixed, serial)
+    # training keeps the single call: the same gradients to the last bit
+    leaves = [f.clone().requires_grad_() for f in features]
+    crop.crop(leaves, boxes, image).square().sum().backward()
+    grads = [f.grad.clone() for f in leaves]
+    for f in leaves:
+        f.grad = None
+    _serial(crop, leaves, boxes, image, monkeypatch).square().sum().backward()
+    for trained, one in zip(grads, (f.grad for f in leaves)):
+        assert torch.equal(trained, one)
+
+
+def test_only_inference_crops_run_threaded(two_threads):
+    import maskrcnn.roi_align as module
+
+    feature = torch.zeros(1, 4, 8, 8)
+    assert module._crop_threads(feature, 1000) == 2
+    assert module._crop_threads(feature, 40) == 1  # too few boxes to share
+    with torch.no_grad():
+        assert module._crop_threads(feature.requires_grad_(), 1000) == 2
+    assert module._crop_threads(feature, 1000) == 1  # gradients flow

@@ -13,6 +13,7 @@ from pycocotools import mask as mask_utils
 
 from ..errors import DataError
 from .io import read_image, read_image_size
+from .planes import Planes
 from .reader import InstanceReader, Sample, existing_dir
 
 
@@ -31,11 +32,14 @@ class CocoReader(InstanceReader):
     file with :class:`DataError`, unless ``skip_bad``: then it is left out, with one warning for
     all of them, and listed in ``left_out`` as ``("annotation ID", "JSON: annotation ID has
     unknown category_id C")`` for the caller to report (``train --skip-bad`` lists them in
-    RUN_DIR/skipped.txt). The image keeps its other annotations.
+    RUN_DIR/skipped.txt). The image keeps its other annotations. ``planes``: which plane of
+    multi-dimensional images to read (:mod:`maskrcnn.data.planes`).
     """
 
-    def __init__(self, json_path: str | Path, image_dir: str | Path, skip_bad: bool = False):
+    def __init__(self, json_path: str | Path, image_dir: str | Path, skip_bad: bool = False,
+                 planes: Planes | None = None):
         self.json_path = Path(json_path)
+        self.planes = planes
         self.skip_bad = skip_bad
         self.image_dir = existing_dir(image_dir)
         data = _load_json(self.json_path)
@@ -109,7 +113,7 @@ class CocoReader(InstanceReader):
     def _load(self, index: int) -> Sample:
         entry = self._images[index]
         path = self.image_dir / entry["file_name"]
-        image = read_image(path)
+        image = read_image(path, self.planes)
         height, width = self._check_size(path, image.shape[:2], entry)
         masks, labels = [], []
         for ann in self._annotations[entry["id"]]:
@@ -124,7 +128,7 @@ class CocoReader(InstanceReader):
         """The image exists and its header's size is the JSON's (annotations are checked when read)."""
         entry = self._images[index]
         path = self.image_dir / entry["file_name"]
-        self._check_size(path, read_image_size(path), entry)
+        self._check_size(path, read_image_size(path, self.planes), entry)
 
     def _check_size(self, path: Path, size: tuple[int, int], entry: dict[str, Any]) -> tuple[int, int]:
         """``size`` (H, W), after checking that it is the size the JSON gives the image."""

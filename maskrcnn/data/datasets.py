@@ -18,6 +18,7 @@ from ..errors import DataError
 from .coco import CocoReader
 from .dsb import DsbReader
 from .labels import LabelsReader
+from .planes import Planes
 from .reader import DEFAULT_CLASS_NAMES, InstanceReader, Sample
 
 __all__ = ["CocoReader", "DEFAULT_CLASS_NAMES", "DsbReader", "FORMATS", "InstanceReader", "LabelsReader",
@@ -27,7 +28,8 @@ FORMATS = ("dsb", "labels", "coco")
 
 
 def open_dataset(path: str | Path, format: str | None = None, image_dir: str | Path | None = None,
-                 allow_missing_masks: bool = False, skip_bad: bool = False) -> InstanceReader:
+                 allow_missing_masks: bool = False, skip_bad: bool = False,
+                 planes: Planes | None = None) -> InstanceReader:
     """Open a dataset in one of :data:`FORMATS`, detecting the format when ``format`` is None.
 
     Detection: a ``.json`` file is COCO (images in ``image_dir``, default the JSON's folder);
@@ -37,17 +39,20 @@ def open_dataset(path: str | Path, format: str | None = None, image_dir: str | P
     have no instances instead of being errors). ``skip_bad`` applies to COCO: annotations with
     an unknown category or image are left out and listed in the reader's ``left_out`` instead
     of refusing the file. Bad samples of any layout raise when read, whatever ``skip_bad`` says.
+    ``planes``: the channel / z-slice / time point of multi-dimensional images (``--channel``,
+    ``--z``, ``--t``; see :mod:`maskrcnn.data.planes`), for every layout.
     """
     path = Path(path)
     if not path.exists():
         raise DataError(path, "no such file or folder")
     format = format or _detect_format(path)
     if format == "coco":
-        return CocoReader(path, image_dir if image_dir is not None else path.parent, skip_bad=skip_bad)
+        return CocoReader(path, image_dir if image_dir is not None else path.parent, skip_bad=skip_bad,
+                          planes=planes)
     if format == "labels":
-        return LabelsReader(path, allow_missing_masks=allow_missing_masks)
+        return LabelsReader(path, allow_missing_masks=allow_missing_masks, planes=planes)
     if format == "dsb":
-        return DsbReader(path, allow_missing_masks=allow_missing_masks)
+        return DsbReader(path, allow_missing_masks=allow_missing_masks, planes=planes)
     raise DataError(path, f"unknown dataset format '{format}'; use one of {', '.join(FORMATS)}")
 
 

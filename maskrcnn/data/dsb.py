@@ -8,6 +8,7 @@ import numpy as np
 
 from ..errors import DataError
 from .io import read_binary_mask, read_image, read_image_size, read_mask_size
+from .planes import Planes
 from .reader import DEFAULT_CLASS_NAMES, InstanceReader, Sample, check_shape, existing_dir, image_files
 
 
@@ -22,11 +23,13 @@ class DsbReader(InstanceReader):
     An ``ID/`` without ``masks/`` (a test-set sample given as training data) raises
     :class:`DataError` naming ``ROOT/ID`` when that sample is read, so a training run stops on
     it, or skips and lists it with ``--skip-bad``. With ``allow_missing_masks`` it is an image
-    with no instances instead (prediction-only data).
+    with no instances instead (prediction-only data). ``planes``: which plane of multi-dimensional
+    images to read (:mod:`maskrcnn.data.planes`).
     """
 
-    def __init__(self, root: str | Path, allow_missing_masks: bool = False):
+    def __init__(self, root: str | Path, allow_missing_masks: bool = False, planes: Planes | None = None):
         self.root = existing_dir(root)
+        self.planes = planes
         self.allow_missing_masks = allow_missing_masks
         self.class_names = list(DEFAULT_CLASS_NAMES)
         self.names = []
@@ -41,7 +44,7 @@ class DsbReader(InstanceReader):
 
     def _load(self, index: int) -> Sample:
         image_path = self._images[index]
-        image = read_image(image_path)
+        image = read_image(image_path, self.planes)
         masks = [m for m in (_binary_mask(f, image.shape[:2]) for f in self._mask_files(image_path.parent.parent))
                  if m.any()]
         stacked = np.stack(masks) if masks else np.zeros((0, *image.shape[:2]), dtype=bool)
@@ -50,7 +53,7 @@ class DsbReader(InstanceReader):
 
     def _check_header(self, index: int) -> None:
         image_path = self._images[index]
-        size = read_image_size(image_path)
+        size = read_image_size(image_path, self.planes)
         for file in self._mask_files(image_path.parent.parent):
             check_shape(file, read_mask_size(file), size)
 

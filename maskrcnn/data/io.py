@@ -17,6 +17,7 @@ import logging
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import tifffile
@@ -24,6 +25,7 @@ from PIL import Image
 
 from ..atomic import atomic_write_bytes
 from ..errors import DataError
+from .planes import Planes, PlaneSelection, read_tiff_selection, select_planes, tiff_axes
 
 PIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 TIFF_EXTENSIONS = (".tif", ".tiff")
@@ -35,7 +37,7 @@ MAX_CHANNELS = 4  # an axis this small is taken as channels, a larger one as pag
 _PIL_CONVERSIONS = {"1": "L", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB"}
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path: str | Path, planes: Planes | None = None) -> np.ndarray:
     """Read an image as (H, W) or (H, W, C) in the file's dtype (C <= 4).
 
     PNG/JPEG/BMP/GIF go through Pillow (palette images are expanded to RGB(A), the first frame
@@ -43,18 +45,66 @@ def read_image(path: str | Path) -> np.ndarray:
     pickles. Channel-first (C, H, W) with C <= 4 is moved to channels-last; a stack of such
     planes (pages, z-slices, time points: 3-D with no small axis, or 4-D) gives its first plane.
     Other shapes (1-D, 5-D, ...) raise :class:`DataError`.
+
+    OME-TIFFs, and any file when ``planes`` sets an option, are read by their axes instead (see
+    :mod:`maskrcnn.data.planes`): one channel (``planes.channel``, default the first), one
+    z-slice or a max/mean projection of all (``planes.z``, default the first; a mean is float32),
+    one time point (``planes.t``, default the first); colour samples stay the C of (H, W, C).
+    Only the TIFF pages the plane needs are decoded.
     """
     path = Path(path)
-    return _image_plane(path, _load(path, keep_palette=False))
+    suffix = _checked_file(path)
+    if suffix in TIFF_EXTENSIONS:
+        with _unreadable(path), _quiet_tifffile(), tifffile.TiffFile(path) as tif:
+            header = _tiff_header(tif)
+            if _legacy(header, planes):
+                return _image_plane(path, tif.series[0].asarray())
+            return read_tiff_selection(tif, _selection(path, header, planes))
+    array = _decode(path, suffix, keep_palette=False)
+    header = _Header(array.shape, array.dtype)
+    if _legacy(header, planes):
+        return _image_plane(path, array)
+    return _selection(path, header, planes).apply(array)
 
 
-def read_image_size(path: str | Path) -> tuple[int, int]:
+def read_image_size(path: str | Path, planes: Planes | None = None) -> tuple[int, int]:
     """The (H, W) of the image :func:`read_image` gives, read from the file's header: no pixel is
     decoded (Pillow opens lazily, tifffile reads the page structure, ``.npy`` is memory-mapped).
     Raises :class:`DataError` as :func:`read_image` would for a missing, empty or unreadable
-    file and for an unsupported shape; damaged pixel data is found only by reading the image."""
+    file, for an unsupported shape and for ``planes`` the file does not have; damaged pixel data
+    is found only by reading the image."""
     path = Path(path)
-    return _image_plane(path, _shape_only(*_header(path, keep_palette=False))).shape[:2]
+    header = _header(path, keep_palette=False)
+    if _legacy(header, planes):
+        return _image_plane(path, _shape_only(header.shape, header.dtype)).shape[:2]
+    return _selection(path, header, planes).plane_shape[:2]
+
+
+class _Header(NamedTuple):
+    """What a file's header says: the decoded array's shape and dtype and, for TIFF, its axes."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    axes: str | None = None  # tifffile's series axes letters (None: not a TIFF)
+    channel_names: tuple[str, ...] = ()  # OME Channel Name= of each channel
+    ome: bool = False  # the layout comes from OME-XML
+
+
+def _tiff_header(tif: tifffile.TiffFile) -> _Header:
+    series = tif.series[0]
+    axes, names, ome = tiff_axes(tif)
+    return _Header(tuple(series.shape), series.dtype, axes, names, ome)
+
+
+def _legacy(header: _Header, planes: Planes | None) -> bool:
+    """Read as read_image always did (first plane, small axis = colour): not OME, no option set."""
+    return not header.ome and (planes is None or planes.is_default)
+
+
+def _selection(path: Path, header: _Header, planes: Planes | None) -> PlaneSelection:
+    if header.dtype.kind not in "biuf":
+        raise DataError(path, f"unsupported pixel type {header.dtype}")
+    return select_planes(path, header.axes, header.shape, header.channel_names, planes)
 
 
 def read_mask_size(path: str | Path) -> tuple[int, int]:
@@ -62,7 +112,7 @@ def read_mask_size(path: str | Path) -> tuple[int, int]:
     file's header (see :func:`read_image_size`). Channel values (colour masks, fractional ids)
     are not checked: they need the pixels."""
     path = Path(path)
-    shape, _ = _header(path, keep_palette=True)
+    shape = _header(path, keep_palette=True).shape
     return _mask_layout(path, _drop_unit_axes(_shape_only(shape, np.dtype(np.uint8))).shape)
 
 
@@ -160,7 +210,11 @@ def write_image(path: str | Path, image: np.ndarray) -> None:
 
 def _load(path: Path, keep_palette: bool) -> np.ndarray:
     """Decode a file into an array of any shape, turning every failure into a DataError."""
-    suffix = _checked_file(path)
+    return _decode(path, _checked_file(path), keep_palette)
+
+
+def _decode(path: Path, suffix: str, keep_palette: bool) -> np.ndarray:
+    """:func:`_load` of a file :func:`_checked_file` has passed (``suffix``: its lower-case suffix)."""
     with _unreadable(path):
         if suffix == ".npy":
             return np.load(path, allow_pickle=False)
@@ -170,20 +224,20 @@ def _load(path: Path, keep_palette: bool) -> np.ndarray:
         return _load_pil(path, keep_palette)
 
 
-def _header(path: Path, keep_palette: bool) -> tuple[tuple[int, ...], np.dtype]:
-    """(shape, dtype) of the array :func:`_load` would decode, from the file's header only. Pillow
-    gives no dtype before decoding: uint8 stands for it (every Pillow mode is numeric)."""
+def _header(path: Path, keep_palette: bool) -> _Header:
+    """The shape and dtype of the array :func:`_load` would decode (and a TIFF's axes), from the
+    file's header only. Pillow gives no dtype before decoding: uint8 stands for it (every Pillow
+    mode is numeric)."""
     suffix = _checked_file(path)
     with _unreadable(path):
         if suffix == ".npy":
             array = np.load(path, mmap_mode="r", allow_pickle=False)  # maps, reads nothing; refuses objects
             shape, dtype = array.shape, array.dtype
             del array
-            return shape, dtype
+            return _Header(shape, dtype)
         if suffix in TIFF_EXTENSIONS:
             with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
-                series = tif.series[0]
-                return tuple(series.shape), series.dtype
+                return _tiff_header(tif)
         with Image.open(path) as image:  # lazy: reads the header, decodes nothing
             mode = image.mode
             if mode == "P" and not keep_palette:
@@ -191,7 +245,7 @@ def _header(path: Path, keep_palette: bool) -> tuple[tuple[int, ...], np.dtype]:
             mode = _PIL_CONVERSIONS.get(mode, mode)
             bands = Image.getmodebands(mode)
             width, height = image.size
-        return ((height, width) if bands == 1 else (height, width, bands)), np.dtype(np.uint8)
+        return _Header((height, width) if bands == 1 else (height, width, bands), np.dtype(np.uint8))
 
 
 def _checked_file(path: Path) -> str:

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..errors import DataError
 from .io import read_image, read_image_size, read_label_image, read_mask_size
+from .planes import Planes
 from .reader import DEFAULT_CLASS_NAMES, InstanceReader, Sample, check_shape, existing_dir, files_by_stem
 
 
@@ -17,11 +18,13 @@ class LabelsReader(InstanceReader):
     Images and masks pair by file stem; the extensions may differ. Every distinct nonzero id is
     one instance of class 1 (ids need not be contiguous). Grey label images saved as RGB or RGBA
     are read as :func:`maskrcnn.data.io.mask_channel` describes. A missing mask file is an error
-    unless ``allow_missing_masks``, in which case the image has no instances.
+    unless ``allow_missing_masks``, in which case the image has no instances. ``planes``: which
+    plane of multi-dimensional images to read (:mod:`maskrcnn.data.planes`).
     """
 
-    def __init__(self, root: str | Path, allow_missing_masks: bool = False):
+    def __init__(self, root: str | Path, allow_missing_masks: bool = False, planes: Planes | None = None):
         self.root = existing_dir(root)
+        self.planes = planes
         self.class_names = list(DEFAULT_CLASS_NAMES)
         self._images = files_by_stem(existing_dir(self.root / "images"))
         mask_dir = self.root / "masks"
@@ -39,7 +42,7 @@ class LabelsReader(InstanceReader):
 
     def _load(self, index: int) -> Sample:
         name = self.names[index]
-        image = read_image(self._images[name])
+        image = read_image(self._images[name], self.planes)
         if name in self._masks:
             masks = _label_masks(self._masks[name], image.shape[:2])
         else:
@@ -48,7 +51,7 @@ class LabelsReader(InstanceReader):
 
     def _check_header(self, index: int) -> None:
         name = self.names[index]
-        size = read_image_size(self._images[name])
+        size = read_image_size(self._images[name], self.planes)
         if name in self._masks:
             check_shape(self._masks[name], read_mask_size(self._masks[name]), size)
 

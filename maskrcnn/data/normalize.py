@@ -61,13 +61,24 @@ class Normalizer:
                 raise ConfigError(f"fixed_range needs low < high, got {self.fixed_range}")
             self.fixed_range = (low, high)
 
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
-        """(H, W) or (H, W, C) array of any numeric dtype -> (channels, H, W) float32 tensor."""
+    def __call__(self, image: np.ndarray, intensity_range: tuple[float, float] | None = None) -> torch.Tensor:
+        """(H, W) or (H, W, C) array of any numeric dtype -> (channels, H, W) float32 tensor.
+
+        ``intensity_range``: the (low, high) to scale with instead of the image's own, e.g. those
+        of a whole slide (:meth:`intensity_range` of a sample of it) for each of its tiles, so that
+        tiles are scaled alike.
+        """
         image = np.asarray(image)
-        values = np.nan_to_num(_signal_channels(image).astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-        low, high = self._range(values, image.dtype)
+        values = _signal_values(image)
+        low, high = intensity_range if intensity_range is not None else self._range(values, image.dtype)
         scaled = np.clip((values - low) / max(high - low, np.finfo(np.float32).tiny), 0.0, 1.0)
         return torch.from_numpy(_to_channels(scaled, self.channels))
+
+    def intensity_range(self, image: np.ndarray) -> tuple[float, float]:
+        """The (low, high) this normaliser maps to 0 and 1 for ``image`` (H, W) or (H, W, C): for a
+        large image, pass a reduced-resolution sample of it (``RegionSource.sample``)."""
+        image = np.asarray(image)
+        return self._range(_signal_values(image), image.dtype)
 
     def _range(self, values: np.ndarray, dtype: np.dtype) -> tuple[float, float]:
         """The (low, high) intensities mapped to 0 and 1."""
@@ -103,6 +114,11 @@ def _signal_channels(image: np.ndarray) -> np.ndarray:
     if image.ndim != 3 or not 1 <= image.shape[-1] <= 4:
         raise ValueError(f"expected an (H, W) or (H, W, C<=4) image, got shape {image.shape}")
     return image[:, :, :1] if image.shape[-1] in (1, 2) else image[:, :, :3]
+
+
+def _signal_values(image: np.ndarray) -> np.ndarray:
+    """(H, W) or (H, W, C) -> (H, W, 1|3) float32 signal channels, NaN and +-inf set to 0."""
+    return np.nan_to_num(_signal_channels(image).astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _to_channels(scaled: np.ndarray, channels: int) -> np.ndarray:

@@ -198,12 +198,13 @@ class ProgressHook(HookBase):
 
 
 def fine_tune(image: np.ndarray, labels: np.ndarray, init: str, out: str | Path, *, minutes: float | None = 1.0,
-              iters: int | None = None, lr: float = 1e-3, warmup_iters: int = 10, device: str = "auto",
+              iters: int | None = None, lr: float | None = None, warmup_iters: int = 10, device: str = "auto",
               seed: int = 0, name: str = "napari", report: Report = _no_report,
               cancel: threading.Event | None = None):
     """Train from ``init`` (a built-in name or a checkpoint) on one image and its label image for at
     most ``minutes`` and/or ``iters`` steps, into run folder ``out``; returns the ``TrainResult``
-    (its ``last`` is the fine-tuned checkpoint). No validation: every labelled pixel trains."""
+    (its ``last`` is the fine-tuned checkpoint). No validation: every labelled pixel trains.
+    ``lr`` None: ``train``'s rate for a pretrained start (FINETUNE_LR)."""
     from ..checkpoint import load_checkpoint
     from ..builtin import resolve_weights
     from ..distributed import DistContext

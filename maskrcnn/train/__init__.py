@@ -15,7 +15,7 @@ run resumed from ``last.pt`` continues exactly as if it had never stopped.
 from .engine import Trainer, TrainResult, train
 from .hooks import MAX_BAD_STEPS, HookBase
 from .schedule import LR_FLOOR, learning_rate
-from .setup import TrainOptions
+from .setup import FINETUNE_LR, SCRATCH_LR, TrainOptions
 
-__all__ = ["HookBase", "LR_FLOOR", "MAX_BAD_STEPS", "TrainOptions", "TrainResult", "Trainer", "learning_rate",
+__all__ = ["FINETUNE_LR", "HookBase", "LR_FLOOR", "MAX_BAD_STEPS", "SCRATCH_LR", "TrainOptions", "TrainResult", "Trainer", "learning_rate",
            "train"]
