@@ -29,6 +29,7 @@ from .atomic import remove_stale_temporaries
 from .builtin import is_builtin, resolve_weights
 from .checkpoint import load_checkpoint
 from .data.io import IMAGE_EXTENSIONS, read_image, read_image_size
+from .data.lazy import is_lazy_candidate, open_regions
 from .data.planes import Planes
 from .data.normalize import Normalizer
 from .distributed import resolve_device
@@ -109,11 +110,14 @@ class Predictor:
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files, folders (their images, sorted) and glob patterns -> image paths, in order, no repeats."""
+    """Files, folders (their images, sorted), zarr folders (one image each) and glob patterns -> image
+    paths, in order, no repeats."""
     paths: list[Path] = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
+        if path.is_dir() and is_lazy_candidate(path):  # an OME-Zarr / zarr folder is one image
+            paths.append(path)
+        elif path.is_dir():
             paths += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         elif path.exists():
             paths.append(path)
@@ -198,14 +202,14 @@ def _predict_one(predictor: Predictor, run: RunOutputs, image_id: int, path: Pat
     An image whose outputs do not fit ``predictor.max_memory`` is streamed (maskrcnn.large):
     StreamStopped when ``signals`` receives a stop before its last tile."""
     try:
-        plan = predictor.plan(read_image_size(path, planes), tile, overlap)  # from the header: no pixel decoded
+        plan = predictor.plan(_image_size(path, planes), tile, overlap)  # from the header: no pixel decoded
         if plan.mode == "stream":
             skipped = [name for name, asked in (("ROIs", rois), ("GeoJSON", geojson), ("Kaggle rows", run.kaggle),
                                                 ("COCO records", True)) if asked]
             warnings.warn(f"{path}: larger than --max-memory allows in memory: streamed in tiles of {plan.tile} to "
                           f"{path.stem}_labels.tif (tiled BigTIFF), without {', '.join(skipped)}")
             return _predict_streamed(predictor, run, image_id, path, plan.tile, overlap, planes, signals, progress)
-        image = read_image(path, planes)
+        image = _whole_image(path, planes)
         normalized = predictor.normalizer(image)
         result = predictor.predict_normalized(normalized, plan.tile, overlap)  # None: planned again, decoded
     except DataError as err:
@@ -215,6 +219,26 @@ def _predict_one(predictor: Predictor, run: RunOutputs, image_id: int, path: Pat
                              rois=rois, geojson=geojson)
     run.add(image_id, path, image.shape[:2], result)
     return files
+
+
+def _image_size(path: Path, planes: Planes | None) -> tuple[int, int]:
+    """(H, W) of an image file from its header, or of a zarr folder from its metadata."""
+    if path.is_dir():
+        source = open_regions(path, planes)
+        getattr(source, "close", lambda: None)()
+        return source.shape
+    return read_image_size(path, planes)
+
+
+def _whole_image(path: Path, planes: Planes | None) -> np.ndarray:
+    """The decoded image: a file through read_image, a zarr folder (small enough) by one region read."""
+    if not path.is_dir():
+        return read_image(path, planes)
+    source = open_regions(path, planes)
+    try:
+        return source.read(0, source.shape[0], 0, source.shape[1])
+    finally:
+        getattr(source, "close", lambda: None)()
 
 
 def _predict_streamed(predictor: Predictor, run: RunOutputs, image_id: int, path: Path, tile: int, overlap: int,

@@ -255,3 +255,25 @@ def test_train_and_evaluate_read_the_chosen_channel(tmp_path, capsys):
     code, _, err = cli(capsys, *evaluate, "--z", "3")
     assert code == 2 and err == (f"maskrcnn: error: {root / 'images' / 'synth_0000.tif'}: --z 3 is out of "
                                  "range: the Z axis has 3 plane(s) (0..2)\n")
+
+
+def test_predict_reads_an_ome_zarr_folder_as_one_image(weights, tmp_path, capsys):
+    zarr = pytest.importorskip("zarr")
+    ome_writer = pytest.importorskip("ome_zarr.writer")
+    stack = RNG.integers(0, 50, (2, 64, 64)).astype(np.uint16)
+    yy, xx = np.mgrid[:64, :64]
+    stack[1][(yy - 20) ** 2 + (xx - 24) ** 2 < 64] = 3000
+    stack[1][(yy - 44) ** 2 + (xx - 40) ** 2 < 81] = 2500
+    root = zarr.open_group(str(tmp_path / "cells.ome.zarr"), mode="w")
+    ome_writer.write_multiscale([stack], root, axes="cyx", storage_options={"chunks": (1, 32, 32)})
+    root.attrs["ome"] = {**root.attrs["ome"], "omero": {"channels": [{"label": "DAPI"}, {"label": "GFP"}]}}
+    tifffile.imwrite(tmp_path / "gfp.tif", stack[1])
+    common = ["--weights", weights, "--device", "cpu", "--precision", "fp32", "--no-progress"]
+    code, out, err = cli(capsys, "predict", tmp_path / "cells.ome.zarr", "--out", tmp_path / "zarr", "--channel", "GFP",
+                         *common)
+    assert code == 0, err
+    assert "1 image(s) segmented" in out
+    assert cli(capsys, "predict", tmp_path / "gfp.tif", "--out", tmp_path / "plain", *common)[0] == 0
+    labels = read_label_image(tmp_path / "zarr" / "cells.ome_labels.png")
+    assert labels.max() > 0
+    np.testing.assert_array_equal(labels, read_label_image(tmp_path / "plain" / "gfp_labels.png"))
