@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv test test-fast demo bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -26,6 +26,9 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run.py --out bench_out
 	$(PY) benchmarks/export_bench.py --out bench_out
+
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/gpu.py --out bench_out
 
 clean:
 	rm -rf $(VENV) demo_out bench_out .pytest_cache

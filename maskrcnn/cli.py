@@ -37,34 +37,22 @@ PRECISION_HELP = ("numeric precision: auto = bfloat16 on CPUs with native bfloat
                   "and on CUDA, float32 elsewhere; exported models always run float32")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _number(parse, expected: str, valid, requirement: str):
+    """An argparse ``type`` that parses with ``parse`` and accepts what ``valid`` says."""
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {value}")
+        return value
+    return convert
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
-    return value
+_positive_int = _number(int, "a whole number >= 1", lambda v: v >= 1, ">= 1")
+_count = _number(int, "a whole number >= 0", lambda v: v >= 0, ">= 0")
+_positive_float = _number(float, "a number > 0", lambda v: v > 0 and math.isfinite(v), "a finite number > 0")
 
 
 def _memory(text: str) -> int:
@@ -200,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--real-share", type=float, default=0.4, help="fraction of samples from --real")
     pretrain.add_argument("--publish", action="store_true", help="write the model and its card into the package")
     pretrain.add_argument("--device", choices=DEVICES, default="auto")
+    pretrain.add_argument("--workers", type=_count, default=0,
+                          help="DataLoader processes drawing the scenes ahead (on a GPU: most of the CPU's "
+                               "cores); the results are the same for any number")
     pretrain.add_argument("--seed", type=int, default=0)
     pretrain.add_argument("--no-progress", action="store_true")
     pretrain.set_defaults(run=cmd_pretrain)

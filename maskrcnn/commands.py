@@ -168,7 +168,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     opts = PretrainOptions(out=args.out, steps=args.steps, minutes=args.minutes, real=args.real,
                            real_share=args.real_share, seed=args.seed, device=args.device,
-                           progress=not args.no_progress)
+                           workers=args.workers, progress=not args.no_progress)
     last = pretrain(opts)
     print(f"pretraining checkpoint: {last} (run the same command again to continue)")
     if args.publish:

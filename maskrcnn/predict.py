@@ -31,6 +31,7 @@ from .checkpoint import load_checkpoint
 from .data.io import IMAGE_EXTENSIONS, read_image, read_image_size
 from .data.lazy import is_lazy_candidate, open_regions
 from .data.planes import Planes
+from .data.regions import RegionSource
 from .data.normalize import Normalizer
 from .distributed import resolve_device
 from .errors import DataError, UserError
@@ -99,6 +100,10 @@ class Predictor:
         """A normalised (C, H, W) float image -> its instances, on the CPU; tiled with ``tile``, or
         when ``max_memory`` cannot hold the model on the whole image (tile size from maskrcnn.memory)."""
         tile = tile or self.plan(tuple(image.shape[-2:]), None, overlap, in_memory=True).tile
+        return self.predict_planned(image, tile, overlap)
+
+    def predict_planned(self, image: torch.Tensor, tile: int | None, overlap: int = TILE_OVERLAP) -> InstanceResult:
+        """A normalised (C, H, W) image as planned already: whole when ``tile`` is None, else tiled."""
         return segment(self.model, image, self.device, tile, overlap, self.precision, self.scale, self.tta)
 
     def plan(self, shape: tuple[int, int], tile: int | None = None, overlap: int = TILE_OVERLAP,
@@ -200,54 +205,43 @@ def _predict_one(predictor: Predictor, run: RunOutputs, image_id: int, path: Pat
     """Predict one image, write its files and add it to the run; None when it cannot be read.
 
     An image whose outputs do not fit ``predictor.max_memory`` is streamed (maskrcnn.large):
-    StreamStopped when ``signals`` receives a stop before its last tile."""
+    StreamStopped when ``signals`` receives a stop before its last tile. A zarr folder is opened
+    once, for its size and then its pixels; a file's size comes from its header."""
+    folder = None
     try:
-        plan = predictor.plan(_image_size(path, planes), tile, overlap)  # from the header: no pixel decoded
+        folder = open_regions(path, planes) if path.is_dir() else None
+        plan = predictor.plan(folder.shape if folder else read_image_size(path, planes), tile, overlap)
         if plan.mode == "stream":
             skipped = [name for name, asked in (("ROIs", rois), ("GeoJSON", geojson), ("Kaggle rows", run.kaggle),
                                                 ("COCO records", True)) if asked]
             warnings.warn(f"{path}: larger than --max-memory allows in memory: streamed in tiles of {plan.tile} to "
                           f"{path.stem}_labels.tif (tiled BigTIFF), without {', '.join(skipped)}")
-            return _predict_streamed(predictor, run, image_id, path, plan.tile, overlap, planes, signals, progress)
-        image = _whole_image(path, planes)
+            return _predict_streamed(predictor, run, image_id, path, plan.tile, overlap, planes, signals, progress,
+                                     folder)
+        image = folder.read(0, folder.shape[0], 0, folder.shape[1]) if folder else read_image(path, planes)
         normalized = predictor.normalizer(image)
-        result = predictor.predict_normalized(normalized, plan.tile, overlap)  # None: planned again, decoded
+        result = predictor.predict_planned(normalized, plan.tile, overlap)
     except DataError as err:
         run.failed.append((path, err.problem))
         return None
+    finally:
+        getattr(folder, "close", lambda: None)()
     files = write_prediction(run.out_dir, path.stem, image, normalized, result, predictor.class_names,
                              rois=rois, geojson=geojson)
     run.add(image_id, path, image.shape[:2], result)
     return files
 
 
-def _image_size(path: Path, planes: Planes | None) -> tuple[int, int]:
-    """(H, W) of an image file from its header, or of a zarr folder from its metadata."""
-    if path.is_dir():
-        source = open_regions(path, planes)
-        getattr(source, "close", lambda: None)()
-        return source.shape
-    return read_image_size(path, planes)
-
-
-def _whole_image(path: Path, planes: Planes | None) -> np.ndarray:
-    """The decoded image: a file through read_image, a zarr folder (small enough) by one region read."""
-    if not path.is_dir():
-        return read_image(path, planes)
-    source = open_regions(path, planes)
-    try:
-        return source.read(0, source.shape[0], 0, source.shape[1])
-    finally:
-        getattr(source, "close", lambda: None)()
-
-
 def _predict_streamed(predictor: Predictor, run: RunOutputs, image_id: int, path: Path, tile: int, overlap: int,
-                      planes: Planes | None, signals: StopSignals | None, progress: bool) -> PredictionFiles:
-    """Stream one image tile by tile (read lazily when maskrcnn.data.lazy can: a TIFF or zarr, with
-    the ``slides`` extra installed; else decoded whole) and write its files (see maskrcnn.large)."""
+                      planes: Planes | None, signals: StopSignals | None, progress: bool,
+                      source: RegionSource | None = None) -> PredictionFiles:
+    """Stream one image tile by tile and write its files (see maskrcnn.large): from ``source`` when
+    it is open already, else read lazily when maskrcnn.data.lazy can (a TIFF or zarr, with the
+    ``slides`` extra installed) or decoded whole. The caller closes a ``source`` it gave."""
     from tqdm import tqdm
 
-    source = region_source(path, planes)
+    opened = source is None
+    source = region_source(path, planes) if opened else source
     bar = tqdm(desc=f"{path.name} tiles", unit="tile", leave=False, disable=not progress)
     try:
         def advance(done: int, total: int) -> None:
@@ -259,7 +253,8 @@ def _predict_streamed(predictor: Predictor, run: RunOutputs, image_id: int, path
                                 progress=advance)
     finally:
         bar.close()
-        getattr(source, "close", lambda: None)()
+        if opened:
+            getattr(source, "close", lambda: None)()
     run.add_streamed(image_id, path, done.shape)
     return PredictionFiles(done.label_image, done.overlay, done.table)
 

@@ -45,6 +45,7 @@ class PretrainOptions:
     scenes: int = 1_000_000  # synthetic scenes available (each drawn once, when read)
     seed: int = 0
     device: str = "auto"
+    workers: int = 0  # DataLoader processes drawing the scenes (a GPU waits on one process); same results
     batch_size: int = 2
     lr: float = 1e-3
     progress: bool = True
@@ -72,7 +73,7 @@ def pretrain(opts: PretrainOptions) -> Path:
         data="synthetic scenes" + (f" + {opts.real}" if opts.real else ""), reader=training_reader(opts),
         out=str(run), config=builtin_config(), iters=opts.steps, max_minutes=opts.minutes,
         batch_size=opts.batch_size, lr=opts.lr, warmup_iters=100, crop=BUILTIN_CROP, val_fraction=0.0,
-        val_every=10**9, checkpoint_every=200, seed=opts.seed, device=opts.device, progress=opts.progress,
+        val_every=10**9, checkpoint_every=200, seed=opts.seed, device=opts.device, workers=opts.workers, progress=opts.progress,
         resume=(run / "last.pt").is_file()))
     _log_session(Path(opts.out), result.steps, time.monotonic() - started, opts)
     return result.last

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from maskrcnn.checkpoint import load_checkpoint
@@ -71,3 +72,17 @@ def test_card_recipe_lists_each_schedule_length_its_sessions_ran():
     # a session cut short by --minutes ran the same schedule: one command
     short = [{"steps": 3000, "schedule": 5000}, {"steps": 5000, "schedule": 5000}]
     assert _recipe(short, PretrainOptions(out="x", steps=5000)) == "maskrcnn pretrain --out OUT --steps 5000 --publish"
+
+
+@pytest.mark.slow
+def test_pretraining_with_dataloader_workers_trains_the_same_weights(real, tmp_path):
+    """``--workers`` (scenes drawn in other processes, as on a GPU) changes the speed, not the model."""
+    weights = []
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        pretrain(PretrainOptions(out=str(out), steps=3, real=str(real), scenes=50, batch_size=2, device="cpu",
+                                 workers=workers, progress=False))
+        weights.append(load_checkpoint(out / "run" / "last.pt").model_state)
+    assert weights[0].keys() == weights[1].keys()
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]), name
