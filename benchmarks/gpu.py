@@ -1,6 +1,6 @@
 """GPU benchmark (CUDA): ours vs torchvision, the CLI's default model, and the training step rate.
 
-    python benchmarks/gpu.py --out bench_out            # about 2 minutes on one GPU
+    python benchmarks/gpu.py --out bench_out            # about 4 minutes on one GPU (an H200)
 
 Three tables, one process, one GPU:
 
