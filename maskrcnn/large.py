@@ -6,7 +6,7 @@ lazily, tile by tile, from a tiled TIFF or OME-Zarr, or an in-memory array (``Ar
 
 1. Intensity: one (low, high) from ``source.sample(...)`` for the whole image, so all tiles are
    scaled alike (``Normalizer(..., intensity_range=...)``).
-2. Tiles (``tiling.tile_grid``) are read one at a time and segmented by ``inference.segment``:
+2. Tiles (``tiling.tile_grid``) are read one at a time and segmented by ``Predictor.predict_planned``:
    the one inference path of whole, tiled and exported models.
 3. Each tile keeps the instances whose box centre is in its core (``tiling.core_instances``),
    pastes them (``paste_chunks``, as ``predict_tiled`` does) into a chunked on-disk label store
@@ -48,7 +48,6 @@ from .atomic import atomic_output
 from .data.normalize import MAX_STAT_SAMPLES
 from .data.io import read_image
 from .data.regions import ArraySource, RegionSource
-from .inference import segment
 from .labelstore import LabelStore
 from .mask.paste import paste_chunks
 from .memory import bound_heap, release_free_memory
@@ -139,8 +138,7 @@ def predict_streamed(predictor, source: RegionSource, out_dir: str | Path, name:
                 raise StreamStopped(name)
             raw = source.read(part.y0, part.y1, part.x0, part.x1)
             normalized = predictor.normalizer(raw, intensity)
-            found = segment(predictor.model, normalized, predictor.device, None, overlap, predictor.precision,
-                            predictor.scale, predictor.tta)
+            found = predictor.predict_planned(normalized, None, overlap)  # the tile whole: it was sized to fit
             kept = paint_tile(store, part, core_instances(found, part), shape, cfg.mask_test_mask_threshold,
                               cfg.mask_test_nms_overlap_threshold, next_id, _gray(raw))
             painted.append(kept)

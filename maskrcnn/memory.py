@@ -105,39 +105,40 @@ def model_bytes(cfg: Config, pixels: float, scale: float = 1.0) -> float:
     return MODEL_FIXED_BYTES + pixels * scale**2 * BYTES_PER_FEATURE_UNIT * feature_units(cfg)
 
 
+def _libc():
+    """glibc, for its allocator controls; None elsewhere (macOS, musl without the name, Windows)."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def bound_heap() -> None:
     """Serve large allocations by mmap from now on (glibc ``mallopt``; elsewhere nothing), so that
     freeing them returns them to the OS. glibc otherwise raises its mmap threshold each time such a
     block is freed (up to 32 MB), after which tensors of that size come from the heap, whose free
     fragments of one tile add up with the next tile's: a streamed 20k x 20k image then grew ~25%
     past its per-tile peak. The same setting as ``MALLOC_MMAP_THRESHOLD_=131072`` (benchmarks)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, which also ends the dynamic raising
         libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD: give back free heap tops above this
-    except (OSError, AttributeError):
-        pass
 
 
 def release_free_memory() -> None:
     """Return the heap's freed pages to the OS (glibc ``malloc_trim``; elsewhere nothing): between
     tiles, so that fragments of one tile's tensors do not add up to the next tile's peak."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def resident_bytes() -> int:
     """This process's resident memory now (Linux /proc; elsewhere its peak so far)."""
     try:
         with open("/proc/self/statm") as f:
-            import os
-
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         import resource
