@@ -64,7 +64,7 @@ class MaskRCNN(nn.Module):
         return ModelOutput(losses=self.losses(batch, sizes, [t.to(batch.device) for t in targets]))
 
     def prepare(self, images: Tensor | list[Tensor]) -> tuple[Tensor, Tensor]:
-        """Normalise and zero-pad to a multiple of 32 -> (B, C, H', W') and the sizes (B, 2) (H, W).
+        """Zero-pad to a multiple of 32 and normalise -> (B, C, H', W') and the sizes (B, 2) (H, W).
 
         Written to trace: under ``torch.jit.trace`` the sizes are graph values, not constants.
         """
@@ -81,8 +81,13 @@ class MaskRCNN(nn.Module):
         height = (max(h for h, _ in sizes) + SIZE_DIVISOR - 1) // SIZE_DIVISOR * SIZE_DIVISOR
         width = (max(w for _, w in sizes) + SIZE_DIVISOR - 1) // SIZE_DIVISOR * SIZE_DIVISOR
         device = self.pixel_mean.device
-        batch = torch.stack([F.pad((image.to(device, torch.float32) - self.pixel_mean) / self.pixel_std,
-                                   [0, width - w, 0, height - h]) for image, (h, w) in zip(images, sizes)])
+        # Padded with 0 before normalising: black, as training crops are filled beyond an image's
+        # edge (maskrcnn.data.augment). Zero after normalising would be pixel_mean, brighter than
+        # the background of a fluorescence image: the built-in model outlined strips of it along
+        # the bottom and right edges as nuclei.
+        batch = torch.stack([F.pad(image.to(device, torch.float32), [0, width - w, 0, height - h])
+                             for image, (h, w) in zip(images, sizes)])
+        batch = (batch - self.pixel_mean) / self.pixel_std
         size_tensor = torch.stack([torch.stack([torch.as_tensor(h), torch.as_tensor(w)]) for h, w in sizes])
         return batch, size_tensor.to(device)
 

@@ -77,6 +77,13 @@ def train_steps(model: torch.nn.Module, batches: Sequence[Batch], steps: int, lr
 # tile or refuse images for that reason alone. Tests of the budget pass --max-memory / max_memory.
 os.environ.setdefault("MASKRCNN_MAX_MEMORY", "1T")
 
+# --- parallel runs (make test: pytest-xdist) ----------------------------------------------------------
+# Under xdist each worker process gets its share of the cores as torch threads, so N workers do not
+# run N x cores threads. Tests that need several threads set them themselves.
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _XDIST_WORKERS > 1:
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _XDIST_WORKERS))
+
 SEED_VARIABLE = "MASKRCNN_TEST_SEED"
 DEFAULT_SEED = 0
 
@@ -107,7 +114,8 @@ def squares():
 
 
 @contextmanager
-def _torch_threads(count: int):
+def torch_threads(count: int):
+    """Run the block with ``count`` torch intra-op threads (a training fixture's result depends on it)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
@@ -120,14 +128,14 @@ def _torch_threads(count: int):
 def one_torch_thread():
     """Tiny images gain nothing from intra-op threads; on a busy machine they cost 10x or more.
     (Child processes get the same with OMP_NUM_THREADS=1.) For a module: ``usefixtures``."""
-    with _torch_threads(1):
+    with torch_threads(1):
         yield
 
 
 @pytest.fixture
 def one_thread():
     """The same, for one test."""
-    with _torch_threads(1):
+    with torch_threads(1):
         yield
 
 

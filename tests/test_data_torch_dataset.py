@@ -89,3 +89,51 @@ def test_split_is_seeded_and_accepts_datasets(synthetic):
     assert len(splits) > 1
     with pytest.raises(ValueError):
         split_train_val(10, 1.0, seed=0)
+
+
+class CountingReader(InstanceReader):
+    """A reader that counts the reads of each sample."""
+
+    def __init__(self, reader: InstanceReader):
+        self.reader, self.names, self.class_names = reader, reader.names, reader.class_names
+        self.reads = [0] * len(reader)
+
+    def _load(self, index: int) -> Sample:
+        self.reads[index] += 1
+        return self.reader[index]
+
+
+def test_cached_samples_are_read_once_and_augmented_as_without_the_cache(synthetic):
+    def items(dataset):
+        out = []
+        for epoch in range(3):
+            dataset.set_epoch(epoch)
+            out += [dataset[i] for i in range(len(dataset))]
+        return out
+
+    counting = CountingReader(synthetic)
+    cached = InstanceDataset(counting, Normalizer(), Augment(crop_size=48), seed=1, cache_bytes=1 << 30)
+    got = items(cached)
+    assert counting.reads == [1, 1, 1, 1]
+    for image, _ in got:  # what the caller does with a sample must not reach the cache
+        image.fill_(7.0)
+    want = items(InstanceDataset(synthetic, Normalizer(), Augment(crop_size=48), seed=1))
+    for (image, target), (image_w, target_w) in zip(items(cached), want):
+        assert torch.equal(image, image_w) and torch.equal(target.masks, target_w.masks)
+        assert torch.equal(target.labels, target_w.labels) and target.seed == target_w.seed
+    assert counting.reads == [1, 1, 1, 1]
+
+
+def test_cache_keeps_what_fits_its_budget_and_empties_with_a_new_normaliser(synthetic):
+    counting = CountingReader(synthetic)
+    one = sum(t.numel() * t.element_size() for t in InstanceDataset(synthetic, Normalizer())._prepared(0))
+    dataset = InstanceDataset(counting, Normalizer(), Augment(crop_size=48), cache_bytes=one + one // 2)
+    for _ in range(2):
+        dataset[0], dataset[1]
+    assert counting.reads[:2] == [1, 2]  # the second sample did not fit next to the first
+    dataset.normalizer = Normalizer(method="minmax")
+    dataset[0]
+    assert counting.reads[0] == 2
+    unaugmented = InstanceDataset(counting, Normalizer(), cache_bytes=1 << 30)
+    unaugmented[3], unaugmented[3]
+    assert counting.reads[3] == 2  # only augmented samples are cached

@@ -28,7 +28,7 @@ from maskrcnn.errors import UserError
 from maskrcnn.export import InferenceGraph, export_model
 from maskrcnn.predict import Predictor
 
-from conftest import consecutive_pairs, tiny_config, train_steps
+from conftest import consecutive_pairs, tiny_config, torch_threads, train_steps
 
 pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),  # pycocotools
               # tracing and the TorchScript-based ONNX exporter, called directly by two tests below
@@ -83,7 +83,10 @@ def train_tiny_model() -> tuple[MaskRCNN, Normalizer]:
                                # blank image at 0.4-0.5 (three weak boxes); the no-instance case needs none
                                train_sample_per_instance=False))
     model = MaskRCNN(cfg)
-    train_steps(model, consecutive_pairs(images, targets), STEPS, lr=1e-3, weight_decay=1e-4)
+    # two threads, as every serial run of the suite on two cores trained it: under pytest-xdist a
+    # worker has one, and a model trained on another thread count differs in its weak detections
+    with torch_threads(2):
+        train_steps(model, consecutive_pairs(images, targets), STEPS, lr=1e-3, weight_decay=1e-4)
     return model.eval(), normalizer
 
 

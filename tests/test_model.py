@@ -152,6 +152,17 @@ def test_eval_and_detect_agree_and_sizes_come_back_per_image():
         assert torch.equal(got.boxes, expected.boxes) and torch.equal(got.label_image, expected.label_image)
 
 
+def test_padding_is_black_like_the_training_crops_beyond_an_edge():
+    """The pixels padded up to a multiple of 32 read as a black (0) pixel does after normalising,
+    the fill of training crops past an image's edge; not as the mean intensity (0 after it)."""
+    model = make_model(pixel_mean=[0.25, 0.25, 0.25], pixel_std=[0.5, 0.5, 0.5])
+    batch, _ = model.prepare([torch.full((3, 50, 40), 0.8)])
+    assert batch.shape == (1, 3, 64, 64)
+    assert torch.allclose(batch[0, :, :50, :40], torch.tensor((0.8 - 0.25) / 0.5))
+    black = torch.tensor((0.0 - 0.25) / 0.5)
+    assert torch.allclose(batch[0, :, 50:], black) and torch.allclose(batch[0, :, :, 40:], black)
+
+
 @pytest.mark.parametrize("backbone", ["resnet18", "se_resnext50"])
 def test_for_inference_folds_every_batchnorm_and_keeps_the_results(backbone):
     """BatchNorm folded into the convs (stem, blocks, downsample paths, mask head) and channels_last

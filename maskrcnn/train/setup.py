@@ -30,6 +30,9 @@ from ..model import MaskRCNN
 from .loading import listed_names
 
 
+# Read and normalised training samples kept in memory (per process): a few images' worth of
+# masks, so a fine-tuning run on a handful of images decodes each of them once
+SAMPLE_CACHE_BYTES = 1 << 30
 SCRATCH_LR = 1e-3  # AdamW's base rate from random (or ImageNet-trunk) weights
 FINETUNE_LR = 1e-4  # from a trained detector (train --init)
 
@@ -107,7 +110,10 @@ def build_data(opts: TrainOptions, dist: DistContext, run_dir: Path) -> TrainDat
     normalizer = opts.normalizer or Normalizer(channels=cfg.in_channels)
     train_reader, val_reader = split(reader, opts, dist, val_listing)
     crop = opts.crop or (128 if cfg.rpn_scales[0] == 2 else 256)  # the same cost per step either way
-    train_set = InstanceDataset(train_reader, normalizer, Augment(crop_size=crop), seed=opts.seed)
+    # not for a recipe's own reader (pretrain: scenes drawn once each, a real image repeated under
+    # many indices and cached by the reader itself)
+    cache = SAMPLE_CACHE_BYTES if opts.reader is None else 0
+    train_set = InstanceDataset(train_reader, normalizer, Augment(crop_size=crop), seed=opts.seed, cache_bytes=cache)
     return TrainData(cfg, normalizer, train_set, val_reader, listing, val_listing)
 
 
