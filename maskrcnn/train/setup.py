@@ -110,9 +110,10 @@ def build_data(opts: TrainOptions, dist: DistContext, run_dir: Path) -> TrainDat
     normalizer = opts.normalizer or Normalizer(channels=cfg.in_channels)
     train_reader, val_reader = split(reader, opts, dist, val_listing)
     crop = opts.crop or (128 if cfg.rpn_scales[0] == 2 else 256)  # the same cost per step either way
-    # not for a recipe's own reader (pretrain: scenes drawn once each, a real image repeated under
-    # many indices and cached by the reader itself)
-    cache = SAMPLE_CACHE_BYTES if opts.reader is None else 0
+    # Not for a recipe's own reader (pretrain: scenes drawn once each, a real image repeated under
+    # many indices and cached by the reader itself), nor with --workers: their processes are new
+    # each epoch and read each sample once in it, so a cache there would only hold memory.
+    cache = SAMPLE_CACHE_BYTES if opts.reader is None and opts.workers == 0 else 0
     train_set = InstanceDataset(train_reader, normalizer, Augment(crop_size=crop), seed=opts.seed, cache_bytes=cache)
     return TrainData(cfg, normalizer, train_set, val_reader, listing, val_listing)
 
