@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # everything (what CI runs); test-fast leaves out the tests marked slow (training, child processes).
-# -n auto: one pytest-xdist worker per core, at most 4 (on 2 cores: 6-10 minutes instead of 12-15;
+# -n auto: one pytest-xdist worker per core, at most 4 (on 2 cores: 6-14 minutes, 12-15 one at a time;
 # the tests wait on child processes and files as much as they compute)
 TESTS_PARALLEL := -n auto --maxprocesses 4
 

@@ -205,6 +205,14 @@ def test_workers_read_the_batches_and_augmentations_the_training_process_reads(d
         workers.close()
 
 
+def test_workers_on_epochs_of_a_few_steps_warn_that_reading_inline_is_faster(data, tmp_path, recwarn):
+    with pytest.warns(UserWarning, match=r"--workers 2: an epoch here is 2 step\(s\).*--workers 0\) is faster"):
+        trainer(data, tmp_path / "workers", iters=1, val_every=100, workers=2).loader.close()
+    recwarn.clear()
+    trainer(data, tmp_path / "inline", iters=1, val_every=100)
+    assert not [w for w in recwarn if "--workers" in str(w.message)]
+
+
 def test_training_with_workers_ends_with_the_weights_of_training_without(data, tmp_path, one_thread):
     inline = trainer(data, tmp_path / "inline", iters=5, val_every=100).run()
     workers = trainer(data, tmp_path / "workers", iters=5, val_every=100, workers=2).run()
