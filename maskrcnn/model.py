@@ -84,7 +84,7 @@ class MaskRCNN(nn.Module):
         # Padded with 0 before normalising: black, as training crops are filled beyond an image's
         # edge (maskrcnn.data.augment). Zero after normalising would be pixel_mean, brighter than
         # the background of a fluorescence image: the built-in model outlined strips of it along
-        # the bottom and right edges as nuclei.
+        # the padded bottom edge of the real sample as nuclei.
         batch = torch.stack([F.pad(image.to(device, torch.float32), [0, width - w, 0, height - h])
                              for image, (h, w) in zip(images, sizes)])
         batch = (batch - self.pixel_mean) / self.pixel_std
