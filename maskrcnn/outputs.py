@@ -27,7 +27,8 @@ import torch
 from PIL import Image
 
 from .atomic import atomic_write_bytes, atomic_write_text
-from .data.io import read_label_image, write_label_image
+from .data.io import read_label_image
+from .data.writers import write_label_image
 from .errors import DataError
 from .metrics import PredictionRecord, detection_records, prediction_record
 from .outputs_outlines import GEOJSON_SUFFIX, ROIS_SUFFIX, write_geojson, write_roi_zip

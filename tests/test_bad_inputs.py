@@ -29,7 +29,8 @@ from PIL import Image
 from maskrcnn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from maskrcnn.cli import main
 from maskrcnn.config import nuclei_config
-from maskrcnn.data.io import read_label_image, write_image, write_label_image
+from maskrcnn.data.io import read_label_image
+from maskrcnn.data.writers import write_image, write_label_image
 from maskrcnn.data.normalize import Normalizer
 from maskrcnn.data.synthetic import synth_nuclei
 from maskrcnn.model import MaskRCNN

@@ -22,7 +22,8 @@ from maskrcnn.builtin import (FOLDER, MAX_FILE_BYTES, builtin_names, card, forma
                               resolve_weights)
 from maskrcnn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from maskrcnn.config import nuclei_config
-from maskrcnn.data.io import read_label_image, write_image
+from maskrcnn.data.io import read_label_image
+from maskrcnn.data.writers import write_image
 from maskrcnn.data.normalize import Normalizer
 from maskrcnn.data.synthetic_scenes import Scene, synth_scene
 from maskrcnn.model import MaskRCNN

@@ -27,7 +27,7 @@ from maskrcnn.checkpoint import load_checkpoint
 from maskrcnn.config import nuclei_config
 from maskrcnn.data.datasets import open_dataset
 from maskrcnn.data.io import read_binary_mask, read_image, read_image_size, read_label_image, read_mask_size
-from maskrcnn.data.io import write_image, write_label_image
+from maskrcnn.data.writers import write_image, write_label_image
 from maskrcnn.data.synthetic import write_synthetic_dataset
 from maskrcnn.distributed import epoch_batches
 from maskrcnn.errors import DataError

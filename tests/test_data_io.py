@@ -10,8 +10,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-import maskrcnn.data.io
-from maskrcnn.data.io import read_binary_mask, read_image, read_label_image, write_label_image
+import maskrcnn.data.writers
+from maskrcnn.data.io import read_binary_mask, read_image, read_label_image
+from maskrcnn.data.writers import write_label_image
 from maskrcnn.errors import DataError
 
 RNG = np.random.default_rng(0)
@@ -260,7 +261,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, monke
         file.write(b"partial")  # the encoder got halfway
         raise OSError("disk full")
 
-    monkeypatch.setattr(maskrcnn.data.io.tifffile, "imwrite", crash)
+    monkeypatch.setattr(maskrcnn.data.writers.tifffile, "imwrite", crash)
     with pytest.raises(OSError, match="disk full"):
         write_label_image(path, np.full((3, 3), 2))
     np.testing.assert_array_equal(read_label_image(path), np.ones((3, 3)))

@@ -12,7 +12,8 @@ import torch
 from maskrcnn.checkpoint import Checkpoint, save_checkpoint
 from maskrcnn.config import ConfigError, nuclei_config
 from maskrcnn.data.datasets import open_dataset
-from maskrcnn.data.io import read_image, read_image_size, read_label_image, write_image
+from maskrcnn.data.io import read_image, read_image_size, read_label_image
+from maskrcnn.data.writers import write_image
 from maskrcnn.data.normalize import Normalizer
 from maskrcnn.data.planes import Planes, guess_axes, select_planes
 from maskrcnn.data.synthetic import write_synthetic_dataset

@@ -33,7 +33,8 @@ from conftest import TINY_RUN  # noqa: E402
 
 from maskrcnn.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
 from maskrcnn.config import nuclei_config  # noqa: E402
-from maskrcnn.data.io import read_label_image, write_image  # noqa: E402
+from maskrcnn.data.io import read_label_image  # noqa: E402
+from maskrcnn.data.writers import write_image  # noqa: E402
 from maskrcnn.data.normalize import Normalizer  # noqa: E402
 from maskrcnn.data.synthetic import synth_nuclei  # noqa: E402
 from maskrcnn.model import MaskRCNN  # noqa: E402

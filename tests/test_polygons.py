@@ -22,7 +22,8 @@ from roifile import ROI_TYPE, roiread
 from maskrcnn.checkpoint import Checkpoint, save_checkpoint
 from maskrcnn.cli import main
 from maskrcnn.config import nuclei_config
-from maskrcnn.data.io import read_label_image, write_image
+from maskrcnn.data.io import read_label_image
+from maskrcnn.data.writers import write_image
 from maskrcnn.data.normalize import Normalizer
 from maskrcnn.model import MaskRCNN
 from maskrcnn.outputs import TABLE_FIELDS

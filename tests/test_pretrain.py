@@ -10,7 +10,7 @@ import torch
 import pytest
 
 from maskrcnn.checkpoint import load_checkpoint
-from maskrcnn.data.io import write_image
+from maskrcnn.data.writers import write_image
 from maskrcnn.data.synthetic_scenes import SceneReader
 from maskrcnn.pretrain import REAL_FRACTION, PretrainOptions, pretrain, score_builtin_run, training_reader, write_builtin
 

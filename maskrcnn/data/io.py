@@ -1,4 +1,4 @@
-"""Reading and writing images and label images, with one-line errors for bad files.
+"""Reading images and label images, with one-line errors for bad files (writing: ``writers``).
 
 Every problem with a file (missing, empty, truncated, not an image, wrong shape) raises
 :class:`maskrcnn.errors.DataError` naming the file, so the CLI can report it and exit 2.
@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import logging
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,7 +22,6 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from ..atomic import atomic_write_bytes
 from ..errors import DataError
 from .planes import Planes, PlaneSelection, read_tiff_selection, select_planes, tiff_axes
 
@@ -167,45 +165,6 @@ def read_label_image(path: str | Path) -> np.ndarray:
     if labels.size and labels.max() > np.iinfo(np.int64).max:
         raise DataError(path, "label ids do not fit in int64")
     return labels.astype(np.int64)
-
-
-def write_label_image(path: str | Path, labels: np.ndarray) -> None:
-    """Write (H, W) non-negative integer ids atomically; the extension picks the format.
-
-    ``.png``: 16-bit PNG (ids must be < 65536). ``.tif``/``.tiff``: 16-bit TIFF when the ids fit,
-    else 32-bit.
-    """
-    path = Path(path)
-    labels = np.asarray(labels)
-    if labels.ndim != 2 or labels.dtype.kind not in "biu":
-        raise ValueError(f"labels must be a 2-D integer array, got {labels.dtype} {labels.shape}")
-    top = int(labels.max()) if labels.size else 0
-    if labels.size and labels.min() < 0:
-        raise ValueError("labels must be non-negative")
-    suffix = path.suffix.lower()
-    if suffix == ".png":
-        if top >= 2**16:
-            raise ValueError(f"{path}: ids up to {top} do not fit a 16-bit PNG; write a .tif")
-        _write_atomically(path, lambda f: Image.fromarray(labels.astype(np.uint16)).save(f, format="PNG"))
-    elif suffix in TIFF_EXTENSIONS:
-        if top >= 2**32:
-            raise ValueError(f"{path}: ids up to {top} do not fit a 32-bit TIFF")
-        dtype = np.uint16 if top < 2**16 else np.uint32
-        _write_atomically(path, lambda f: tifffile.imwrite(f, labels.astype(dtype), compression="zlib"))
-    else:
-        raise ValueError(f"{path}: label images are written as .png, .tif or .tiff")
-
-
-def write_image(path: str | Path, image: np.ndarray) -> None:
-    """Write a uint8/uint16 (H, W) or uint8 (H, W, 3|4) image atomically as PNG or TIFF."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".png":
-        _write_atomically(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
-    elif suffix in TIFF_EXTENSIONS:
-        _write_atomically(path, lambda f: tifffile.imwrite(f, image, compression="zlib"))
-    else:
-        raise ValueError(f"{path}: images are written as .png, .tif or .tiff")
 
 
 def _load(path: Path, keep_palette: bool) -> np.ndarray:
@@ -359,10 +318,3 @@ def _drop_unit_axes(array: np.ndarray) -> np.ndarray:
     while array.ndim > 2 and array.shape[-1] == 1:
         array = array[..., 0]
     return array
-
-
-def _write_atomically(path: Path, write: Callable[[io.BytesIO], None]) -> None:
-    """Encode in memory, then write through maskrcnn.atomic: never a half-written file."""
-    buffer = io.BytesIO()
-    write(buffer)
-    atomic_write_bytes(path, buffer.getvalue())

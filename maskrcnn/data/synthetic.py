@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import write_image, write_label_image
+from .writers import write_image, write_label_image
 
 
 def synth_nuclei(size: int | tuple[int, int], rng: np.random.Generator,

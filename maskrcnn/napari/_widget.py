@@ -14,17 +14,16 @@ from pathlib import Path
 
 import numpy as np
 from qtpy.QtCore import QObject, Qt, Signal
-from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
-                            QLineEdit, QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QProgressBar,
+                            QPushButton, QVBoxLayout, QWidget)
 
-from ..builtin import builtin_names
 from ..errors import UserError
 from ..outputs import TABLE_FIELDS, write_csv
-from ..tiling import TILE_OVERLAP
+from . import _controls as controls
 from ._layers import is_kind, shown_plane
 from ._table import InstanceTable
-from ._core import (AUTO_TILE, AUTO_TILE_ABOVE, Cancelled, auto_tile, can_fine_tune, features_table, fine_tune,
-                    load_predictor, new_run_dir, segment_array)
+from ._core import (Cancelled, auto_tile, can_fine_tune, features_table, fine_tune, load_predictor, new_run_dir,
+                    segment_array)
 
 class _Signals(QObject):
     progress = Signal(int, str)  # percent (-1: unknown), text
@@ -57,32 +56,12 @@ class MaskRCNNWidget(QWidget):
 
     # --- layout ------------------------------------------------------------------------------------
     def _build(self) -> None:
-        self.model_combo = QComboBox()
-        self.model_combo.setEditable(True)
-        self.model_combo.addItems(builtin_names())
-        self.model_combo.setToolTip("a built-in model's name, or a checkpoint (.pt) or exported (.onnx, .pt) file")
-        self.model_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-        self.model_combo.setMinimumContentsLength(12)
-        browse_model = QPushButton("…")
-        browse_model.setToolTip("choose a checkpoint or exported model file")
-        browse_model.clicked.connect(self._browse_model)
-        model_row = QHBoxLayout()
-        model_row.addWidget(self.model_combo, 1)
-        model_row.addWidget(browse_model)
-
+        self.model_combo = controls.model_combo()
+        model_row = controls.with_browse(self.model_combo, "choose a checkpoint or exported model file",
+                                         self._browse_model)
         self.image_combo = QComboBox()
-        self.tile_spin = QSpinBox()
-        self.tile_spin.setRange(0, 1 << 16)
-        self.tile_spin.setSingleStep(256)
-        self.tile_spin.setSpecialValueText("auto")
-        self.tile_spin.setSuffix(" px")
-        self.tile_spin.setToolTip(f"tile size for large images; auto: tiles of {AUTO_TILE} px above "
-                                  f"{AUTO_TILE_ABOVE} px, else the whole image at once")
-        self.overlap_spin = QSpinBox()
-        self.overlap_spin.setRange(0, 1 << 15)
-        self.overlap_spin.setValue(TILE_OVERLAP)
-        self.overlap_spin.setSuffix(" px")
-        self.overlap_spin.setToolTip("overlap of neighbouring tiles: more than twice the largest object")
+        self.tile_spin = controls.tile_spin()
+        self.overlap_spin = controls.overlap_spin()
         self.segment_button = QPushButton("Segment")
         self.segment_button.clicked.connect(self.segment)
 
@@ -97,24 +76,10 @@ class MaskRCNNWidget(QWidget):
 
         self.labels_combo = QComboBox()
         self.labels_combo.setToolTip("the corrected labels of the image (0 background, one id per instance)")
-        self.minutes_spin = QDoubleSpinBox()
-        self.minutes_spin.setRange(0.0, 24 * 60.0)
-        self.minutes_spin.setDecimals(1)
-        self.minutes_spin.setValue(1.0)
-        self.minutes_spin.setSuffix(" min")
-        self.minutes_spin.setSpecialValueText("no limit")
-        self.steps_spin = QSpinBox()
-        self.steps_spin.setRange(0, 10**6)
-        self.steps_spin.setSpecialValueText("no limit")
-        self.steps_spin.setToolTip("training steps at most (the time budget may end it first)")
-        self.run_dir_edit = QLineEdit()
-        self.run_dir_edit.setPlaceholderText("a temporary folder")
-        self.run_dir_edit.setToolTip("where each fine-tuning writes its run folder (last.pt, metrics.jsonl)")
-        browse_dir = QPushButton("…")
-        browse_dir.clicked.connect(self._browse_run_dir)
-        run_row = QHBoxLayout()
-        run_row.addWidget(self.run_dir_edit, 1)
-        run_row.addWidget(browse_dir)
+        self.minutes_spin = controls.minutes_spin()
+        self.steps_spin = controls.steps_spin()
+        self.run_dir_edit = controls.run_dir_edit()
+        run_row = controls.with_browse(self.run_dir_edit, "choose the folder for the runs", self._browse_run_dir)
         self.finetune_button = QPushButton("Fine-tune and re-segment")
         self.finetune_button.clicked.connect(self.fine_tune)
         budget = QHBoxLayout()

@@ -1,0 +1,79 @@
+"""The dock widget's inputs, each configured (ranges, units, tooltips) where it is made."""
+
+from __future__ import annotations
+
+from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QHBoxLayout, QLineEdit, QPushButton, QSpinBox, QWidget
+
+from ..builtin import builtin_names
+from ..tiling import TILE_OVERLAP
+from ._core import AUTO_TILE, AUTO_TILE_ABOVE
+
+
+def model_combo() -> QComboBox:
+    """Editable: a built-in name, or any model file typed or chosen."""
+    combo = QComboBox()
+    combo.setEditable(True)
+    combo.addItems(builtin_names())
+    combo.setToolTip("a built-in model's name, or a checkpoint (.pt) or exported (.onnx, .pt) file")
+    combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(12)
+    return combo
+
+
+def tile_spin() -> QSpinBox:
+    """Tile size in pixels; 0 shows as 'auto'."""
+    spin = QSpinBox()
+    spin.setRange(0, 1 << 16)
+    spin.setSingleStep(256)
+    spin.setSpecialValueText("auto")
+    spin.setSuffix(" px")
+    spin.setToolTip(f"tile size for large images; auto: tiles of {AUTO_TILE} px above "
+                    f"{AUTO_TILE_ABOVE} px, else the whole image at once")
+    return spin
+
+
+def overlap_spin() -> QSpinBox:
+    spin = QSpinBox()
+    spin.setRange(0, 1 << 15)
+    spin.setValue(TILE_OVERLAP)
+    spin.setSuffix(" px")
+    spin.setToolTip("overlap of neighbouring tiles: more than twice the largest object")
+    return spin
+
+
+def minutes_spin() -> QDoubleSpinBox:
+    """Fine-tuning time budget; 0 shows as 'no limit'."""
+    spin = QDoubleSpinBox()
+    spin.setRange(0.0, 24 * 60.0)
+    spin.setDecimals(1)
+    spin.setValue(1.0)
+    spin.setSuffix(" min")
+    spin.setSpecialValueText("no limit")
+    return spin
+
+
+def steps_spin() -> QSpinBox:
+    """Fine-tuning step budget; 0 shows as 'no limit'."""
+    spin = QSpinBox()
+    spin.setRange(0, 10**6)
+    spin.setSpecialValueText("no limit")
+    spin.setToolTip("training steps at most (the time budget may end it first)")
+    return spin
+
+
+def run_dir_edit() -> QLineEdit:
+    edit = QLineEdit()
+    edit.setPlaceholderText("a temporary folder")
+    edit.setToolTip("where each fine-tuning writes its run folder (last.pt, metrics.jsonl)")
+    return edit
+
+
+def with_browse(field: QWidget, tooltip: str, on_click) -> QHBoxLayout:
+    """``field`` stretched, with a '…' button after it that calls ``on_click``."""
+    button = QPushButton("…")
+    button.setToolTip(tooltip)
+    button.clicked.connect(on_click)
+    row = QHBoxLayout()
+    row.addWidget(field, 1)
+    row.addWidget(button)
+    return row
