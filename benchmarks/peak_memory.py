@@ -28,8 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 from maskrcnn.model import for_inference  # noqa: E402
 
-TRAIN_INSTANCES = 5  # instances per training image in the timed and measured steps
-
 
 def _status_kb(field: str) -> int | None:
     try:
@@ -55,7 +53,7 @@ def child_measure(spec: dict) -> dict:
     """Runs in the child: peak RSS increase of one step (see the module docstring)."""
     torch.set_num_threads(spec["threads"])
     system, mode, size, backbone = spec["system"], spec["mode"], spec["size"], spec["backbone"]
-    samples = bc.make_samples(size, spec.get("batch", 1), spec.get("instances", TRAIN_INSTANCES))
+    samples = bc.make_samples(size, spec.get("batch", 1), spec.get("instances", bc.TRAIN_INSTANCES))
     if system == "ours":
         model = bc.build_ours(backbone)
         infer, train = bc.infer_ours, bc.train_step_ours

@@ -40,7 +40,7 @@ from maskrcnn.model import for_inference  # noqa: E402
 from maskrcnn.precision import autocast_dtype  # noqa: E402
 import large  # noqa: E402
 import loader  # noqa: E402
-from peak_memory import TRAIN_INSTANCES, measure_memory, peak  # noqa: E402
+from peak_memory import measure_memory, peak  # noqa: E402
 
 THROUGHPUT_BATCH = 4
 THROUGHPUT_SIZE = 256
@@ -58,7 +58,7 @@ def row(model: str, size, metric: str, ours, theirs=None, **extra) -> dict:
 def bench_pair(size: int, warmup: int, repeats: int, memory: bool) -> list[dict]:
     """ResNet-50-FPN, ours vs torchvision, at one image size."""
     name = "ResNet-50-FPN"
-    samples = bc.make_samples(size, 1, TRAIN_INSTANCES)
+    samples = bc.make_samples(size, 1, bc.TRAIN_INSTANCES)
     ours, tv = bc.build_ours("resnet50").eval(), bc.build_torchvision(size).eval()
     tv_size = bc.torchvision_input_size(tv, samples[0].image)
     if tuple(tv_size) != (size, size):
@@ -116,7 +116,7 @@ def bench_pair(size: int, warmup: int, repeats: int, memory: bool) -> list[dict]
 
 def bench_ours_only(backbone: str, label: str, size: int, warmup: int, repeats: int,
                     memory: bool) -> list[dict]:
-    samples = bc.make_samples(size, 1, TRAIN_INSTANCES)
+    samples = bc.make_samples(size, 1, bc.TRAIN_INSTANCES)
     model = bc.build_ours(backbone).eval()
     bc.log(f"{label} {size}: inference + training step (ours only)")
     inf = bc.alternate({"ours": lambda: bc.infer_ours(model, samples)}, warmup, repeats)
@@ -153,14 +153,14 @@ def bench_default_model(warmup: int, repeats: int) -> list[dict]:
         fields = {**cfg.to_dict(), **bc.OURS_TEST_OVERRIDES}
         model = for_inference(bc.build_ours(**fields))
         for size in (512, 1024):
-            samples = _channels(bc.make_samples(size, 1, TRAIN_INSTANCES), cfg.in_channels)
+            samples = _channels(bc.make_samples(size, 1, bc.TRAIN_INSTANCES), cfg.in_channels)
             bc.log(f"{label} {size}: predict")
             inf = bc.alternate({"ours": lambda: bc.infer_ours(model, samples, precision="auto")}, warmup, repeats)
             rows.append(row(label, size, "predict_images_per_s", 1.0 / inf["ours"]["median_s"]))
         model = bc.build_ours(**fields).train()
         opt = bc.make_optimizer(model)
-        samples = _channels(bc.make_samples(crop, 2, TRAIN_INSTANCES // 4 if crop == 128 else TRAIN_INSTANCES),
-                            cfg.in_channels)
+        instances = bc.TRAIN_INSTANCES // 4 if crop == 128 else bc.TRAIN_INSTANCES
+        samples = _channels(bc.make_samples(crop, 2, instances), cfg.in_channels)
         bc.log(f"{label} {crop}: training step, batch 2")
         train = bc.alternate({"ours": lambda: bc.train_step_ours(model, opt, samples)}, warmup, repeats)
         rows.append(row(label, crop, "train_steps_per_s_batch2", 1.0 / train["ours"]["median_s"]))
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": bc.machine_info(),
         "settings": {"sizes": sizes, "repeats": repeats, "warmup": warmup, "repeats_1024": repeats_big,
                      "warmup_1024": warmup, "seed": bc.SEED, "detections": bc.DETECTIONS, "batch": 1,
-                     "quick": args.quick, "train_instances": TRAIN_INSTANCES,
+                     "quick": args.quick, "train_instances": bc.TRAIN_INSTANCES,
                      "ours_overrides": bc.OURS_TEST_OVERRIDES,
                      "ours_rpn_tweak": "RPN delta convs: weight 0, bias 0.5 (proposals = anchors)",
                      "torchvision": "maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2, "
