@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 from maskrcnn import Config, MaskRCNN, Target
-from maskrcnn.distributed import cpu_has_fast_bfloat16
-from maskrcnn.precision import autocast
+from maskrcnn.runtime.distributed import cpu_has_fast_bfloat16
+from maskrcnn.runtime.precision import autocast
 
 DETECTIONS = 100
 SEED = 0

@@ -29,11 +29,11 @@ from torchvision.models.detection import MaskRCNN as TorchvisionMaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
-from maskrcnn.config import builtin_config
+from maskrcnn.presets import builtin_config
 from maskrcnn.data import Augment, InstanceDataset, Normalizer, collate, open_dataset, write_image, write_label_image
 from maskrcnn.data.views import RegionReader
 from maskrcnn.metrics import PredictionRecord, encode_masks, evaluate, prediction_record, truth_record
-from maskrcnn.predict import Predictor
+from maskrcnn.prediction.predict import Predictor
 from maskrcnn.train import TrainOptions, learning_rate, train
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dsb2018-labels"

@@ -5,8 +5,8 @@
 
 The model is run.py's "ours" ResNet-50-FPN (bench_common.build_ours: random weights, seed 0,
 every pre-NMS threshold 0, 100 detections per image, proposals = anchors). It is exported with
-``maskrcnn.export.export_model`` (traced on a 256 x 256 example) to TorchScript and ONNX, and each
-file is run through ``maskrcnn.deploy.load_exported``, i.e. exactly as ``maskrcnn predict
+``maskrcnn.export.graph.export_model`` (traced on a 256 x 256 example) to TorchScript and ONNX, and each
+file is run through ``maskrcnn.export.deploy.load_exported``, i.e. exactly as ``maskrcnn predict
 --weights model.pt|model.onnx`` runs it: graph plus the same post-processing as eager (mask
 threshold, largest component, mask NMS, label image). Rows:
 
@@ -34,8 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 
-from maskrcnn.deploy import load_exported  # noqa: E402
-from maskrcnn.export import export_model  # noqa: E402
+from maskrcnn.export.deploy import load_exported  # noqa: E402
+from maskrcnn.export.graph import export_model  # noqa: E402
 
 SYSTEMS = ("ours", "ours-torchscript", "ours-onnxruntime")
 EXPORT_SIZE = 256

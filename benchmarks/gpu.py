@@ -36,8 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 from maskrcnn.data.synthetic import synth_nuclei  # noqa: E402
-from maskrcnn.model import for_inference  # noqa: E402
-from maskrcnn.precision import autocast  # noqa: E402
+from maskrcnn.modeling.model import for_inference  # noqa: E402
+from maskrcnn.runtime.precision import autocast  # noqa: E402
 
 MIXED = torch.bfloat16
 DEVICE = "cuda"  # --device cpu: a quick dry run of this script where no GPU is (figures not comparable)
@@ -128,7 +128,7 @@ def pair_rows(size: int, warmup: int, repeats: int) -> list[dict]:
 
 def predict_rows(sizes: list[int], warmup: int, repeats: int) -> list[dict]:
     """The built-in model as predict runs it (auto precision), images per second."""
-    from maskrcnn.predict import Predictor
+    from maskrcnn.prediction.predict import Predictor
 
     predictor = Predictor.from_weights("nuclei", DEVICE)
     predictor.max_memory = 1 << 40  # the CPU-side budget is not what is measured here
@@ -150,9 +150,9 @@ def predict_rows(sizes: list[int], warmup: int, repeats: int) -> list[dict]:
 
 def train_rate_rows(configs: list[tuple[int, bool]], steps: int, warmup: int) -> list[dict]:
     """Steps per second of the pretraining recipe for each (workers, amp)."""
-    from maskrcnn.config import builtin_config
+    from maskrcnn.presets import builtin_config
     from maskrcnn.data.synthetic_scenes import SceneReader
-    from maskrcnn.pretrain import BUILTIN_CROP, SCENE_SIZE
+    from maskrcnn.train.pretrain import BUILTIN_CROP, SCENE_SIZE
     from maskrcnn.train import TrainOptions
     from maskrcnn.train.engine import Trainer
     from maskrcnn.train.hooks import HookBase

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from dsb_real import BATCH, LR, SEED, SHARED, SPLIT, WARMUP, scored, split_real, write_results
 
-from maskrcnn.config import builtin_config
-from maskrcnn.predict import Predictor
+from maskrcnn.presets import builtin_config
+from maskrcnn.prediction.predict import Predictor
 from maskrcnn.train import TrainOptions, train
 
 # the normalisation the Lite0 weights were trained with (TF: (x - 127) / 128 on 0..255)

@@ -79,7 +79,7 @@ def child(spec: dict) -> dict:
     """In the child: one prediction of one synthetic image; time and peak RSS increase."""
     from run import _reset_peak, _status_kb  # the same VmHWM method as the main table
 
-    from maskrcnn.predict import Predictor
+    from maskrcnn.prediction.predict import Predictor
 
     torch.set_num_threads(spec["threads"])
     image, truth = nuclei_image(spec["size"], spec["nuclei"])
@@ -112,7 +112,7 @@ def measure(size: int, nuclei: int, tile: int | None, weights: Path) -> dict:
 
 def quick_model(out: Path) -> Path:
     """A nuclei model trained here on synthetic nuclei (when no checkpoint is given)."""
-    from maskrcnn.config import nuclei_config
+    from maskrcnn.presets import nuclei_config
     from maskrcnn.data.synthetic import write_synthetic_dataset
     from maskrcnn.train import TrainOptions, train
 

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
-from maskrcnn.model import for_inference  # noqa: E402
+from maskrcnn.modeling.model import for_inference  # noqa: E402
 
 
 def _status_kb(field: str) -> int | None:

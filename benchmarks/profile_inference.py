@@ -140,10 +140,10 @@ class StageTimer:
 
 # ----------------------------------------------------------------------------------------------
 def instrument_ours(model, timer: StageTimer, training: bool) -> None:
-    import maskrcnn.mask.postprocess as post
-    import maskrcnn.mask.stage as ms
-    import maskrcnn.rcnn.stage as rs
-    import maskrcnn.rpn.stage as ps
+    import maskrcnn.modeling.mask.postprocess as post
+    import maskrcnn.modeling.mask.stage as ms
+    import maskrcnn.modeling.rcnn.stage as rs
+    import maskrcnn.modeling.rpn.stage as ps
 
     timer.patch_attr(model, "prepare", "prepare (normalise + pad)")
     timer.hook(model.backbone, "backbone")

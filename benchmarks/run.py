@@ -35,9 +35,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
-from maskrcnn.config import builtin_config, nuclei_config  # noqa: E402
-from maskrcnn.model import for_inference  # noqa: E402
-from maskrcnn.precision import autocast_dtype  # noqa: E402
+from maskrcnn.presets import builtin_config, nuclei_config  # noqa: E402
+from maskrcnn.modeling.model import for_inference  # noqa: E402
+from maskrcnn.runtime.precision import autocast_dtype  # noqa: E402
 import large  # noqa: E402
 import loader  # noqa: E402
 from peak_memory import measure_memory, peak  # noqa: E402

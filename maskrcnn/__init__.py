@@ -1,10 +1,9 @@
 """maskrcnn: Mask R-CNN instance segmentation (FPN p2..p5, multi-level RPN), pure PyTorch."""
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .config import Config, ConfigError
 from .errors import DataError, UserError
-from .model import MaskRCNN
+from .modeling.model import MaskRCNN
 from .structures import Detections, Detector, InstanceResult, Losses, ModelOutput, Proposals, Target
 
 __all__ = ["Config", "ConfigError", "DataError", "UserError", "MaskRCNN", "ModelOutput", "Losses",

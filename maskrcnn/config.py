@@ -334,7 +334,3 @@ def _check_types(cfg: Config) -> None:
         if not ok:
             raise ConfigError(f"{f.name} has the wrong type: expected {kind}, got {value!r}")
 
-
-# The named layouts (nuclei_config, builtin_config, coco_config) live in presets.py; imported last
-# because they build Configs.
-from .presets import builtin_config, coco_config, nuclei_config  # noqa: E402

@@ -1,7 +1,6 @@
 """Named layouts: ``Config`` values for nuclei (the CLI's default and the built-in model) and COCO.
 
-Each takes field changes on top (``nuclei_config(fpn_channels=64)``); ``maskrcnn.config``
-re-exports them.
+Each takes field changes on top (``nuclei_config(fpn_channels=64)``).
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from .boxes import split_by_image
 from .config import Config
+from .modeling.boxes import split_by_image
 
 
 @dataclass
@@ -131,7 +131,7 @@ LOSS_NAMES = ("rpn_cls", "rpn_reg", "rcnn_cls", "rcnn_reg", "mask")
 
 @dataclass
 class Losses:
-    """The five training losses, each a scalar tensor (a mean over images, see ``maskrcnn.losses``)."""
+    """The five training losses, each a scalar tensor (a mean over images, see ``maskrcnn.modeling.losses``)."""
 
     rpn_cls: Tensor
     rpn_reg: Tensor
@@ -175,7 +175,7 @@ class InstanceResult:
     def mask(self, i: int) -> Tensor:
         """Instance i's full-image mask (H, W) bool."""
         # imported here, not at the top: this module stays below the stages (see module doc)
-        from .mask.paste import paste_masks
+        from .modeling.mask.paste import paste_masks
 
         h, w = self.image_size
         return paste_masks(self.mask_probs[i:i + 1], self.boxes[i:i + 1], h, w, self.mask_threshold)[0]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from maskrcnn.cli import main
+from maskrcnn.cli.main import main
 
 
 def cli(capsys, *argv) -> tuple[int, str, str]:

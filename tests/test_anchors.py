@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from maskrcnn.config import Config
-from maskrcnn.rpn.anchors import AnchorGenerator, make_bases, make_level_anchors
+from maskrcnn.modeling.rpn.anchors import AnchorGenerator, make_bases, make_level_anchors
 
 SPEC_SIZES = [(128, 128), (64, 64), (32, 32), (16, 16)]
 

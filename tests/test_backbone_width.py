@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from maskrcnn.backbone import Backbone
-from maskrcnn.config import Config, ConfigError, builtin_config
-from maskrcnn.model import MaskRCNN
+from maskrcnn.modeling.backbone import Backbone
+from maskrcnn.config import Config, ConfigError
+from maskrcnn.presets import builtin_config
+from maskrcnn.modeling.model import MaskRCNN
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

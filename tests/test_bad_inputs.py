@@ -26,14 +26,14 @@ import torch
 import yaml
 from PIL import Image
 
-from maskrcnn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from maskrcnn.cli import main
-from maskrcnn.config import nuclei_config
+from maskrcnn.modeling.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from maskrcnn.cli.main import main
+from maskrcnn.presets import nuclei_config
 from maskrcnn.data.io import read_label_image
 from maskrcnn.data.writers import write_image, write_label_image
 from maskrcnn.data.normalize import Normalizer
 from maskrcnn.data.synthetic import synth_nuclei
-from maskrcnn.model import MaskRCNN
+from maskrcnn.modeling.model import MaskRCNN
 
 from cli_helpers import cli
 from conftest import TINY_RUN as TINY  # open thresholds: an untrained model's outputs are not all empty

@@ -12,16 +12,16 @@ import pytest
 import torch
 
 from maskrcnn.config import Config, ConfigError
-from maskrcnn.distributed import DistContext, epoch_batches
+from maskrcnn.runtime.distributed import DistContext, epoch_batches
 from maskrcnn.errors import UserError
-from maskrcnn.mask.loss import mask_loss
-from maskrcnn.mask.targets import make_mask_targets
-from maskrcnn.model import MaskRCNN
-from maskrcnn.norm import group_count
-from maskrcnn.rcnn.loss import rcnn_loss
-from maskrcnn.rcnn.targets import make_rcnn_targets
-from maskrcnn.rpn.loss import rpn_loss
-from maskrcnn.rpn.targets import make_rpn_targets
+from maskrcnn.modeling.mask.loss import mask_loss
+from maskrcnn.modeling.mask.targets import make_mask_targets
+from maskrcnn.modeling.model import MaskRCNN
+from maskrcnn.modeling.norm import group_count
+from maskrcnn.modeling.rcnn.loss import rcnn_loss
+from maskrcnn.modeling.rcnn.targets import make_rcnn_targets
+from maskrcnn.modeling.rpn.loss import rpn_loss
+from maskrcnn.modeling.rpn.targets import make_rpn_targets
 from maskrcnn.structures import Proposals, Target
 
 from conftest import tiny_config

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from maskrcnn.boxes import (clip_boxes, first_k_per_image, is_large_enough, rcnn_decode, rcnn_encode, rpn_decode,
-                            rpn_encode, split_by_image)
-from maskrcnn.sampling import (candidates_with_truth, match_boxes, per_instance_weights, sample_balanced,
-                               sample_indices)
+from maskrcnn.modeling.boxes import (clip_boxes, first_k_per_image, is_large_enough, rcnn_decode, rcnn_encode,
+                                     rpn_decode, rpn_encode, split_by_image)
+from maskrcnn.modeling.sampling import (candidates_with_truth, match_boxes, per_instance_weights, sample_balanced,
+                                        sample_indices)
 from maskrcnn.structures import Target, masks_to_boxes
 
 WEIGHTS = (10.0, 10.0, 5.0, 5.0)

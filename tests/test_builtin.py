@@ -20,14 +20,14 @@ import torch
 
 from maskrcnn.builtin import (FOLDER, MAX_FILE_BYTES, builtin_names, card, format_card, is_builtin, publish,
                               resolve_weights)
-from maskrcnn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from maskrcnn.config import nuclei_config
+from maskrcnn.modeling.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from maskrcnn.presets import nuclei_config
 from maskrcnn.data.io import read_label_image
 from maskrcnn.data.writers import write_image
 from maskrcnn.data.normalize import Normalizer
 from maskrcnn.data.synthetic_scenes import Scene, synth_scene
-from maskrcnn.model import MaskRCNN
-from maskrcnn.predict import Predictor
+from maskrcnn.modeling.model import MaskRCNN
+from maskrcnn.prediction.predict import Predictor
 
 from cli_helpers import cli
 from conftest import TINY_RUN
@@ -175,7 +175,7 @@ def test_wheel_ships_the_model_and_predicts_by_name_in_a_fresh_venv(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     run = subprocess.run([str(fresh / "bin" / "python"), "-c",
                           "import maskrcnn, sys; print(maskrcnn.__file__); "
-                          "from maskrcnn.cli import main; sys.exit(main(sys.argv[1:]))",
+                          "from maskrcnn.cli.main import main; sys.exit(main(sys.argv[1:]))",
                           "predict", str(tmp_path / "img.png"), "--weights", "nuclei", "--out", str(tmp_path / "o"),
                           "--device", "cpu", "--no-progress"], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert run.returncode == 0, run.stderr

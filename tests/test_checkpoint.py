@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import maskrcnn
-from maskrcnn.checkpoint import FORMAT, Checkpoint, load_checkpoint, save_checkpoint
-from maskrcnn.config import nuclei_config
+from maskrcnn.modeling.checkpoint import FORMAT, Checkpoint, load_checkpoint, save_checkpoint
+from maskrcnn.presets import nuclei_config
 from maskrcnn.data.normalize import Normalizer
 from maskrcnn.errors import UserError
 

@@ -27,16 +27,16 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 import maskrcnn
-from maskrcnn.checkpoint import load_checkpoint
-from maskrcnn.cli import main
-from maskrcnn.config import nuclei_config
+from maskrcnn.modeling.checkpoint import load_checkpoint
+from maskrcnn.cli.main import main
+from maskrcnn.presets import nuclei_config
 from maskrcnn.data.datasets import open_dataset
 from maskrcnn.data.io import read_label_image
 from maskrcnn.data.normalize import Normalizer
 from maskrcnn.data.synthetic import write_synthetic_dataset
-from maskrcnn.evaluate import evaluate_model
+from maskrcnn.prediction.evaluate import evaluate_model
 from maskrcnn.metrics import EvaluationReport
-from maskrcnn.predict import Predictor
+from maskrcnn.prediction.predict import Predictor
 from maskrcnn.structures import InstanceResult, ModelOutput
 
 from cli_helpers import cli

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from maskrcnn.config import Config, ConfigError, aspect, nuclei_config
+from maskrcnn.config import Config, ConfigError, aspect
+
+from maskrcnn.presets import nuclei_config
 
 
 def test_defaults_are_valid_and_follow_the_spec():

@@ -23,13 +23,13 @@ from PIL import Image
 
 import maskrcnn.data.io as data_io
 import maskrcnn.data.labels as labels_module
-from maskrcnn.checkpoint import load_checkpoint
-from maskrcnn.config import nuclei_config
+from maskrcnn.modeling.checkpoint import load_checkpoint
+from maskrcnn.presets import nuclei_config
 from maskrcnn.data.datasets import open_dataset
 from maskrcnn.data.io import read_binary_mask, read_image, read_image_size, read_label_image, read_mask_size
 from maskrcnn.data.writers import write_image, write_label_image
 from maskrcnn.data.synthetic import write_synthetic_dataset
-from maskrcnn.distributed import epoch_batches
+from maskrcnn.runtime.distributed import epoch_batches
 from maskrcnn.errors import DataError
 from maskrcnn.train import Trainer, TrainOptions
 

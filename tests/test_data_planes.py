@@ -9,8 +9,9 @@ import pytest
 import tifffile
 import torch
 
-from maskrcnn.checkpoint import Checkpoint, save_checkpoint
-from maskrcnn.config import ConfigError, nuclei_config
+from maskrcnn.modeling.checkpoint import Checkpoint, save_checkpoint
+from maskrcnn.config import ConfigError
+from maskrcnn.presets import nuclei_config
 from maskrcnn.data.datasets import open_dataset
 from maskrcnn.data.io import read_image, read_image_size, read_label_image
 from maskrcnn.data.writers import write_image
@@ -18,7 +19,7 @@ from maskrcnn.data.normalize import Normalizer
 from maskrcnn.data.planes import Planes, guess_axes, select_planes
 from maskrcnn.data.synthetic import write_synthetic_dataset
 from maskrcnn.errors import DataError
-from maskrcnn.model import MaskRCNN
+from maskrcnn.modeling.model import MaskRCNN
 
 from cli_helpers import cli
 from conftest import TINY_RUN, tiny_config

@@ -32,17 +32,17 @@ import pytest
 import torch
 import yaml
 
-from maskrcnn.checkpoint import load_checkpoint
-from maskrcnn.cli import main
+from maskrcnn.modeling.checkpoint import load_checkpoint
+from maskrcnn.cli.main import main
 from maskrcnn.config import Config
 from maskrcnn.data.datasets import open_dataset
 from maskrcnn.data.torch_dataset import split_train_val
 from maskrcnn.data.synthetic import write_synthetic_dataset
 from maskrcnn.data.views import SubsetReader
-from maskrcnn.distributed import cpu_has_fast_bfloat16, epoch_batches
-from maskrcnn.evaluate import evaluate_model
-from maskrcnn.model import MaskRCNN
-from maskrcnn.predict import Predictor
+from maskrcnn.runtime.distributed import cpu_has_fast_bfloat16, epoch_batches
+from maskrcnn.prediction.evaluate import evaluate_model
+from maskrcnn.modeling.model import MaskRCNN
+from maskrcnn.prediction.predict import Predictor
 from maskrcnn.train import Trainer, TrainOptions
 
 from conftest import OPEN, tiny_config
@@ -57,7 +57,7 @@ TINY_CONFIG = tiny_config(norm="group", **OPEN, rpn_test_post_nms_top_k=200, rcn
 COMMON = ["--crop", "64", "--device", "cpu", "--no-progress", "--val-every", str(STEPS), "--seed", str(SEED)]
 WORKER = ("import sys, torch; torch.backends.mkldnn.enabled = False; "
           "torch.backends.nnpack.set_flags(False); "
-          "from maskrcnn.cli import main; sys.exit(main(sys.argv[1:]))")
+          "from maskrcnn.cli.main import main; sys.exit(main(sys.argv[1:]))")
 RUN_FILES = {"last.pt", "best.pt", "metrics.jsonl", "curves.png"}
 LOSS_PARTS = ("rpn_cls", "rpn_reg", "rcnn_cls", "rcnn_reg", "mask")
 

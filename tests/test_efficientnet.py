@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from skimage import data
 
-from maskrcnn import efficientnet
+from maskrcnn.modeling import efficientnet
 from maskrcnn.config import Config, ConfigError
-from maskrcnn.efficientnet import EfficientNetLite0, SameConv2d
+from maskrcnn.modeling.efficientnet import EfficientNetLite0, SameConv2d
 from maskrcnn.errors import UserError
-from maskrcnn.model import MaskRCNN, for_inference
+from maskrcnn.modeling.model import MaskRCNN, for_inference
 
 import conftest
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from maskrcnn.checkpoint import load_checkpoint
-from maskrcnn.config import nuclei_config
+from maskrcnn.modeling.checkpoint import load_checkpoint
+from maskrcnn.presets import nuclei_config
 from maskrcnn.data.synthetic import write_synthetic_dataset
-from maskrcnn.distributed import epoch_batches
+from maskrcnn.runtime.distributed import epoch_batches
 from maskrcnn.errors import UserError
 from maskrcnn.train import MAX_BAD_STEPS, HookBase, TrainOptions, Trainer
 

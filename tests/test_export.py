@@ -19,14 +19,14 @@ import torch
 from PIL import Image
 
 from maskrcnn import Config, MaskRCNN, Target
-from maskrcnn.checkpoint import Checkpoint, save_checkpoint
-from maskrcnn.cli import main
+from maskrcnn.modeling.checkpoint import Checkpoint, save_checkpoint
+from maskrcnn.cli.main import main
 from maskrcnn.data.io import read_label_image
 from maskrcnn.data.normalize import Normalizer
-from maskrcnn.deploy import exported_kind, load_exported, postprocess
+from maskrcnn.export.deploy import exported_kind, load_exported, postprocess
 from maskrcnn.errors import UserError
-from maskrcnn.export import InferenceGraph, export_model
-from maskrcnn.predict import Predictor
+from maskrcnn.export.graph import InferenceGraph, export_model
+from maskrcnn.prediction.predict import Predictor
 
 from conftest import consecutive_pairs, tiny_config, torch_threads, train_steps
 

@@ -23,13 +23,13 @@ import torch
 import yaml
 from PIL import Image
 
-from maskrcnn.atomic import remove_stale_temporaries
-from maskrcnn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from maskrcnn.config import nuclei_config
+from maskrcnn.runtime.atomic import remove_stale_temporaries
+from maskrcnn.modeling.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from maskrcnn.presets import nuclei_config
 from maskrcnn.data.normalize import Normalizer
 from maskrcnn.data.synthetic import write_synthetic_dataset
 from maskrcnn.errors import UserError
-from maskrcnn.model import MaskRCNN
+from maskrcnn.modeling.model import MaskRCNN
 from maskrcnn.train import MAX_BAD_STEPS, TrainOptions, Trainer
 
 from cli_helpers import cli
@@ -137,8 +137,8 @@ def test_resume_from_a_truncated_checkpoint_is_a_clear_error(data, tmp_path, cap
 # --- SIGKILL while a checkpoint is being written --------------------------------------------------------
 WRITER = textwrap.dedent("""
     import sys, torch
-    from maskrcnn.checkpoint import Checkpoint, save_checkpoint
-    from maskrcnn.config import nuclei_config
+    from maskrcnn.modeling.checkpoint import Checkpoint, save_checkpoint
+    from maskrcnn.presets import nuclei_config
     cfg = nuclei_config()
     value = 0
     while True:  # a 32 MB checkpoint whose every number is its step, written over and over
@@ -258,7 +258,7 @@ def test_non_finite_losses_in_a_row_abort_and_keep_the_last_good_checkpoint(data
 
 
 def test_atomic_writes_get_the_permissions_of_a_plain_new_file(tmp_path):
-    from maskrcnn.atomic import atomic_write_text
+    from maskrcnn.runtime.atomic import atomic_write_text
 
     atomic_write_text(tmp_path / "out.csv", "id\n")
     (tmp_path / "plain.csv").write_text("id\n")

@@ -1,4 +1,4 @@
-"""maskrcnn.inference: test-time augmentation and input scaling around the one detector call.
+"""maskrcnn.prediction.segment: test-time augmentation and input scaling around the one detector call.
 
 The mapping of instances back from a flipped or transposed image is checked exactly with the
 oracle of test_tiling (it reads instances off pixel values in any orientation); what TTA and
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from maskrcnn.inference import DIHEDRAL, _apply, _undo, segment
+from maskrcnn.prediction.segment import DIHEDRAL, _apply, _undo, segment
 
 from test_tiling import ID_SCALE, OracleModel, matched_iou
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from maskrcnn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from maskrcnn.config import nuclei_config
+from maskrcnn.modeling.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from maskrcnn.presets import nuclei_config
 from maskrcnn.data.normalize import Normalizer
 from maskrcnn.data.synthetic import write_synthetic_dataset
 from maskrcnn.errors import UserError
-from maskrcnn.model import MaskRCNN
+from maskrcnn.modeling.model import MaskRCNN
 from maskrcnn.train import TrainOptions, Trainer
 from maskrcnn.train.init import CLASS_SPECIFIC
 

@@ -15,23 +15,23 @@ import tifffile
 import torch
 from PIL import Image
 
-import maskrcnn.inference
-import maskrcnn.large
-import maskrcnn.memory
+import maskrcnn.prediction.segment
+import maskrcnn.prediction.large
+import maskrcnn.runtime.memory
 from cli_helpers import cli
 from conftest import OPEN, tiny_config
-from maskrcnn.checkpoint import Checkpoint, save_checkpoint
+from maskrcnn.modeling.checkpoint import Checkpoint, save_checkpoint
 from maskrcnn.config import Config
 from maskrcnn.data.normalize import Normalizer
 from maskrcnn.data.regions import ArraySource, sample_step
 from maskrcnn.errors import UserError
-from maskrcnn.labelstore import LabelStore
-from maskrcnn.large import paint_tile, predict_streamed
-from maskrcnn.memory import Plan, feature_units, parse_memory, plan_inference
-from maskrcnn.model import MaskRCNN
-from maskrcnn.outputs import instance_table
-from maskrcnn.predict import Predictor, predict_files
-from maskrcnn.tiling import Tile, predict_tiled, tile_grid
+from maskrcnn.prediction.labelstore import LabelStore
+from maskrcnn.prediction.large import paint_tile, predict_streamed
+from maskrcnn.runtime.memory import Plan, feature_units, parse_memory, plan_inference
+from maskrcnn.modeling.model import MaskRCNN
+from maskrcnn.outputs.files import instance_table
+from maskrcnn.prediction.predict import Predictor, predict_files
+from maskrcnn.prediction.tiling import Tile, predict_tiled, tile_grid
 from test_tiling import ID_SCALE, OracleModel, discs_across_seams
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -131,7 +131,7 @@ def test_array_source_regions_and_sample():
 
 # --- streaming = predict_tiled ---------------------------------------------------------------
 def test_streamed_labels_and_table_equal_predict_tiled(tmp_path):
-    """The contract of maskrcnn.large: no two tiles keep overlapping instances here, so the
+    """The contract of maskrcnn.prediction.large: no two tiles keep overlapping instances here, so the
     label image is the same pixel for pixel and id for id, and the table the same row for row."""
     image = disc_image()
     predictor = oracle_predictor()
@@ -149,8 +149,8 @@ def test_streamed_labels_and_table_equal_predict_tiled(tmp_path):
 
 
 def test_streaming_reads_regions_and_holds_no_full_size_array(tmp_path, monkeypatch):
-    monkeypatch.setattr(maskrcnn.large, "THUMBNAIL_SIDE", 64)
-    monkeypatch.setattr(maskrcnn.large, "SAMPLE_PIXELS", 4096)  # statistics of a bounded sample, not measured here
+    monkeypatch.setattr(maskrcnn.prediction.large, "THUMBNAIL_SIDE", 64)
+    monkeypatch.setattr(maskrcnn.prediction.large, "SAMPLE_PIXELS", 4096)  # statistics of a bounded sample
     size, tile, overlap = 2048, 256, 48
     image = np.zeros((size, size), np.float32)
     image[::97, ::89] = 0.005  # a few one-pixel instances; reading and pasting is what is measured
@@ -173,7 +173,7 @@ def test_streaming_reads_regions_and_holds_no_full_size_array(tmp_path, monkeypa
 
 
 def test_output_bigtiff_is_tiled_and_overlay_is_a_thumbnail(tmp_path, monkeypatch):
-    monkeypatch.setattr(maskrcnn.large, "THUMBNAIL_SIDE", 100)
+    monkeypatch.setattr(maskrcnn.prediction.large, "THUMBNAIL_SIDE", 100)
     image = disc_image()
     files = predict_streamed(oracle_predictor(), ArraySource(image), tmp_path, "discs", 128, 48)
     with tifffile.TiffFile(files.label_image) as tif:
@@ -231,15 +231,15 @@ def tiny_weights(tmp_path) -> str:
 
 @pytest.fixture
 def tiles_used(monkeypatch) -> list:
-    """The tile size of every segment call that tiled (maskrcnn.inference's predict_tiled)."""
-    calls, original = [], maskrcnn.inference.predict_tiled
+    """The tile size of every segment call that tiled (maskrcnn.prediction.segment's predict_tiled)."""
+    calls, original = [], maskrcnn.prediction.segment.predict_tiled
 
     def spy(model, image, tile, *args, **kwargs):
         calls.append(tile)
         return original(model, image, tile, *args, **kwargs)
 
-    monkeypatch.setattr(maskrcnn.inference, "predict_tiled", spy)
-    monkeypatch.setattr(maskrcnn.memory, "resident_bytes", lambda: 300 * MB)  # a fixed process size
+    monkeypatch.setattr(maskrcnn.prediction.segment, "predict_tiled", spy)
+    monkeypatch.setattr(maskrcnn.runtime.memory, "resident_bytes", lambda: 300 * MB)  # a fixed process size
     return calls
 
 
@@ -322,7 +322,7 @@ def test_a_signal_stops_a_streamed_image_between_tiles_leaving_no_file(tmp_path,
 
 def test_evaluate_tiles_to_fit_its_budget_and_scores_as_an_explicit_tile(tiny_weights, tiles_used):
     from maskrcnn.data.synthetic_scenes import SceneReader
-    from maskrcnn.evaluate import evaluate_model
+    from maskrcnn.prediction.evaluate import evaluate_model
 
     predictor = Predictor.from_weights(tiny_weights, "cpu")
     reader = SceneReader(1, 384, seed=3)
@@ -339,8 +339,8 @@ def test_evaluate_tiles_to_fit_its_budget_and_scores_as_an_explicit_tile(tiny_we
 
 
 def test_default_budget_comes_from_the_environment(monkeypatch):
-    from maskrcnn.memory import MAX_MEMORY_VARIABLE, default_max_memory, plan_inference
-    from maskrcnn.config import builtin_config
+    from maskrcnn.runtime.memory import MAX_MEMORY_VARIABLE, default_max_memory, plan_inference
+    from maskrcnn.presets import builtin_config
 
     monkeypatch.setenv(MAX_MEMORY_VARIABLE, "3G")
     assert default_max_memory() == 3_000_000_000

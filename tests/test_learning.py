@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from maskrcnn import Config, MaskRCNN, Target
-from maskrcnn.inference import segment
+from maskrcnn.prediction.segment import segment
 from maskrcnn.metrics import TruthRecord, encode_masks, evaluate, prediction_record
 
 from conftest import consecutive_pairs, tiny_config, train_steps

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from maskrcnn.config import Config
-from maskrcnn.mask.head import MaskHead
-from maskrcnn.mask.loss import mask_loss
-from maskrcnn.mask.paste import largest_component, mask_nms, paste_label_image, paste_masks
-from maskrcnn.mask.targets import MaskTargets, crop_masks, make_mask_targets
+from maskrcnn.modeling.mask.head import MaskHead
+from maskrcnn.modeling.mask.loss import mask_loss
+from maskrcnn.modeling.mask.paste import largest_component, mask_nms, paste_label_image, paste_masks
+from maskrcnn.modeling.mask.targets import MaskTargets, crop_masks, make_mask_targets
 from maskrcnn.structures import Detections
-from maskrcnn.mask.postprocess import make_instance_result
+from maskrcnn.modeling.mask.postprocess import make_instance_result
 from maskrcnn.structures import Proposals
 
 M = 28

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from maskrcnn.config import Config
-from maskrcnn.model import MaskRCNN
+from maskrcnn.modeling.model import MaskRCNN
 from maskrcnn.structures import InstanceResult, Losses
 
 import conftest
@@ -119,7 +119,7 @@ def test_training_needs_one_target_per_image(squares):
 def test_each_stage_owns_its_head_and_checkpoints_of_the_earlier_layout_still_load(tmp_path):
     """Weights live under their stage (rpn.head.*, rcnn.head.*, mask.head.*); a checkpoint written
     before the heads moved into the stages (rpn.convs.0.weight, ...) loads with the same values."""
-    from maskrcnn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from maskrcnn.modeling.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
     model = make_model()
     state = model.state_dict()
@@ -169,8 +169,8 @@ def test_for_inference_folds_every_batchnorm_and_keeps_the_results(backbone):
     weights: no BatchNorm left, features equal to float rounding, the same instances."""
     import copy
 
-    from maskrcnn.model import for_inference
-    from maskrcnn.norm import fold_batchnorm
+    from maskrcnn.modeling.model import for_inference
+    from maskrcnn.modeling.norm import fold_batchnorm
 
     model = make_model(**OPEN, backbone=backbone).eval()
     g = torch.Generator().manual_seed(1)

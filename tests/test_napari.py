@@ -31,18 +31,18 @@ pytest.importorskip("pytestqt")
 from cli_helpers import cli  # noqa: E402
 from conftest import TINY_RUN  # noqa: E402
 
-from maskrcnn.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
-from maskrcnn.config import nuclei_config  # noqa: E402
+from maskrcnn.modeling.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
+from maskrcnn.presets import nuclei_config  # noqa: E402
 from maskrcnn.data.io import read_label_image  # noqa: E402
 from maskrcnn.data.writers import write_image  # noqa: E402
 from maskrcnn.data.normalize import Normalizer  # noqa: E402
 from maskrcnn.data.synthetic import synth_nuclei  # noqa: E402
-from maskrcnn.model import MaskRCNN  # noqa: E402
+from maskrcnn.modeling.model import MaskRCNN  # noqa: E402
 from maskrcnn.napari import _sample  # noqa: E402
 from maskrcnn.napari._core import ArrayReader, auto_tile, tile_count  # noqa: E402
 from maskrcnn.napari._widget import MaskRCNNWidget  # noqa: E402
-from maskrcnn.outputs import TABLE_FIELDS  # noqa: E402
-from maskrcnn.predict import Predictor  # noqa: E402
+from maskrcnn.outputs.files import TABLE_FIELDS  # noqa: E402
+from maskrcnn.prediction.predict import Predictor  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

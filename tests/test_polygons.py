@@ -1,5 +1,5 @@
-"""Instance outlines along pixel edges (maskrcnn.polygons) and the files made of them: ImageJ ROI
-zips for Fiji and GeoJSON for QuPath (maskrcnn.outputs_outlines, ``predict --rois --geojson``).
+"""Instance outlines along pixel edges (maskrcnn.outputs.polygons) and the files made of them: ImageJ ROI
+zips for Fiji and GeoJSON for QuPath (maskrcnn.outputs.outlines, ``predict --rois --geojson``).
 
 Every check rasterises a polygon the way Fiji and QuPath do, pixel centres inside it, with a
 library of its own (matplotlib's Path, shapely), and compares with the instance's pixels: the
@@ -19,16 +19,16 @@ import torch
 from matplotlib.path import Path as MplPath
 from roifile import ROI_TYPE, roiread
 
-from maskrcnn.checkpoint import Checkpoint, save_checkpoint
-from maskrcnn.cli import main
-from maskrcnn.config import nuclei_config
+from maskrcnn.modeling.checkpoint import Checkpoint, save_checkpoint
+from maskrcnn.cli.main import main
+from maskrcnn.presets import nuclei_config
 from maskrcnn.data.io import read_label_image
 from maskrcnn.data.writers import write_image
 from maskrcnn.data.normalize import Normalizer
-from maskrcnn.model import MaskRCNN
-from maskrcnn.outputs import TABLE_FIELDS
-from maskrcnn.outputs_outlines import geojson_collection, roi_name, write_roi_zip
-from maskrcnn.polygons import closed, label_outlines
+from maskrcnn.modeling.model import MaskRCNN
+from maskrcnn.outputs.files import TABLE_FIELDS
+from maskrcnn.outputs.outlines import geojson_collection, roi_name, write_roi_zip
+from maskrcnn.outputs.polygons import closed, label_outlines
 
 from cli_helpers import cli
 from conftest import TINY_RUN

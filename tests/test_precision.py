@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import maskrcnn.precision as precision
+import maskrcnn.runtime.precision as precision
 from maskrcnn.config import Config
 from maskrcnn.errors import UserError
-from maskrcnn.model import MaskRCNN
+from maskrcnn.modeling.model import MaskRCNN
 
 from conftest import OPEN, tiny_config
 
@@ -51,7 +51,7 @@ def test_rpn_head_boxes_scores_and_masks_stay_float32_under_bfloat16():
 
 
 def test_exported_models_refuse_low_precision_by_name(tmp_path):
-    from maskrcnn.predict import Predictor
+    from maskrcnn.prediction.predict import Predictor
 
     onnx_file = tmp_path / "model.onnx"
     onnx_file.write_bytes(b"not read: the precision is checked first")
@@ -61,7 +61,7 @@ def test_exported_models_refuse_low_precision_by_name(tmp_path):
 
 def test_the_model_and_an_exported_model_are_both_detectors(tmp_path):
     """What predict, evaluate and tiling accept (structures.Detector): both kinds satisfy it."""
-    from maskrcnn.deploy import ExportedModel
+    from maskrcnn.export.deploy import ExportedModel
     from maskrcnn.structures import Detector
 
     cfg = Config(**tiny_config())

@@ -12,9 +12,9 @@ from pycocotools import mask as mask_utils
 
 from maskrcnn.data.io import read_label_image
 from maskrcnn.errors import UserError
-from maskrcnn.outputs import TABLE_FIELDS, coco_records, instance_table, kaggle_rows, write_prediction
-from maskrcnn.plots import overlay_image
-from maskrcnn.predict import expand_inputs, predict_files
+from maskrcnn.outputs.files import TABLE_FIELDS, coco_records, instance_table, kaggle_rows, write_prediction
+from maskrcnn.outputs.plots import overlay_image
+from maskrcnn.prediction.predict import expand_inputs, predict_files
 from maskrcnn.structures import InstanceResult
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools

@@ -9,10 +9,11 @@ import numpy as np
 import torch
 import pytest
 
-from maskrcnn.checkpoint import load_checkpoint
+from maskrcnn.modeling.checkpoint import load_checkpoint
 from maskrcnn.data.writers import write_image
 from maskrcnn.data.synthetic_scenes import SceneReader
-from maskrcnn.pretrain import REAL_FRACTION, PretrainOptions, pretrain, score_builtin_run, training_reader, write_builtin
+from maskrcnn.train.pretrain import (REAL_FRACTION, PretrainOptions, pretrain, score_builtin_run, training_reader,
+                                     write_builtin)
 
 
 @pytest.fixture
@@ -63,7 +64,7 @@ def test_pretraining_continues_across_sessions_and_publishes(real, tmp_path):
 
 
 def test_card_recipe_lists_each_schedule_length_its_sessions_ran():
-    from maskrcnn.pretrain import PretrainOptions, _recipe
+    from maskrcnn.train.pretrain import PretrainOptions, _recipe
 
     longer = PretrainOptions(out="x", steps=8500, real="R")
     assert _recipe([{"steps": 5000}, {"steps": 8500, "schedule": 8500}], longer) == (

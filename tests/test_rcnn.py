@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from maskrcnn.boxes import rcnn_decode, rcnn_encode
+from maskrcnn.modeling.boxes import rcnn_decode, rcnn_encode
 from maskrcnn.config import Config, NmsSettings
-from maskrcnn.mask.targets import make_mask_targets
-from maskrcnn.rcnn.detections import make_detections
-from maskrcnn.rcnn.head import RcnnHead
-from maskrcnn.rcnn.loss import rcnn_loss
-from maskrcnn.rcnn.targets import RcnnTargets, make_rcnn_targets
+from maskrcnn.modeling.mask.targets import make_mask_targets
+from maskrcnn.modeling.rcnn.detections import make_detections
+from maskrcnn.modeling.rcnn.head import RcnnHead
+from maskrcnn.modeling.rcnn.loss import rcnn_loss
+from maskrcnn.modeling.rcnn.targets import RcnnTargets, make_rcnn_targets
 from maskrcnn.structures import BatchDetections, Proposals, Target
 
 

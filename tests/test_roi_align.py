@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from maskrcnn.roi_align import MultiLevelRoiAlign, assign_levels
+from maskrcnn.modeling.roi_align import MultiLevelRoiAlign, assign_levels
 
 BASE_SIZES = [8.0, 16.0, 32.0, 64.0]
 STRIDES = [4, 8, 16, 32]
@@ -89,7 +89,7 @@ def _random_features(batch: int, channels: int = 8, image: int = 256) -> list[to
 
 
 def _serial(crop: MultiLevelRoiAlign, features, boxes, image, monkeypatch) -> torch.Tensor:
-    import maskrcnn.roi_align as module
+    import maskrcnn.modeling.roi_align as module
     with monkeypatch.context() as m:
         m.setattr(module, "_crop_threads", lambda feature, count: 1)
         return crop.crop(features, boxes, image)
@@ -142,7 +142,7 @@ def test_threaded_crops_keep_the_callers_modes(monkeypatch, two_threads):
 
 
 def test_only_inference_crops_run_threaded(two_threads):
-    import maskrcnn.roi_align as module
+    import maskrcnn.modeling.roi_align as module
 
     feature = torch.zeros(1, 4, 8, 8)
     assert module._crop_threads(feature, 1000) == 2

@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from maskrcnn.boxes import rpn_decode, rpn_encode
+from maskrcnn.modeling.boxes import rpn_decode, rpn_encode
 from maskrcnn.config import Config, NmsSettings
-from maskrcnn.losses import focal_cross_entropy, mean_over_images, smooth_l1
-from maskrcnn.rpn.anchors import AnchorGenerator
-from maskrcnn.rpn.head import RpnMultiHead
-from maskrcnn.rpn.loss import rpn_loss
-from maskrcnn.rpn.proposals import make_proposals
-from maskrcnn.rpn.targets import make_rpn_targets
+from maskrcnn.modeling.losses import focal_cross_entropy, mean_over_images, smooth_l1
+from maskrcnn.modeling.rpn.anchors import AnchorGenerator
+from maskrcnn.modeling.rpn.head import RpnMultiHead
+from maskrcnn.modeling.rpn.loss import rpn_loss
+from maskrcnn.modeling.rpn.proposals import make_proposals
+from maskrcnn.modeling.rpn.targets import make_rpn_targets
 
 
 # --- head -----------------------------------------------------------------------------------------

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-import maskrcnn.runlock as runlock
-from maskrcnn.cli import EXIT_STOPPED, EXIT_USER_ERROR
+import maskrcnn.runtime.runlock as runlock
+from maskrcnn.cli.main import EXIT_STOPPED, EXIT_USER_ERROR
 from maskrcnn.errors import UserError
-from maskrcnn.runlock import LOCK_NAME, RunLock
+from maskrcnn.runtime.runlock import LOCK_NAME, RunLock
 
 from cli_helpers import cli
 from conftest import finish, wait_for
@@ -95,7 +95,7 @@ RACER = textwrap.dedent("""
     import json, os, sys, time, warnings
     from pathlib import Path
     from maskrcnn.errors import UserError
-    from maskrcnn.runlock import RunLock
+    from maskrcnn.runtime.runlock import RunLock
     run, go, dead_pid = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     holder = run / "holder"  # made exclusively by whoever holds the lock: exists twice only if two hold it
     counts = {"wins": 0, "overlaps": 0, "takeovers": 0}

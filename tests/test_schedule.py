@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from maskrcnn.train import schedule as train  # the module whose clock the test stops
-from maskrcnn.distributed import DistContext
+from maskrcnn.runtime.distributed import DistContext
 from maskrcnn.train import LR_FLOOR, Trainer, learning_rate
 
 

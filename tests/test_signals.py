@@ -29,14 +29,14 @@ import torch
 import yaml
 from PIL import Image
 
-import maskrcnn.signals as signals_module
-from maskrcnn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from maskrcnn.cli import EXIT_INTERRUPTED, EXIT_STOPPED
-from maskrcnn.config import nuclei_config
+import maskrcnn.runtime.signals as signals_module
+from maskrcnn.modeling.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from maskrcnn.cli.main import EXIT_INTERRUPTED, EXIT_STOPPED
+from maskrcnn.presets import nuclei_config
 from maskrcnn.data.normalize import Normalizer
 from maskrcnn.data.synthetic import write_synthetic_dataset
-from maskrcnn.model import MaskRCNN
-from maskrcnn.signals import STOP_SIGNALS, StopSignals
+from maskrcnn.modeling.model import MaskRCNN
+from maskrcnn.runtime.signals import STOP_SIGNALS, StopSignals
 from maskrcnn.train import HookBase, TrainOptions, Trainer
 
 from cli_helpers import cli
@@ -321,7 +321,7 @@ SLOW_LAST_SAVE = textwrap.dedent("""
             time.sleep(60)
         after_train(self)
     hooks.Checkpointer.after_train = slow_after_train
-    from maskrcnn.cli import main
+    from maskrcnn.cli.main import main
     sys.exit(main(sys.argv[1:]))
 """)
 
@@ -346,7 +346,7 @@ def test_a_second_ctrl_c_stops_train_at_once_with_the_previous_last_pt_whole(dat
     assert not (run / "run.lock").exists() and not list(run.glob(".*.tmp"))
 
 
-WORKER = "import sys; from maskrcnn.cli import main; sys.exit(main(sys.argv[1:]))"
+WORKER = "import sys; from maskrcnn.cli.main import main; sys.exit(main(sys.argv[1:]))"
 
 
 @pytest.mark.slow

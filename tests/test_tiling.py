@@ -6,10 +6,10 @@ import torch
 from torchvision.ops import roi_align
 
 from maskrcnn import Config
-from maskrcnn.mask.postprocess import assemble_result
+from maskrcnn.modeling.mask.postprocess import assemble_result
 from maskrcnn.structures import InstanceResult, ModelOutput
 from maskrcnn.structures import masks_to_boxes
-from maskrcnn.tiling import fitted_tile, predict_tiled, tile_cores, tile_starts
+from maskrcnn.prediction.tiling import fitted_tile, predict_tiled, tile_cores, tile_starts
 
 ID_SCALE = 1000.0  # the oracle's images carry instance ids as pixel values
 

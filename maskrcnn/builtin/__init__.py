@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from ..atomic import atomic_write_text
-from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ..modeling.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ..runtime.atomic import atomic_write_text
 
 FOLDER = Path(__file__).resolve().parent
 MAX_FILE_BYTES = 10 * 1024 * 1024  # a built-in model lives in git and in the wheel

@@ -2,7 +2,7 @@
 
 A :class:`RegionSource` is the contract between readers (``maskrcnn.data.lazy.open_regions`` for
 tiled/pyramidal TIFF and OME-Zarr; :class:`ArraySource` for an image already in memory) and the
-streaming prediction (``maskrcnn.large``):
+streaming prediction (``maskrcnn.prediction.large``):
 
 - ``shape``: (H, W) of the full-resolution plane;
 - ``channels``: 0 when :meth:`RegionSource.read` gives (h, w) regions, else C of (h, w, C), C <= 4;

@@ -1,5 +1,5 @@
 """Writing images and label images as PNG or TIFF, atomically: encoded in memory, then written
-through maskrcnn.atomic, so a file is whole or absent."""
+through maskrcnn.runtime.atomic, so a file is whole or absent."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from ..atomic import atomic_write_bytes
+from ..runtime.atomic import atomic_write_bytes
 from .io import TIFF_EXTENSIONS
 
 
@@ -55,7 +55,7 @@ def write_image(path: str | Path, image: np.ndarray) -> None:
 
 
 def _write_atomically(path: Path, write: Callable[[io.BytesIO], None]) -> None:
-    """Encode in memory, then write through maskrcnn.atomic: never a half-written file."""
+    """Encode in memory, then write through maskrcnn.runtime.atomic: never a half-written file."""
     buffer = io.BytesIO()
     write(buffer)
     atomic_write_bytes(path, buffer.getvalue())

@@ -19,8 +19,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from ..rle import rle_areas
 from .records import PredictionRecord, TruthRecord
+from .rle import rle_areas
 
 DEFAULT_MAX_DETS = 3000  # matches Config.rcnn_test_max_detections
 COCO_IOU_TYPES = {"box": "bbox", "mask": "segm"}

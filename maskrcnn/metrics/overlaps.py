@@ -8,8 +8,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from ..errors import UserError
-from ..rle import RLE, Masks, as_rles, check_label_image, encode_label_image
 from .records import PredictionRecord, TruthRecord
+from .rle import RLE, Masks, as_rles, check_label_image, encode_label_image
 
 
 @dataclass(frozen=True, eq=False)

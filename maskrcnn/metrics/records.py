@@ -15,7 +15,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from ..errors import UserError
-from ..rle import RLE, Masks, as_rles, encode_label_image, encode_masks
+from .rle import RLE, Masks, as_rles, encode_label_image, encode_masks
 
 if TYPE_CHECKING:  # only for annotations: the metrics need neither the readers nor torch
     from ..data.datasets import Sample

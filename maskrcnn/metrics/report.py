@@ -14,8 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..atomic import atomic_write_text
 from ..errors import UserError
+from ..runtime.atomic import atomic_write_text
 from .coco import DEFAULT_MAX_DETS, CocoScores, coco_metrics
 from .matching import MatchStats, ThresholdRow, match_instances
 from .overlaps import image_overlaps

@@ -5,7 +5,7 @@ from __future__ import annotations
 from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QHBoxLayout, QLineEdit, QPushButton, QSpinBox, QWidget
 
 from ..builtin import builtin_names
-from ..tiling import TILE_OVERLAP
+from ..prediction.tiling import TILE_OVERLAP
 from ._core import AUTO_TILE, AUTO_TILE_ABOVE
 
 

@@ -20,10 +20,10 @@ import numpy as np
 
 from ..data.reader import InstanceReader, Sample
 from ..errors import UserError
-from ..outputs import TABLE_FIELDS, instance_table
-from ..predict import Predictor
+from ..outputs.files import TABLE_FIELDS, instance_table
+from ..prediction.predict import Predictor
+from ..prediction.tiling import TILE_OVERLAP, fitted_tile, tile_starts
 from ..structures import InstanceResult
-from ..tiling import TILE_OVERLAP, fitted_tile, tile_starts
 from ..train import HookBase
 
 AUTO_TILE_ABOVE = 2048  # images larger than this (either side) are segmented in tiles...
@@ -58,7 +58,7 @@ def load_predictor(spec: str, device: str = "auto", precision: str = "auto") -> 
 def can_fine_tune(spec: str) -> None:
     """Raise UserError when ``spec`` is a model that training cannot start from (an exported file)."""
     from ..builtin import is_builtin
-    from ..deploy import exported_kind
+    from ..export.deploy import exported_kind
 
     if not is_builtin(spec) and Path(spec).is_file() and exported_kind(spec):
         raise UserError(f"{spec}: an exported model runs inference only; fine-tune the checkpoint it was "
@@ -75,7 +75,7 @@ def auto_tile(shape: tuple[int, ...], tile: int = 0) -> int | None:
 
 
 def tile_count(shape: tuple[int, ...], tile: int | None, overlap: int) -> int:
-    """How many tiles ``maskrcnn.tiling.predict_tiled`` cuts an image of ``shape`` into."""
+    """How many tiles ``maskrcnn.prediction.tiling.predict_tiled`` cuts an image of ``shape`` into."""
     if not tile:
         return 1
     height, width = shape[:2]
@@ -205,11 +205,11 @@ def fine_tune(image: np.ndarray, labels: np.ndarray, init: str, out: str | Path,
     most ``minutes`` and/or ``iters`` steps, into run folder ``out``; returns the ``TrainResult``
     (its ``last`` is the fine-tuned checkpoint). No validation: every labelled pixel trains.
     ``lr`` None: ``train``'s rate for a pretrained start (FINETUNE_LR)."""
-    from ..checkpoint import load_checkpoint
     from ..builtin import resolve_weights
-    from ..distributed import DistContext
-    from ..runlock import run_lock
-    from ..train import TrainOptions, Trainer
+    from ..modeling.checkpoint import load_checkpoint
+    from ..runtime.distributed import DistContext
+    from ..runtime.runlock import run_lock
+    from ..train import Trainer, TrainOptions
 
     can_fine_tune(init)
     if not minutes and not iters:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QHeaderView, QTableWidget, QTableWidgetItem
 
-from ..outputs import TABLE_FIELDS
+from ..outputs.files import TABLE_FIELDS
 
 MAX_TABLE_ROWS = 5000  # rows shown in the dock; the layer's features and a saved CSV hold all of them
 

@@ -18,12 +18,13 @@ from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBo
                             QPushButton, QVBoxLayout, QWidget)
 
 from ..errors import UserError
-from ..outputs import TABLE_FIELDS, write_csv
+from ..outputs.files import TABLE_FIELDS, write_csv
 from . import _controls as controls
-from ._layers import is_kind, shown_plane
-from ._table import InstanceTable
 from ._core import (Cancelled, auto_tile, can_fine_tune, features_table, fine_tune, load_predictor, new_run_dir,
                     segment_array)
+from ._layers import is_kind, shown_plane
+from ._table import InstanceTable
+
 
 class _Signals(QObject):
     progress = Signal(int, str)  # percent (-1: unknown), text

@@ -22,7 +22,7 @@ Each step's samples are read by a ``BatchLoader`` (loading.py): in this process,
 cannot be read stops the run with its one-line error, or with --skip-bad is left out of its batch
 (``usable``); a batch left with no sample is skipped like a non-finite step, but counts as none.
 
-``train()`` is the whole run: it holds the run directory's lock (maskrcnn/runlock.py) and, until
+``train()`` is the whole run: it holds the run directory's lock (maskrcnn/runtime/runlock.py) and, until
 the loop starts, lets these signals stop it at once, so that the lock is released.
 """
 
@@ -35,18 +35,17 @@ from pathlib import Path
 
 import torch
 
-from ..distributed import DistContext, epoch_batches, resolve_device
 from ..errors import DataError, UserError
-from ..runlock import run_lock
-from ..signals import StopSignals
-from .init import initialise, load_init, with_init_layout
+from ..runtime.distributed import DistContext, epoch_batches, resolve_device
+from ..runtime.runlock import run_lock
+from ..runtime.signals import StopSignals
 from .hooks import Checkpointer, HookBase, MetricsLog, ProgressBar, SkipNonFinite, TimeBudget, Validation
-from .loading import Batch, BatchLoader, BadSample
+from .init import initialise, load_init, with_init_layout
+from .loading import BadSample, Batch, BatchLoader
 from .schedule import learning_rate, time_budget
-from .setup import (SKIP_BAD_HINT, TrainOptions, append_listing, build_data, build_model, build_optimizer,
-                    build_scaler, prepare_run_dir, warn_if_slow_amp)
-from .signals import SignalStop
-
+from .setup import (SKIP_BAD_HINT, TrainOptions, append_listing, build_data, build_model, build_optimizer, build_scaler,
+                    prepare_run_dir, warn_if_slow_amp)
+from .signal_hook import SignalStop
 
 # Epochs shorter than this many steps: DataLoader workers, started anew each epoch, cost more than they save
 WORKER_MIN_EPOCH_STEPS = 20

@@ -15,30 +15,27 @@ import math
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
-from ..atomic import atomic_write_text
-from ..checkpoint import Checkpoint, get_rng_states, load_checkpoint, save_checkpoint, set_rng_states
 from ..data.normalize import Normalizer
 from ..errors import UserError
-from ..evaluate import evaluate_model
-from ..plots import plot_training_curves
+from ..modeling.checkpoint import Checkpoint, get_rng_states, load_checkpoint, save_checkpoint, set_rng_states
+from ..outputs.plots import plot_training_curves
+from ..prediction.evaluate import evaluate_model
+from ..runtime.atomic import atomic_write_text
 from .setup import build_model, build_optimizer, checked
-
-if TYPE_CHECKING:
-    from .engine import Trainer
+from .state import TrainerState
 
 MAX_BAD_STEPS = 5  # non-finite losses or gradients in a row before the run is aborted
 
 
 class HookBase:
     """Does nothing at every point; a hook overrides the points it needs. ``trainer`` is set
-    when the hook is registered (``Trainer.register``)."""
+    when the hook is registered (``Trainer.register``); hooks see it as a ``TrainerState``."""
 
-    trainer: Trainer
+    trainer: TrainerState
 
     def before_train(self) -> None:
         """Once, before the first step."""

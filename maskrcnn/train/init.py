@@ -14,10 +14,10 @@ from dataclasses import replace
 import torch
 
 from ..builtin import resolve_weights
-from ..checkpoint import Checkpoint, load_checkpoint
 from ..config import Config
 from ..data.normalize import Normalizer
 from ..errors import UserError
+from ..modeling.checkpoint import Checkpoint, load_checkpoint
 from .setup import TrainOptions
 
 # weights whose shape depends on the number of classes

@@ -10,7 +10,7 @@ With workers, ``torch.utils.data.DataLoader`` runs over a :class:`EpochBatchSamp
 batches from a position on), with a new iterator, and so new workers, per epoch: the dataset's
 epoch is set before the iterator is made, so the workers see it. The workers ignore SIGINT,
 SIGTERM and SIGUSR1: Ctrl-C reaches the whole process group, and the training process alone
-decides how to stop (maskrcnn/signals.py), then ends its workers.
+decides how to stop (maskrcnn/runtime/signals.py), then ends its workers.
 
 A sample that cannot be read does not raise in a worker (DataLoader would turn the error into
 another one): :class:`SampleOrBad` gives a :class:`BadSample` in its place, and the training
@@ -35,7 +35,7 @@ from ..data.reader import InstanceReader
 from ..data.torch_dataset import InstanceDataset, collate
 from ..data.views import RegionReader
 from ..errors import DataError
-from ..signals import STOP_SIGNALS
+from ..runtime.signals import STOP_SIGNALS
 from ..structures import Target
 
 

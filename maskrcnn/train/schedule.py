@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 
-from ..distributed import DistContext
+from ..runtime.distributed import DistContext
 
 # The cosine decays to this fraction of the base rate, not to zero: the last steps still learn.
 LR_FLOOR = 0.05

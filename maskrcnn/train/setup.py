@@ -16,19 +16,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..atomic import atomic_write_text, remove_stale_temporaries
-from ..config import Config, nuclei_config
+from ..config import Config
 from ..data.augment import Augment
 from ..data.datasets import InstanceReader, open_dataset
-from ..data.torch_dataset import InstanceDataset, split_train_val
 from ..data.normalize import Normalizer
 from ..data.planes import Planes
+from ..data.torch_dataset import InstanceDataset, split_train_val
 from ..data.views import RegionReader, SubsetReader
-from ..distributed import DistContext, cpu_has_fast_bfloat16
 from ..errors import DataError, UserError
-from ..model import MaskRCNN
+from ..modeling.model import MaskRCNN
+from ..presets import nuclei_config
+from ..runtime.atomic import atomic_write_text, remove_stale_temporaries
+from ..runtime.distributed import DistContext, cpu_has_fast_bfloat16
 from .loading import listed_names
-
 
 # Read and normalised training samples kept in memory (per process): a few images' worth of
 # masks, so a fine-tuning run on a handful of images decodes each of them once

@@ -1,0 +1,187 @@
+"""What each ``maskrcnn`` subcommand does with its parsed flags (the parser is in cli.py).
+
+Each ``cmd_*`` calls library functions and returns the exit code; a user error raises
+``UserError``, which cli.main prints as one line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from ..errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_STOPPED = 75  # stopped early by a signal, cleanly: train --resume / predict --skip-existing continue
+SUMMARY_KEYS = ("mask_ap", "mask_ap50", "mask_ap75", "box_ap50", "dsb_score")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..config import Config
+    from ..presets import builtin_config
+    from ..runtime.distributed import DistContext
+    from ..train import TrainOptions, train
+
+    init = _train_init(args)
+    cfg = Config.from_yaml(args.config) if args.config else None
+    if cfg is None and not init:
+        cfg = builtin_config()  # the built-in model's layout, from scratch
+    if args.backbone:
+        cfg = (cfg or builtin_config()).replace(backbone=args.backbone)
+    dist = DistContext.from_environment(args.device)
+    opts = TrainOptions(
+        data=args.data, out=args.out, format=args.format, val=args.val, config=cfg, iters=args.iters,
+        epochs=args.epochs, max_minutes=args.max_minutes, batch_size=args.batch_size, lr=args.lr,
+        crop=args.crop, val_every=args.val_every, checkpoint_every=args.checkpoint_every, device=args.device,
+        seed=args.seed, resume=args.resume, skip_bad=args.skip_bad, progress=not args.no_progress,
+        sync_bn=args.sync_bn, amp=args.amp, image_dir=args.images, init=init, check_data=args.check_data,
+        workers=args.workers, planes=_planes(args))
+    try:
+        result = train(opts, dist, command="maskrcnn " + shlex.join(args.argv))
+    finally:
+        dist.close()
+    if result.interrupted:
+        if dist.is_main:
+            print(f"maskrcnn: stopped by {result.stopped_by} at step {result.steps}; last.pt written to "
+                  f"{result.last}; continue with: {_resume_command(args.argv, dist.active)}", file=sys.stderr)
+        return EXIT_STOPPED
+    if dist.is_main:
+        metrics = ", ".join(f"{k} {v:.3f}" for k, v in result.final_metrics.items() if k in SUMMARY_KEYS)
+        print(f"trained {result.steps} steps (stopped by {result.stopped_by}); {metrics}")
+        print(f"checkpoints: {result.last}" + (f", {result.best}" if result.best else ""))
+    return 0
+
+
+def _train_init(args: argparse.Namespace) -> str | None:
+    """What --init resolves to: a name or file, None for 'none'. Unset, one-class data with no model
+    flags starts from the built-in nuclei model (the best start we know); anything else from scratch."""
+    from ..builtin import builtin_names
+    from ..data.datasets import open_dataset
+
+    if args.init is not None:
+        return None if args.init == "none" else args.init
+    if args.resume or args.config or args.backbone or "nuclei" not in builtin_names():
+        return None
+    classes = open_dataset(args.data, args.format, image_dir=args.images, skip_bad=args.skip_bad).class_names
+    if len(classes) != 2:
+        return None
+    print("maskrcnn: starting from the built-in nuclei model (--init none trains from scratch)", file=sys.stderr)
+    return "nuclei"
+
+
+def _resume_command(argv: list[str], distributed: bool) -> str:
+    """The command that continues a stopped run: this one with --resume."""
+    command = shlex.join(argv + ([] if "--resume" in argv else ["--resume"]))
+    return f"torchrun [its options] -m maskrcnn {command}" if distributed else f"maskrcnn {command}"
+
+
+def _planes(args: argparse.Namespace):
+    """The plane of multi-dimensional images chosen by --channel, --z and --t (ConfigError if bad)."""
+    from ..data.planes import Planes
+
+    return Planes.from_text(args.channel, args.z, args.t)
+
+
+def _check_tiling(args: argparse.Namespace) -> None:
+    if args.tile and not 0 <= args.overlap < args.tile:
+        raise UserError(f"--overlap must be in [0, --tile), got {args.overlap} for --tile {args.tile}")
+
+
+def _predictor(args: argparse.Namespace):
+    """The model of --weights with the run's precision, scale (--scale or --diameter) and --tta."""
+    from ..builtin import card, is_builtin
+    from ..prediction.predict import Predictor
+
+    _check_tiling(args)
+    predictor = Predictor.from_weights(args.weights, args.device, args.precision)
+    predictor.tta = args.tta
+    predictor.scale = args.scale or 1.0
+    predictor.max_memory = args.max_memory or predictor.max_memory  # unset: $MASKRCNN_MAX_MEMORY or 2 GB
+    if args.diameter:
+        trained = card(args.weights).get("diameter_px") if is_builtin(args.weights) else None
+        if trained is None:
+            raise UserError(f"{args.weights}: this model does not state the nucleus diameter it was trained "
+                            "on; use --scale (e.g. 0.5 to halve the image) instead of --diameter")
+        predictor.scale = trained / args.diameter
+    return predictor
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ..prediction.predict import predict_files
+
+    predictor = _predictor(args)
+    run = predict_files(predictor, args.inputs, args.out, tile=args.tile, overlap=args.overlap,
+                        kaggle=args.kaggle, progress=not args.no_progress, skip_existing=args.skip_existing,
+                        rois=args.rois, geojson=args.geojson, planes=_planes(args))
+    for path, why in run.failed:
+        print(f"maskrcnn: skipped {path}: {why}", file=sys.stderr)
+    if run.stopped_by:
+        print(f"maskrcnn: stopped by {run.stopped_by} after {run.done} of {run.total} images (their outputs are "
+              f"complete; {run.images_json} lists them); rerun with --skip-existing to continue", file=sys.stderr)
+        return EXIT_STOPPED
+    kept = f", {len(run.skipped)} skipped (outputs already there)" if run.skipped else ""
+    print(f"{len(run.written)} image(s) segmented{kept}; outputs in {Path(args.out)}/ "
+          f"(overlays: *_overlay.png, COCO results: {run.coco_json.name})")
+    return EXIT_USER_ERROR if run.failed else 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..data.datasets import open_dataset
+    from ..prediction.evaluate import evaluate_model
+
+    predictor = _predictor(args)
+    reader = open_dataset(args.data, args.format, image_dir=args.images, planes=_planes(args))
+    report = evaluate_model(predictor.model, predictor.normalizer, reader, device=predictor.device,
+                            progress=not args.no_progress, tile=args.tile, overlap=args.overlap,
+                            precision=predictor.precision, scale=predictor.scale, tta=predictor.tta,
+                            max_memory=predictor.max_memory)
+    print(report.format_table())
+    if args.out:
+        report.to_json(args.out)
+        print(f"report written to {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..builtin import resolve_weights
+    from ..export.graph import export_checkpoint
+
+    out = export_checkpoint(resolve_weights(args.weights), args.format, args.out, size=args.size)
+    print(f"exported {args.weights} as {args.format} to {out}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from ..builtin import builtin_names, format_card
+
+    names = builtin_names()
+    if not names:
+        print("no built-in models in this installation")
+    for name in names:
+        print(format_card(name))
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from ..train.pretrain import PretrainOptions, pretrain, score_builtin_run, write_builtin
+
+    opts = PretrainOptions(out=args.out, steps=args.steps, minutes=args.minutes, real=args.real,
+                           real_share=args.real_share, seed=args.seed, device=args.device,
+                           workers=args.workers, progress=not args.no_progress)
+    last = pretrain(opts)
+    print(f"pretraining checkpoint: {last} (run the same command again to continue)")
+    if args.publish:
+        scores = score_builtin_run(last, opts)
+        target = write_builtin(args.out, scores, opts)
+        print(f"built-in model written: {target} ({target.stat().st_size / 2**20:.1f} MB); "
+              f"scores: {scores or 'none (no --real sample to score on)'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), minutes=args.minutes, seed=args.seed, device=args.device)
+    return 0

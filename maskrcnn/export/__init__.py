@@ -1,0 +1,1 @@
+"""Export to TorchScript and ONNX, and running the exported files through the same post-processing."""

@@ -1,0 +1,1 @@
+"""The network: backbone + FPN, the RPN, RCNN and mask stages, their shared box primitives, checkpoints."""

@@ -1,0 +1,277 @@
+"""Prediction: a trained model on image files (``maskrcnn predict``).
+
+``Predictor`` pairs a model (checkpoint or exported file) with the normalisation it was trained
+with; ``predict_files`` runs it over files, folders and glob patterns and writes what
+``outputs`` describes for each image and for the run.
+
+SIGINT, SIGTERM or SIGUSR1 during ``predict_files`` let the image in progress finish (a streamed
+image is abandoned at its next tile instead, leaving no file of it); the run then ends early
+(``PredictRun.stopped_by``) with the run's files written for the images done, and
+``skip_existing`` continues it (maskrcnn/runtime/signals.py).
+
+Memory: ``Predictor.max_memory`` bounds the process; each image is processed whole, in tiles, or
+(when even its whole-image outputs would not fit) streamed tile by tile to disk by maskrcnn.prediction.large,
+as maskrcnn.runtime.memory decides. ``tile`` forces the tile size.
+"""
+
+from __future__ import annotations
+
+import glob
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..builtin import is_builtin, resolve_weights
+from ..data.io import IMAGE_EXTENSIONS, read_image, read_image_size
+from ..data.lazy import is_lazy_candidate, open_regions
+from ..data.normalize import Normalizer
+from ..data.planes import Planes
+from ..data.regions import RegionSource
+from ..errors import DataError, UserError
+from ..metrics import PredictionRecord
+from ..modeling.checkpoint import load_checkpoint
+from ..modeling.model import MaskRCNN, for_inference
+from ..outputs.files import (IMAGES_JSON, PredictionFiles, RunOutputs, existing_prediction, read_prediction,
+                             write_prediction)
+from ..runtime.atomic import remove_stale_temporaries
+from ..runtime.distributed import resolve_device
+from ..runtime.memory import Plan, default_max_memory, plan_inference
+from ..runtime.precision import autocast_dtype
+from ..runtime.signals import StopSignals
+from ..structures import Detector, InstanceResult
+from .large import StreamStopped, predict_streamed, region_source, streamed_shape
+from .segment import segment
+from .tiling import TILE_OVERLAP
+
+
+@dataclass
+class Predictor:
+    """A model ready for inference with the normalisation it was trained with."""
+
+    model: Detector
+    normalizer: Normalizer
+    device: torch.device
+    precision: str = "fp32"  # see maskrcnn.runtime.precision; exported models always run float32
+    scale: float = 1.0  # images are resized by this factor before the model sees them (maskrcnn.prediction.segment)
+    tta: bool = False  # test-time augmentation: the 8 flips and quarter turns, merged by the mask NMS
+    # bytes the whole process may use: picks whole, tiled or streamed (default $MASKRCNN_MAX_MEMORY or 2 GB)
+    max_memory: int = field(default_factory=default_max_memory)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", precision: str = "auto") -> "Predictor":
+        """A training checkpoint, rewritten for inference (``model.for_inference``)."""
+        target = resolve_device(device)
+        autocast_dtype(precision, target)  # an unknown name fails before the load
+        ckpt = load_checkpoint(resolve_weights(path), map_location=target)
+        # every weight is in the checkpoint: the ImageNet file training started from is not needed here
+        model = MaskRCNN(ckpt.config.replace(backbone_weights=None))
+        model.load_state_dict(ckpt.model_state)
+        return cls(for_inference(model.to(target)), Normalizer.from_dict(ckpt.normalizer), target, precision)
+
+    @classmethod
+    def from_weights(cls, path: str | Path, device: str = "auto", precision: str = "auto") -> "Predictor":
+        """A built-in model's name, a checkpoint, or a file from ``maskrcnn export``: .onnx through
+        onnxruntime, a TorchScript .pt through torch.jit (both on the CPU in float32, same results
+        and outputs as the checkpoint at ``precision="fp32"``)."""
+        if is_builtin(path):
+            return cls.from_checkpoint(path, device, precision)
+        from ..export.deploy import exported_kind, load_exported
+
+        if exported_kind(path):
+            if precision not in ("auto", "fp32"):
+                raise UserError(f"{path}: exported models run in float32; use --precision fp32 (or auto)")
+            model, normalizer = load_exported(path, device)
+            return cls(model, normalizer, torch.device("cpu"), "fp32")
+        return cls.from_checkpoint(path, device, precision)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.model.cfg.class_names
+
+    def __call__(self, image: np.ndarray, tile: int | None = None, overlap: int = TILE_OVERLAP) -> InstanceResult:
+        """A raw image (H, W) or (H, W, C) of any dtype -> its instances, on the CPU."""
+        return self.predict_normalized(self.normalizer(image), tile, overlap)
+
+    def predict_normalized(self, image: torch.Tensor, tile: int | None = None, overlap: int = TILE_OVERLAP) -> InstanceResult:
+        """A normalised (C, H, W) float image -> its instances, on the CPU; tiled with ``tile``, or
+        when ``max_memory`` cannot hold the model on the whole image (tile size from maskrcnn.runtime.memory)."""
+        tile = tile or self.plan(tuple(image.shape[-2:]), None, overlap, in_memory=True).tile
+        return self.predict_planned(image, tile, overlap)
+
+    def predict_planned(self, image: torch.Tensor, tile: int | None, overlap: int = TILE_OVERLAP) -> InstanceResult:
+        """A normalised (C, H, W) image as planned already: whole when ``tile`` is None, else tiled."""
+        return segment(self.model, image, self.device, tile, overlap, self.precision, self.scale, self.tta)
+
+    def plan(self, shape: tuple[int, int], tile: int | None = None, overlap: int = TILE_OVERLAP,
+             in_memory: bool = False) -> Plan:
+        """Whole, tiled or streamed for an image of ``shape`` (H, W) under ``max_memory``
+        (maskrcnn.runtime.memory.plan_inference); ``in_memory``: never streamed."""
+        return plan_inference(self.model.cfg, shape, self.max_memory, scale=self.scale, overlap=overlap, tile=tile,
+                              in_memory=in_memory)
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files, folders (their images, sorted), zarr folders (one image each) and glob patterns -> image
+    paths, in order, no repeats."""
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir() and is_lazy_candidate(path):  # an OME-Zarr / zarr folder is one image
+            paths.append(path)
+        elif path.is_dir():
+            paths += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        elif path.exists():
+            paths.append(path)
+        else:
+            matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
+            if not matches:
+                raise UserError(f"{item}: no such file, folder or matching pattern")
+            paths += [p for p in matches if p.is_file()]
+    return list(dict.fromkeys(paths))
+
+
+@dataclass
+class PredictRun:
+    """What ``predict_files`` did: the files of each image written, the images that failed and
+    why, the run's COCO results and (with kaggle) submission files; the images kept from an
+    earlier run (``skip_existing``), and when a signal stopped it, which and after how many."""
+
+    written: list[PredictionFiles]
+    failed: list[tuple[Path, str]]
+    coco_json: Path
+    kaggle_csv: Path | None
+    skipped: list[Path] = field(default_factory=list)
+    stopped_by: str | None = None  # the signal's name when one ended the run before its last image
+    done: int = 0  # images handled (written, failed or skipped): the first ``done`` of the inputs
+    total: int = 0
+
+    @property
+    def images_json(self) -> Path:
+        return self.coco_json.with_name(IMAGES_JSON)
+
+
+def predict_files(predictor: Predictor, inputs: list[str], out_dir: str | Path, *, tile: int | None = None,
+                  overlap: int = TILE_OVERLAP, kaggle: bool = False, progress: bool = True,
+                  skip_existing: bool = False, rois: bool = False, geojson: bool = False,
+                  planes: Planes | None = None) -> PredictRun:
+    """Predict every input image; a bad image is reported and skipped, the others still processed.
+    ``rois`` / ``geojson``: also write each image's instance outlines as an ImageJ ROI zip / a QuPath
+    GeoJSON (see outputs_outlines). ``skip_existing``: keep the outputs of images that have all
+    their files already, those two included when asked for (see outputs). ``planes``: the channel,
+    z-slice (or projection) and time point of multi-dimensional images (maskrcnn.data.planes)."""
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)  # left by a run killed while writing
+    paths = expand_inputs(inputs)
+    if not paths:
+        raise UserError(f"no images found in {' '.join(inputs)}")
+    _check_unique_stems(paths)
+    run, written, skipped = RunOutputs(out, kaggle), [], []
+    stopped_by, done = None, 0
+    with StopSignals(graceful=True, unit="image") as signals:
+        for image_id, path in enumerate(tqdm(paths, desc="predict", unit="img", disable=not progress), start=1):
+            kept = _kept_prediction(out, path, predictor.class_names, rois, geojson) if skip_existing else None
+            if isinstance(kept, tuple):
+                run.add_streamed(image_id, path, kept)
+                skipped.append(path)
+            elif kept is not None:
+                run.add_record(image_id, path, kept)
+                skipped.append(path)
+            else:
+                try:
+                    files = _predict_one(predictor, run, image_id, path, tile, overlap, rois, geojson, planes,
+                                         signals, progress)
+                except StreamStopped:  # a signal stopped a streamed image between tiles: none of its files
+                    stopped_by = signals.received
+                    break
+                written += [files] if files else []
+            done = image_id
+            if signals.received and done < len(paths):  # after the last image the run is whole anyway
+                stopped_by = signals.received
+                break
+    coco_json, kaggle_csv = run.write()  # for the images done: images.json lists them
+    return PredictRun(written, run.failed, coco_json, kaggle_csv, skipped, stopped_by, done, len(paths))
+
+
+def _predict_one(predictor: Predictor, run: RunOutputs, image_id: int, path: Path, tile: int | None,
+                 overlap: int, rois: bool, geojson: bool, planes: Planes | None = None,
+                 signals: StopSignals | None = None, progress: bool = False) -> PredictionFiles | None:
+    """Predict one image, write its files and add it to the run; None when it cannot be read.
+
+    An image whose outputs do not fit ``predictor.max_memory`` is streamed (maskrcnn.prediction.large):
+    StreamStopped when ``signals`` receives a stop before its last tile. A zarr folder is opened
+    once, for its size and then its pixels; a file's size comes from its header."""
+    folder = None
+    try:
+        folder = open_regions(path, planes) if path.is_dir() else None
+        plan = predictor.plan(folder.shape if folder else read_image_size(path, planes), tile, overlap)
+        if plan.mode == "stream":
+            skipped = [name for name, asked in (("ROIs", rois), ("GeoJSON", geojson), ("Kaggle rows", run.kaggle),
+                                                ("COCO records", True)) if asked]
+            warnings.warn(f"{path}: larger than --max-memory allows in memory: streamed in tiles of {plan.tile} to "
+                          f"{path.stem}_labels.tif (tiled BigTIFF), without {', '.join(skipped)}")
+            return _predict_streamed(predictor, run, image_id, path, plan.tile, overlap, planes, signals, progress,
+                                     folder)
+        image = folder.read(0, folder.shape[0], 0, folder.shape[1]) if folder else read_image(path, planes)
+        normalized = predictor.normalizer(image)
+        result = predictor.predict_planned(normalized, plan.tile, overlap)
+    except DataError as err:
+        run.failed.append((path, err.problem))
+        return None
+    finally:
+        getattr(folder, "close", lambda: None)()
+    files = write_prediction(run.out_dir, path.stem, image, normalized, result, predictor.class_names,
+                             rois=rois, geojson=geojson)
+    run.add(image_id, path, image.shape[:2], result)
+    return files
+
+
+def _predict_streamed(predictor: Predictor, run: RunOutputs, image_id: int, path: Path, tile: int, overlap: int,
+                      planes: Planes | None, signals: StopSignals | None, progress: bool,
+                      source: RegionSource | None = None) -> PredictionFiles:
+    """Stream one image tile by tile and write its files (see maskrcnn.prediction.large): from ``source`` when
+    it is open already, else read lazily when maskrcnn.data.lazy can (a TIFF or zarr, with the
+    ``slides`` extra installed) or decoded whole. The caller closes a ``source`` it gave."""
+    from tqdm import tqdm
+
+    opened = source is None
+    source = region_source(path, planes) if opened else source
+    bar = tqdm(desc=f"{path.name} tiles", unit="tile", leave=False, disable=not progress)
+    try:
+        def advance(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        stop = (lambda: signals.received is not None) if signals is not None else None
+        done = predict_streamed(predictor, source, run.out_dir, path.stem, tile, overlap, should_stop=stop,
+                                progress=advance)
+    finally:
+        bar.close()
+        if opened:
+            getattr(source, "close", lambda: None)()
+    run.add_streamed(image_id, path, done.shape)
+    return PredictionFiles(done.label_image, done.overlay, done.table)
+
+
+def _kept_prediction(out: Path, path: Path, class_names: list[str], rois: bool,
+                     geojson: bool) -> PredictionRecord | tuple[int, int] | None:
+    """The prediction of ``path`` an earlier run left in ``out`` (with the outline files asked for),
+    or None to predict it (again); for a streamed image (maskrcnn.prediction.large) its (H, W)."""
+    files = existing_prediction(out, path.stem, rois=rois, geojson=geojson)
+    if files is not None and streamed_shape(files.label_image) is not None:
+        return None if rois or geojson else streamed_shape(files.label_image)  # not read: slide-sized
+    return read_prediction(files, class_names) if files else None
+
+
+def _check_unique_stems(paths: list[Path]) -> None:
+    """Outputs are named by stem: two inputs with one stem would overwrite each other's files."""
+    by_stem: dict[str, Path] = {}
+    for path in paths:
+        if by_stem.setdefault(path.stem, path) != path:
+            raise UserError(f"{path}: same name as {by_stem[path.stem]}; their outputs "
+                            f"({path.stem}_labels.png, ...) would overwrite each other")
