@@ -21,20 +21,11 @@ Modules, in the order the data flows: ``records`` (one image's truth or predicti
 them), ``coco`` (COCO records and COCOeval), ``report`` (``evaluate`` and its tables and JSON).
 """
 
+from .coco import (COCO_IOU_TYPES, DEFAULT_MAX_DETS, CocoScores, SparseCOCOeval, coco_metrics,
+                   detection_records)
 # The COCO-object builders and the print silencer, for tests that run pycocotools' own COCOeval on
 # exactly what coco_metrics feeds SparseCOCOeval.
-from .coco import (  # noqa: F401
-                   COCO_IOU_TYPES,
-                   DEFAULT_MAX_DETS,
-                   CocoScores,
-                   SparseCOCOeval,
-                   _coco,
-                   _detection_annotations,
-                   _quiet,
-                   _truth_annotations,
-                   coco_metrics,
-                   detection_records,
-)
+from .coco import _coco, _detection_annotations, _quiet, _truth_annotations  # noqa: F401
 from .matching import IOU_THRESHOLDS, MatchStats, ThresholdRow, match_instances
 from .overlaps import Overlaps, image_overlaps, label_overlaps, mask_overlaps
 from .records import PredictionRecord, TruthRecord, prediction_record, truth_record
