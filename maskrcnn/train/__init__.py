@@ -6,7 +6,7 @@ run resumed from ``last.pt`` continues exactly as if it had never stopped.
 
 - :mod:`.engine`: ``Trainer``, the loop (``run``, ``train_step``) that calls the hooks
 - :mod:`.hooks`: time budget, non-finite steps, progress, metrics log, validation, checkpoints
-- :mod:`.signals`: ``SignalStop``, the hook that ends a run cleanly on SIGINT, SIGTERM, SIGUSR1
+- :mod:`.signal_hook`: ``SignalStop``, the hook that ends a run cleanly on SIGINT, SIGTERM, SIGUSR1
 - :mod:`.setup`: ``TrainOptions``, data checks and splits, building the model and optimizer
 - :mod:`.loading`: ``BatchLoader``, each step's samples, read inline or by DataLoader workers
 - :mod:`.schedule`: the learning rate (warm-up, cosine decay) and the time budget's length
