@@ -114,6 +114,37 @@ def test_cli_predict_evaluate_export_and_models_take_the_name(tmp_path, capsys):
     assert code == 0 and out.startswith("nuclei: ")
 
 
+@pytest.mark.slow
+def test_predict_estimates_each_images_diameter_unless_given(tmp_path, capsys):
+    """--diameter auto (the default) sizes each image on its own: the same scene drawn twice as
+    large is estimated twice as large and resized to the model's size (the scene's own nuclei are
+    near it: left as they are); images.json and the summary line say so. --diameter D and --scale F
+    override it."""
+    image, labels = nuclei_image()
+    write_image(tmp_path / "in" / "plain.png", image)
+    write_image(tmp_path / "in" / "large.png", np.kron(image, np.ones((2, 2), image.dtype)))
+    code, out, err = cli(capsys, "predict", tmp_path / "in", "--weights", "nuclei", "--out", tmp_path / "auto",
+                         "--device", "cpu", "--no-progress")
+    assert code == 0, err
+    meta = {Path(m["file_name"]).stem: m for m in json.loads((tmp_path / "auto" / "images.json").read_text())}
+    plain, large = meta["plain"], meta["large"]
+    assert plain["diameter_from"] == large["diameter_from"] == "objects"
+    assert large["diameter"] / plain["diameter"] == pytest.approx(2.0, rel=0.1)
+    assert plain["scale"] == 1.0
+    assert large["scale"] == pytest.approx(card("nuclei")["diameter_px"] / large["diameter"], rel=1e-3)
+    assert large["scale"] == pytest.approx(0.5, rel=0.15)
+    assert "nucleus diameter estimated per image (--diameter auto)" in out
+    for name in ("plain", "large"):  # the model finds the nuclei at either size
+        assert read_label_image(tmp_path / "auto" / f"{name}_labels.png").max() > 0.8 * labels.max()
+
+    for flags, scale in ((["--diameter", "40"], card("nuclei")["diameter_px"] / 40), (["--scale", "0.7"], 0.7)):
+        code, _, err = cli(capsys, "predict", tmp_path / "in" / "plain.png", "--weights", "nuclei", "--out",
+                           tmp_path / "given", "--device", "cpu", "--no-progress", *flags)
+        assert code == 0, err
+        (entry,) = json.loads((tmp_path / "given" / "images.json").read_text())
+        assert (entry["scale"], entry["diameter_from"]) == (pytest.approx(scale, abs=1e-4), "given")
+
+
 def test_diameter_needs_a_model_that_states_its_size(tmp_path, capsys):
     cfg = nuclei_config(**TINY_RUN)
     save_checkpoint(tmp_path / "m.pt", Checkpoint(cfg, MaskRCNN(cfg).state_dict(), Normalizer().to_dict()))

@@ -4,6 +4,7 @@ prediction's equivalence with predict_tiled, its bounded memory, its outputs and
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -25,6 +26,7 @@ from maskrcnn.config import Config
 from maskrcnn.data.normalize import Normalizer
 from maskrcnn.data.regions import ArraySource, sample_step
 from maskrcnn.errors import UserError
+from maskrcnn.prediction.diameter import AutoScale
 from maskrcnn.prediction.labelstore import LabelStore
 from maskrcnn.prediction.large import paint_tile, predict_streamed
 from maskrcnn.runtime.memory import Plan, feature_units, parse_memory, plan_inference
@@ -351,3 +353,29 @@ def test_default_budget_comes_from_the_environment(monkeypatch):
         default_max_memory()
     # an image no larger than the smallest tile is segmented whole whatever the budget: tiles cannot help
     assert plan_inference(builtin_config(), (200, 256), 1, resident=0).mode == "whole"
+
+
+def test_a_streamed_image_is_sized_by_its_central_window(tmp_path, monkeypatch):
+    """--diameter auto on a streamed image: one estimate from the central window (normalised as the
+    tiles are), every tile segmented at its scale, and images.json records it."""
+    image = tmp_path / "discs.tif"
+    tifffile.imwrite(image, disc_image())
+    predictor = dataclasses.replace(oracle_predictor(), scale=AutoScale(trained_diameter=11.0))
+    monkeypatch.setattr(Predictor, "plan", lambda self, *a, **k: Plan("stream", 128))
+    scales = []
+    planned = Predictor.predict_planned
+
+    def spy(self, crop, tile, overlap=48, scale=None):
+        scales.append(scale)
+        return planned(self, crop, tile, overlap, 1.0)  # the oracle reads ids off pixels: not resized
+
+    monkeypatch.setattr(Predictor, "predict_planned", spy)
+    run = predict_files(predictor, [str(image)], tmp_path / "o", overlap=48, progress=False)
+    assert len(run.written) == 1
+    window = predictor.normalizer(disc_image()[:400, :400])  # the whole image is the window here
+    expected = predictor.scale.choose(window)
+    assert expected.source == "objects" and expected.scale == pytest.approx(0.5, rel=0.1)  # discs of 20 px
+    assert len(scales) > 1 and set(scales) == {expected.scale}
+    (entry,) = json.loads((tmp_path / "o" / "images.json").read_text())
+    assert entry["streamed"] and entry["diameter_from"] == "objects"
+    assert entry["diameter"] == pytest.approx(expected.diameter, abs=0.01) and run.diameters == [entry["diameter"]]

@@ -44,6 +44,12 @@ def card(name: str) -> dict[str, Any]:
     return info
 
 
+def trained_diameter(spec: str | Path) -> float | None:
+    """The nucleus diameter in pixels that built-in model ``spec`` was trained for (its card's
+    ``diameter_px``: what ``--diameter auto`` resizes images to); None for any other weights."""
+    return card(spec).get("diameter_px") if is_builtin(spec) else None
+
+
 def format_card(name: str) -> str:
     """A built-in model's card as the lines ``maskrcnn models`` prints."""
     info = card(name)

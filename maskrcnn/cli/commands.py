@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import statistics
 import sys
 from pathlib import Path
 
@@ -91,16 +92,17 @@ def _check_tiling(args: argparse.Namespace) -> None:
 
 def _predictor(args: argparse.Namespace):
     """The model of --weights with the run's precision, scale (--scale or --diameter) and --tta."""
-    from ..builtin import card, is_builtin
+    from ..builtin import trained_diameter
     from ..prediction.predict import Predictor
 
     _check_tiling(args)
     predictor = Predictor.from_weights(args.weights, args.device, args.precision)
     predictor.tta = args.tta
-    predictor.scale = args.scale or 1.0
     predictor.max_memory = args.max_memory or predictor.max_memory  # unset: $MASKRCNN_MAX_MEMORY or 2 GB
-    if args.diameter:
-        trained = card(args.weights).get("diameter_px") if is_builtin(args.weights) else None
+    if args.scale:
+        predictor.scale = args.scale
+    elif args.diameter != "auto":  # auto: the predictor's own (AutoScale for a built-in model, else 1)
+        trained = trained_diameter(args.weights)
         if trained is None:
             raise UserError(f"{args.weights}: this model does not state the nucleus diameter it was trained "
                             "on; use --scale (e.g. 0.5 to halve the image) instead of --diameter")
@@ -124,6 +126,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     kept = f", {len(run.skipped)} skipped (outputs already there)" if run.skipped else ""
     print(f"{len(run.written)} image(s) segmented{kept}; outputs in {Path(args.out)}/ "
           f"(overlays: *_overlay.png, COCO results: {run.coco_json.name})")
+    if run.diameters:
+        low, high, mid = min(run.diameters), max(run.diameters), statistics.median(run.diameters)
+        print(f"nucleus diameter estimated per image (--diameter auto): {low:.0f}-{high:.0f} px, median {mid:.0f}; "
+              f"each image resized to the model's {predictor.scale.trained_diameter:g} px ({run.images_json.name})")
     return EXIT_USER_ERROR if run.failed else 0
 
 

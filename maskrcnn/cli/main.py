@@ -54,6 +54,11 @@ _count = _number(int, "a whole number >= 0", lambda v: v >= 0, ">= 0")
 _positive_float = _number(float, "a number > 0", lambda v: v > 0 and math.isfinite(v), "a finite number > 0")
 
 
+def _diameter(text: str) -> float | str:
+    """--diameter: ``auto`` or a number of pixels > 0."""
+    return "auto" if text == "auto" else _positive_float(text)
+
+
 def _memory(text: str) -> int:
     try:
         return parse_memory(text)
@@ -210,9 +215,10 @@ def _inference_flags(command: argparse.ArgumentParser) -> None:
     scale = command.add_mutually_exclusive_group()
     scale.add_argument("--scale", type=_positive_float,
                        help="resize images by this factor before segmenting (results are in the original size)")
-    scale.add_argument("--diameter", type=_positive_float,
+    scale.add_argument("--diameter", type=_diameter, default="auto", metavar="{auto,PIXELS}",
                        help="typical nucleus diameter in your images, in pixels: resizes them to the built-in "
-                            "model's scale (see maskrcnn models)")
+                            "model's scale (see maskrcnn models); auto (the default) estimates it per image "
+                            "from its bright objects and writes it to images.json")
     command.add_argument("--tta", action="store_true",
                          help="test-time augmentation: 8 flips and quarter turns, merged (8x the time)")
     command.add_argument("--max-memory", type=_memory, metavar="SIZE",

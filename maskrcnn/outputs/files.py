@@ -206,24 +206,27 @@ class RunOutputs:
     kaggle_table: list[dict] = field(default_factory=list)
     failed: list[tuple[Path, str]] = field(default_factory=list)
 
-    def add(self, image_id: int, path: Path, image_size: tuple[int, int], result: InstanceResult) -> None:
-        """Record one predicted image: its COCO records, its COCO image entry and its Kaggle rows."""
-        self.add_record(image_id, path, prediction_record(f"image {image_id}", result))
+    def add(self, image_id: int, path: Path, image_size: tuple[int, int], result: InstanceResult,
+            scaling: dict | None = None) -> None:
+        """Record one predicted image: its COCO records, its COCO image entry (with ``scaling``: the
+        scale it was segmented at and the nucleus diameter behind it) and its Kaggle rows."""
+        self.add_record(image_id, path, prediction_record(f"image {image_id}", result), scaling)
 
-    def add_record(self, image_id: int, path: Path, prediction: PredictionRecord) -> None:
+    def add_record(self, image_id: int, path: Path, prediction: PredictionRecord, scaling: dict | None = None) -> None:
         """:meth:`add` for a prediction record (e.g. one read back by :func:`read_prediction`)."""
         height, width = prediction.label_image.shape
         self.coco += record_coco(image_id, prediction)
-        self.images.append({"id": image_id, "file_name": str(path), "height": height, "width": width})
+        self.images.append({"id": image_id, "file_name": str(path), "height": height, "width": width,
+                            **(scaling or {})})
         if self.kaggle:
             self.kaggle_table += label_kaggle_rows(path.stem, prediction.label_image)
 
-    def add_streamed(self, image_id: int, path: Path, image_size: tuple[int, int]) -> None:
+    def add_streamed(self, image_id: int, path: Path, image_size: tuple[int, int], scaling: dict | None = None) -> None:
         """Record an image streamed by maskrcnn.prediction.large: its image entry (``"streamed": true``) only;
         it has no COCO records or Kaggle rows (see maskrcnn.prediction.large)."""
         height, width = image_size
         self.images.append({"id": image_id, "file_name": str(path), "height": height, "width": width,
-                            "streamed": True})
+                            "streamed": True, **(scaling or {})})
 
     def write(self) -> tuple[Path, Path | None]:
         """Write the run's files; returns the COCO results path and the submission path (None without kaggle)."""

@@ -11,6 +11,7 @@ from ..metrics import EvaluationReport, evaluate, prediction_record, truth_recor
 from ..runtime.distributed import DistContext
 from ..runtime.memory import plan_inference
 from ..structures import Detector
+from .diameter import AutoScale
 from .segment import segment
 from .tiling import TILE_OVERLAP
 
@@ -18,10 +19,11 @@ from .tiling import TILE_OVERLAP
 def evaluate_model(model: Detector, normalizer: Normalizer, reader: InstanceReader, *,
                    device: torch.device | str = "cpu", progress: bool = True, tile: int | None = None,
                    overlap: int = TILE_OVERLAP, dist: DistContext | None = None,
-                   precision: str = "fp32", scale: float = 1.0, tta: bool = False,
+                   precision: str = "fp32", scale: float | AutoScale = 1.0, tta: bool = False,
                    max_memory: int | None = None) -> EvaluationReport:
     """Predict every image of ``reader`` (at ``precision``, ``scale`` and with ``tta`` as in
-    ``maskrcnn.prediction.segment.segment``) and score against its annotation.
+    ``maskrcnn.prediction.segment.segment``; an AutoScale ``scale`` is chosen per image, as
+    ``predict`` does) and score against its annotation.
 
     Without ``tile``, each image is processed whole or, given ``max_memory`` (bytes for the whole
     process; ``maskrcnn evaluate --max-memory``), in tiles sized to fit it (maskrcnn.runtime.memory; images
@@ -38,9 +40,10 @@ def evaluate_model(model: Detector, normalizer: Normalizer, reader: InstanceRead
     for index in tqdm(shard, desc="evaluate", unit="img", disable=not (progress and dist.is_main)):
         sample = reader[index]
         image = normalizer(sample.image)
-        auto = tile or (plan_inference(model.cfg, tuple(image.shape[-2:]), max_memory, scale=scale,
+        factor = scale.choose(image).scale if isinstance(scale, AutoScale) else scale
+        auto = tile or (plan_inference(model.cfg, tuple(image.shape[-2:]), max_memory, scale=factor,
                                        overlap=overlap, in_memory=True).tile if max_memory else None)
-        result = segment(model, image, device, auto, overlap, precision, scale, tta)
+        result = segment(model, image, device, auto, overlap, precision, factor, tta)
         records.append((index, truth_record(sample), prediction_record(sample.name, result)))
     model.train(was_training)
     gathered = sorted((r for part in dist.all_gather_objects(records) for r in part), key=lambda r: r[0])

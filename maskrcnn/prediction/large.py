@@ -115,12 +115,12 @@ def streamed_shape(path: Path) -> tuple[int, int] | None:
 
 
 def predict_streamed(predictor, source: RegionSource, out_dir: str | Path, name: str, tile: int, overlap: int,
-                     *, should_stop: Callable[[], bool] | None = None,
+                     *, scale: float | None = None, should_stop: Callable[[], bool] | None = None,
                      progress: Callable[[int, int], None] | None = None) -> StreamedPrediction:
     """Segment ``source`` tile by tile with ``predictor`` (maskrcnn.prediction.predict.Predictor) and write
     NAME_labels.tif, NAME_instances.csv and NAME_overlay.png into ``out_dir``.
 
-    ``should_stop`` is asked before each tile: True raises :class:`StreamStopped` (no file is left).
+    ``scale``: what each tile is resized by (None: the predictor's fixed scale). ``should_stop`` is asked before each tile: True raises :class:`StreamStopped` (no file is left).
     ``progress(done, total)`` is called after each tile.
     """
     out = Path(out_dir)
@@ -138,7 +138,7 @@ def predict_streamed(predictor, source: RegionSource, out_dir: str | Path, name:
                 raise StreamStopped(name)
             raw = source.read(part.y0, part.y1, part.x0, part.x1)
             normalized = predictor.normalizer(raw, intensity)
-            found = predictor.predict_planned(normalized, None, overlap)  # the tile whole: it was sized to fit
+            found = predictor.predict_planned(normalized, None, overlap, scale)  # the tile whole: sized to fit
             kept = paint_tile(store, part, core_instances(found, part), shape, cfg.mask_test_mask_threshold,
                               cfg.mask_test_nms_overlap_threshold, next_id, _gray(raw))
             painted.append(kept)

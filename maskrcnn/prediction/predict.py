@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..builtin import is_builtin, resolve_weights
+from ..builtin import is_builtin, resolve_weights, trained_diameter
 from ..data.io import IMAGE_EXTENSIONS, read_image, read_image_size
 from ..data.lazy import is_lazy_candidate, open_regions
 from ..data.normalize import Normalizer
@@ -42,7 +42,8 @@ from ..runtime.memory import Plan, default_max_memory, plan_inference
 from ..runtime.precision import autocast_dtype
 from ..runtime.signals import StopSignals
 from ..structures import Detector, InstanceResult
-from .large import StreamStopped, predict_streamed, region_source, streamed_shape
+from .diameter import SAMPLE_SIDE, AutoScale, Scaling
+from .large import SAMPLE_PIXELS, StreamStopped, predict_streamed, region_source, streamed_shape
 from .segment import segment
 from .tiling import TILE_OVERLAP
 
@@ -55,7 +56,9 @@ class Predictor:
     normalizer: Normalizer
     device: torch.device
     precision: str = "fp32"  # see maskrcnn.runtime.precision; exported models always run float32
-    scale: float = 1.0  # images are resized by this factor before the model sees them (maskrcnn.prediction.segment)
+    # images are resized by this factor before the model sees them (maskrcnn.prediction.segment), or under
+    # AutoScale by a factor chosen per image from its nucleus diameter (maskrcnn.prediction.diameter)
+    scale: float | AutoScale = 1.0
     tta: bool = False  # test-time augmentation: the 8 flips and quarter turns, merged by the mask NMS
     # bytes the whole process may use: picks whole, tiled or streamed (default $MASKRCNN_MAX_MEMORY or 2 GB)
     max_memory: int = field(default_factory=default_max_memory)
@@ -69,7 +72,9 @@ class Predictor:
         # every weight is in the checkpoint: the ImageNet file training started from is not needed here
         model = MaskRCNN(ckpt.config.replace(backbone_weights=None))
         model.load_state_dict(ckpt.model_state)
-        return cls(for_inference(model.to(target)), Normalizer.from_dict(ckpt.normalizer), target, precision)
+        trained = trained_diameter(path)
+        return cls(for_inference(model.to(target)), Normalizer.from_dict(ckpt.normalizer), target, precision,
+                   scale=AutoScale(trained) if trained else 1.0)
 
     @classmethod
     def from_weights(cls, path: str | Path, device: str = "auto", precision: str = "auto") -> "Predictor":
@@ -95,22 +100,37 @@ class Predictor:
         """A raw image (H, W) or (H, W, C) of any dtype -> its instances, on the CPU."""
         return self.predict_normalized(self.normalizer(image), tile, overlap)
 
-    def predict_normalized(self, image: torch.Tensor, tile: int | None = None, overlap: int = TILE_OVERLAP) -> InstanceResult:
-        """A normalised (C, H, W) float image -> its instances, on the CPU; tiled with ``tile``, or
-        when ``max_memory`` cannot hold the model on the whole image (tile size from maskrcnn.runtime.memory)."""
-        tile = tile or self.plan(tuple(image.shape[-2:]), None, overlap, in_memory=True).tile
-        return self.predict_planned(image, tile, overlap)
+    def predict_normalized(self, image: torch.Tensor, tile: int | None = None,
+                           overlap: int = TILE_OVERLAP) -> InstanceResult:
+        """A normalised (C, H, W) float image -> its instances, on the CPU; resized as ``scaling``
+        chooses; tiled with ``tile``, or when ``max_memory`` cannot hold the model on the whole image
+        (tile size from maskrcnn.runtime.memory)."""
+        scale = self.scaling(image).scale
+        tile = tile or self.plan(tuple(image.shape[-2:]), None, overlap, in_memory=True, scale=scale).tile
+        return self.predict_planned(image, tile, overlap, scale)
 
-    def predict_planned(self, image: torch.Tensor, tile: int | None, overlap: int = TILE_OVERLAP) -> InstanceResult:
-        """A normalised (C, H, W) image as planned already: whole when ``tile`` is None, else tiled."""
-        return segment(self.model, image, self.device, tile, overlap, self.precision, self.scale, self.tta)
+    def scaling(self, image: torch.Tensor) -> Scaling:
+        """How a normalised image (C, H, W) is resized: by ``scale``, or as AutoScale estimates."""
+        return self.scale.choose(image) if isinstance(self.scale, AutoScale) else Scaling(self.scale)
+
+    def predict_planned(self, image: torch.Tensor, tile: int | None, overlap: int = TILE_OVERLAP,
+                        scale: float | None = None) -> InstanceResult:
+        """A normalised (C, H, W) image as planned already: whole when ``tile`` is None, else tiled;
+        ``scale`` as chosen for it (None: the fixed ``scale``, 1 under AutoScale)."""
+        scale = self._fixed_scale() if scale is None else scale
+        return segment(self.model, image, self.device, tile, overlap, self.precision, scale, self.tta)
 
     def plan(self, shape: tuple[int, int], tile: int | None = None, overlap: int = TILE_OVERLAP,
-             in_memory: bool = False) -> Plan:
-        """Whole, tiled or streamed for an image of ``shape`` (H, W) under ``max_memory``
-        (maskrcnn.runtime.memory.plan_inference); ``in_memory``: never streamed."""
-        return plan_inference(self.model.cfg, shape, self.max_memory, scale=self.scale, overlap=overlap, tile=tile,
+             in_memory: bool = False, scale: float | None = None) -> Plan:
+        """Whole, tiled or streamed for an image of ``shape`` (H, W) at ``scale`` (None: as in
+        ``predict_planned``) under ``max_memory`` (maskrcnn.runtime.memory.plan_inference);
+        ``in_memory``: never streamed."""
+        scale = self._fixed_scale() if scale is None else scale
+        return plan_inference(self.model.cfg, shape, self.max_memory, scale=scale, overlap=overlap, tile=tile,
                               in_memory=in_memory)
+
+    def _fixed_scale(self) -> float:
+        return 1.0 if isinstance(self.scale, AutoScale) else self.scale
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
@@ -147,6 +167,7 @@ class PredictRun:
     stopped_by: str | None = None  # the signal's name when one ended the run before its last image
     done: int = 0  # images handled (written, failed or skipped): the first ``done`` of the inputs
     total: int = 0
+    diameters: list[float] = field(default_factory=list)  # the nucleus diameters --diameter auto estimated
 
     @property
     def images_json(self) -> Path:
@@ -195,7 +216,8 @@ def predict_files(predictor: Predictor, inputs: list[str], out_dir: str | Path, 
                 stopped_by = signals.received
                 break
     coco_json, kaggle_csv = run.write()  # for the images done: images.json lists them
-    return PredictRun(written, run.failed, coco_json, kaggle_csv, skipped, stopped_by, done, len(paths))
+    estimated = [entry["diameter"] for entry in run.images if entry.get("diameter_from") == "objects"]
+    return PredictRun(written, run.failed, coco_json, kaggle_csv, skipped, stopped_by, done, len(paths), estimated)
 
 
 def _predict_one(predictor: Predictor, run: RunOutputs, image_id: int, path: Path, tile: int | None,
@@ -219,7 +241,9 @@ def _predict_one(predictor: Predictor, run: RunOutputs, image_id: int, path: Pat
                                      folder)
         image = folder.read(0, folder.shape[0], 0, folder.shape[1]) if folder else read_image(path, planes)
         normalized = predictor.normalizer(image)
-        result = predictor.predict_planned(normalized, plan.tile, overlap)
+        scaling = predictor.scaling(normalized)
+        plan = predictor.plan(image.shape[:2], tile, overlap, in_memory=True, scale=scaling.scale)
+        result = predictor.predict_planned(normalized, plan.tile, overlap, scaling.scale)
     except DataError as err:
         run.failed.append((path, err.problem))
         return None
@@ -227,7 +251,7 @@ def _predict_one(predictor: Predictor, run: RunOutputs, image_id: int, path: Pat
         getattr(folder, "close", lambda: None)()
     files = write_prediction(run.out_dir, path.stem, image, normalized, result, predictor.class_names,
                              rois=rois, geojson=geojson)
-    run.add(image_id, path, image.shape[:2], result)
+    run.add(image_id, path, image.shape[:2], result, scaling.to_dict())
     return files
 
 
@@ -243,19 +267,32 @@ def _predict_streamed(predictor: Predictor, run: RunOutputs, image_id: int, path
     source = region_source(path, planes) if opened else source
     bar = tqdm(desc=f"{path.name} tiles", unit="tile", leave=False, disable=not progress)
     try:
+        auto = isinstance(predictor.scale, AutoScale)  # judged by a window read for it
+        scaling = predictor.scaling(_central_window(predictor, source)) if auto else Scaling(predictor.scale)
+        tile = predictor.plan(source.shape, tile, overlap, scale=scaling.scale).tile
+
         def advance(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
 
         stop = (lambda: signals.received is not None) if signals is not None else None
-        done = predict_streamed(predictor, source, run.out_dir, path.stem, tile, overlap, should_stop=stop,
-                                progress=advance)
+        done = predict_streamed(predictor, source, run.out_dir, path.stem, tile, overlap, scale=scaling.scale,
+                                should_stop=stop, progress=advance)
     finally:
         bar.close()
         if opened:
             getattr(source, "close", lambda: None)()
-    run.add_streamed(image_id, path, done.shape)
+    run.add_streamed(image_id, path, done.shape, scaling.to_dict())
     return PredictionFiles(done.label_image, done.overlay, done.table)
+
+
+def _central_window(predictor: Predictor, source: RegionSource) -> torch.Tensor:
+    """The central window of a streamed image that AutoScale judges it by, normalised with the
+    whole image's intensity range (as its tiles are)."""
+    (height, width), side = source.shape, SAMPLE_SIDE
+    top, left = max(0, (height - side) // 2), max(0, (width - side) // 2)
+    window = source.read(top, min(height, top + side), left, min(width, left + side))
+    return predictor.normalizer(window, predictor.normalizer.intensity_range(source.sample(SAMPLE_PIXELS)))
 
 
 def _kept_prediction(out: Path, path: Path, class_names: list[str], rois: bool,
