@@ -34,6 +34,7 @@ MIN_OBJECTS = 3
 MIN_AREA = 12  # pixels: smaller threshold objects are noise or debris
 SCALE_LIMITS = (1 / 8, 4.0)  # the resize stays within these: beyond, the estimate is not to be trusted
 TOLERANCE = 1.25  # estimates within this factor of the trained diameter leave the image as it is
+SCALING_KEYS = ("scale", "diameter", "diameter_from")  # what images.json records of a Scaling
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class Scaling:
 
     def to_dict(self) -> dict:
         diameter = None if self.diameter is None else round(self.diameter, 2)
-        return {"scale": round(self.scale, 4), "diameter": diameter, "diameter_from": self.source}
+        return dict(zip(SCALING_KEYS, (round(self.scale, 4), diameter, self.source)))
 
 
 @dataclass(frozen=True)

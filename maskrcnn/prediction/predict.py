@@ -17,6 +17,7 @@ as maskrcnn.runtime.memory decides. ``tile`` forces the tile size.
 from __future__ import annotations
 
 import glob
+import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ from ..runtime.memory import Plan, default_max_memory, plan_inference
 from ..runtime.precision import autocast_dtype
 from ..runtime.signals import StopSignals
 from ..structures import Detector, InstanceResult
-from .diameter import SAMPLE_SIDE, AutoScale, Scaling
+from .diameter import SAMPLE_SIDE, SCALING_KEYS, AutoScale, Scaling
 from .large import SAMPLE_PIXELS, StreamStopped, predict_streamed, region_source, streamed_shape
 from .segment import segment
 from .tiling import TILE_OVERLAP
@@ -194,14 +195,15 @@ def predict_files(predictor: Predictor, inputs: list[str], out_dir: str | Path, 
     _check_unique_stems(paths)
     run, written, skipped = RunOutputs(out, kaggle), [], []
     stopped_by, done = None, 0
+    earlier = _earlier_scalings(out) if skip_existing else {}
     with StopSignals(graceful=True, unit="image") as signals:
         for image_id, path in enumerate(tqdm(paths, desc="predict", unit="img", disable=not progress), start=1):
             kept = _kept_prediction(out, path, predictor.class_names, rois, geojson) if skip_existing else None
             if isinstance(kept, tuple):
-                run.add_streamed(image_id, path, kept)
+                run.add_streamed(image_id, path, kept, earlier.get(str(path)))
                 skipped.append(path)
             elif kept is not None:
-                run.add_record(image_id, path, kept)
+                run.add_record(image_id, path, kept, earlier.get(str(path)))
                 skipped.append(path)
             else:
                 try:
@@ -303,6 +305,16 @@ def _kept_prediction(out: Path, path: Path, class_names: list[str], rois: bool,
     if files is not None and streamed_shape(files.label_image) is not None:
         return None if rois or geojson else streamed_shape(files.label_image)  # not read: slide-sized
     return read_prediction(files, class_names) if files else None
+
+
+def _earlier_scalings(out: Path) -> dict[str, dict]:
+    """How the images of an earlier run into ``out`` were resized (its images.json, by file name), so
+    that the images it kept are listed as a fresh run lists them; {} without a readable file."""
+    try:
+        entries = json.loads((out / IMAGES_JSON).read_text())
+        return {e["file_name"]: {k: e[k] for k in SCALING_KEYS if k in e} for e in entries}
+    except (OSError, ValueError, TypeError, KeyError):
+        return {}
 
 
 def _check_unique_stems(paths: list[Path]) -> None:
