@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from maskrcnn.data.reader import InstanceReader, Sample
-from maskrcnn.data.views import CachedReader, ConcatReader, RegionReader, SubsetReader
+from maskrcnn.data.views import CachedReader, ConcatReader, RegionReader, ResizedReader, SubsetReader
 
 
 class CountingReader(InstanceReader):
@@ -135,3 +135,24 @@ def test_cached_region_under_concat_reads_each_image_once():
     sample = mix[4]  # band[0]
     assert sample.image.shape == (4, 3) and int(sample.image[0, 0]) == 50
     assert sample.masks.shape == (1, 4, 3)  # the right-hand instance is cut away
+
+
+# --- ResizedReader -----------------------------------------------------------------------------------
+def test_resized_reader_brings_the_median_instance_to_the_diameter():
+    reader = CountingReader(2, base=100)  # instances of 4 pixels each: equivalent diameter 2.26 px
+    resized = ResizedReader(reader, diameter=2 * 2 * np.sqrt(4 / np.pi))  # twice that
+    sample = resized[1]
+    assert sample.image.shape == (8, 12) and sample.image.dtype == np.uint8
+    assert np.all(sample.image == 101)  # a flat image stays flat, in its own dtype
+    assert [int(m.sum()) for m in sample.masks] == [16, 16]
+    assert sample.masks[0][:4, :4].all() and sample.masks[1][4:, 8:].all()
+    assert resized.names == reader.names and sample.name == "s1"
+
+
+def test_resized_reader_leaves_an_image_without_instances_alone():
+    class Empty(CountingReader):
+        def _load(self, index):
+            sample = super()._load(index)
+            return Sample(sample.name, sample.image, sample.masks[:0], sample.labels[:0], sample.image_path)
+
+    assert same_sample(ResizedReader(Empty(1), 20.0)[0], Empty(1)[0])

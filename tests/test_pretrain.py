@@ -12,8 +12,8 @@ import pytest
 from maskrcnn.modeling.checkpoint import load_checkpoint
 from maskrcnn.data.writers import write_image
 from maskrcnn.data.synthetic_scenes import SceneReader
-from maskrcnn.train.pretrain import (REAL_FRACTION, PretrainOptions, pretrain, score_builtin_run, training_reader,
-                                     write_builtin)
+from maskrcnn.train.pretrain import (BUILTIN_DIAMETER, REAL_FRACTION, PretrainOptions, pretrain, real_reader,
+                                     score_builtin_run, training_reader, write_builtin)
 
 
 @pytest.fixture
@@ -38,6 +38,27 @@ def test_mix_has_the_real_share_and_only_the_left_part_of_real_images(real, tmp_
     assert band.image.shape == (96, round(160 * REAL_FRACTION))
     assert len(band.masks) == 4  # the squares at x >= 96 are the scoring part's
     assert isinstance(training_reader(PretrainOptions(out="x", scenes=5)), SceneReader)
+
+
+def test_real_images_train_whole_but_their_held_out_ones_at_the_models_size(real, tmp_path):
+    """--real-images: every image but the val_* ones, resized so that its nuclei are BUILTIN_DIAMETER
+    across; each real dataset an equal share of the real samples."""
+    other = tmp_path / "other"
+    for name, side in (("a", 40), ("b", 40), ("val_c", 40)):  # squares of 40 px: resized by about a half
+        image = np.zeros((120, 120), np.uint16)
+        labels = np.zeros((120, 120), np.uint16)
+        image[20:20 + side, 30:30 + side] = labels[20:20 + side, 30:30 + side] = 1
+        image *= 3000
+        write_image(other / "images" / f"{name}.tif", image)
+        write_image(other / "masks" / f"{name}.tif", labels)
+    opts = PretrainOptions(out="x", real=str(real), real_images=[str(other)], scenes=10)
+    mixed = real_reader(opts)
+    assert set(mixed.names) == {f"a[0.00:{REAL_FRACTION:.2f}]", "a", "b"}  # no val_c
+    assert sum(n in ("a", "b") for n in mixed.names) == sum("[" in n for n in mixed.names) == 2  # equal shares
+    resized = mixed[mixed.names.index("a")]
+    side = np.sqrt(resized.masks[0].sum())
+    assert 2 * side / np.sqrt(np.pi) == pytest.approx(BUILTIN_DIAMETER, rel=0.05)  # equivalent diameter
+    assert resized.image.dtype == np.uint16 and resized.image.max() == 3000
 
 
 @pytest.mark.slow

@@ -174,8 +174,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from ..train.pretrain import PretrainOptions, pretrain, score_builtin_run, write_builtin
 
     opts = PretrainOptions(out=args.out, steps=args.steps, minutes=args.minutes, real=args.real,
-                           real_share=args.real_share, seed=args.seed, device=args.device,
-                           workers=args.workers, progress=not args.no_progress)
+                           real_images=args.real_images, real_share=args.real_share, seed=args.seed,
+                           device=args.device, workers=args.workers, lr=args.lr, init=args.init,
+                           progress=not args.no_progress)
     last = pretrain(opts)
     print(f"pretraining checkpoint: {last} (run the same command again to continue)")
     if args.publish:

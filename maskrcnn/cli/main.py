@@ -189,7 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--steps", type=_positive_int, default=5000, help="length of the whole schedule")
     pretrain.add_argument("--minutes", type=_positive_float, help="stop this session after this long")
     pretrain.add_argument("--real", help="annotated dataset: the left 60%% of each image trains, the rest scores")
-    pretrain.add_argument("--real-share", type=float, default=0.4, help="fraction of samples from --real")
+    pretrain.add_argument("--real-images", action="append", default=[], metavar="DIR",
+                          help="annotated dataset whose images train whole, but those named val_* (held out); "
+                               "resized to the model's nucleus size; may be repeated")
+    pretrain.add_argument("--real-share", type=float, default=0.4, help="fraction of samples from the real data")
+    pretrain.add_argument("--init", help="start from these weights (a checkpoint or built-in name), not random ones")
+    pretrain.add_argument("--lr", type=_positive_float, default=1e-3, help="peak learning rate")
     pretrain.add_argument("--publish", action="store_true", help="write the model and its card into the package")
     pretrain.add_argument("--device", choices=DEVICES, default="auto")
     pretrain.add_argument("--workers", type=_count, default=0,

@@ -1,4 +1,4 @@
-"""Views of a reader: a subset of its samples, or a vertical band of each image.
+"""Views of a reader: a subset of its samples, a vertical band of each image, or each image resized.
 
 With one or two large annotated images there is nothing to split by image; training on the left
 part and validating on the right part still measures generalisation to unseen nuclei.
@@ -10,6 +10,10 @@ import bisect
 import itertools
 from collections.abc import Sequence
 from dataclasses import replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
 
 from .datasets import InstanceReader, Sample
 
@@ -95,3 +99,36 @@ class CachedReader(InstanceReader):
     def _check_header(self, index: int) -> None:
         if index not in self.cache:
             self.reader.check_header(index)
+
+
+class ResizedReader(InstanceReader):
+    """Samples of ``reader`` resized so that the median equivalent diameter of each image's
+    instances is ``diameter`` pixels: real annotations brought to the size a model learns, as
+    ``--diameter auto`` brings images to it at prediction. Images without instances are unchanged.
+    The image is resampled bilinearly (antialiased when shrinking) in its own dtype's range, the
+    masks by the nearest pixel; instances left without a pixel are dropped."""
+
+    def __init__(self, reader: InstanceReader, diameter: float):
+        self.reader, self.diameter = reader, diameter
+        self.names, self.class_names = reader.names, reader.class_names
+
+    def _load(self, index: int) -> Sample:
+        sample = self.reader[index]
+        if len(sample.masks) == 0:
+            return sample
+        areas = sample.masks.reshape(len(sample.masks), -1).sum(axis=1)
+        factor = self.diameter / (2.0 * np.sqrt(np.median(areas) / np.pi))
+        size = (max(1, round(sample.image.shape[0] * factor)), max(1, round(sample.image.shape[1] * factor)))
+        pixels = torch.from_numpy(np.atleast_3d(sample.image).astype(np.float32)).permute(2, 0, 1)[None]
+        resized = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False, antialias=factor < 1)
+        image = resized[0].permute(1, 2, 0).numpy().reshape(size + sample.image.shape[2:])
+        if np.issubdtype(sample.image.dtype, np.integer):
+            info = np.iinfo(sample.image.dtype)
+            image = np.clip(np.rint(image), info.min, info.max)
+        masks = F.interpolate(torch.from_numpy(sample.masks)[None].to(torch.uint8), size=size,
+                              mode="nearest-exact")[0].numpy().astype(bool)
+        keep = masks.any(axis=(1, 2))
+        return replace(sample, image=image.astype(sample.image.dtype), masks=masks[keep], labels=sample.labels[keep])
+
+    def _check_header(self, index: int) -> None:
+        self.reader.check_header(index)

@@ -1,9 +1,15 @@
 """``maskrcnn pretrain``: the recipe that regenerates the built-in ``nuclei`` model from nothing.
 
 Data: synthetic microscopy scenes drawn as they are read (maskrcnn/data/synthetic_scenes.py, never
-written to disk, never repeated) and, when a real annotated sample is given, the left part of
-each of its images (at most the left 60% of the shared DSB2018 image: its right 40% is what the
-model's scores are measured on), sampled ``real_share`` of the time. Model: :func:`builtin_config`.
+written to disk, never repeated) and real annotations, sampled ``real_share`` of the time: the left
+part of each image of ``real`` (at most the left 60% of the shared DSB2018 image: its right 40% is
+what the model's scores are measured on), and every image of each ``real_images`` dataset except
+its held-out ones (named ``val_*``), resized so that its nuclei are ``BUILTIN_DIAMETER`` across (as
+``--diameter auto`` resizes images at prediction). Each real dataset has an equal share of the real
+samples. Crops are resized by 0.5-2x (``BUILTIN_SCALES``), so that the model holds over that range
+around its size: the estimate of an image's nucleus diameter is never exact. Model:
+:func:`builtin_config`; ``init`` starts from a model's weights (e.g. the built-in one) instead of
+random ones.
 
 The run is an ordinary training run with a fixed length (``steps``): ``--minutes`` stops it
 cleanly, and running the same command again continues it (``--resume`` is implied when
@@ -16,7 +22,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +32,7 @@ from ..builtin import FOLDER, publish
 from ..config import Config
 from ..data.datasets import open_dataset
 from ..data.synthetic_scenes import SceneReader
-from ..data.views import CachedReader, ConcatReader, RegionReader, SubsetReader
+from ..data.views import CachedReader, ConcatReader, RegionReader, ResizedReader, SubsetReader
 from ..errors import UserError
 from ..presets import builtin_config
 from . import TrainOptions, train
@@ -34,6 +40,9 @@ from . import TrainOptions, train
 SCENE_SIZE = 256  # pixels per side of a synthetic scene; training crops are BUILTIN_CROP
 BUILTIN_CROP = 128
 REAL_FRACTION = 0.6  # the left part of each real image that may train; the rest is for scoring
+BUILTIN_DIAMETER = 20.0  # pixels: the nucleus size the model learns (its card's diameter_px)
+BUILTIN_SCALES = (0.5, 2.0)  # each training crop is resized by a log-uniform factor in this range
+HELD_OUT_PREFIX = "val_"  # images of a --real-images dataset named so are for scoring, never training
 
 
 @dataclass
@@ -42,6 +51,7 @@ class PretrainOptions:
     steps: int = 5000
     minutes: float | None = None  # this session's share; run again to continue
     real: str | None = None  # an annotated dataset whose images' left REAL_FRACTION may train
+    real_images: list[str] = field(default_factory=list)  # annotated datasets whose images train whole
     real_share: float = 0.4  # fraction of training samples from the real images (when given)
     scenes: int = 1_000_000  # synthetic scenes available (each drawn once, when read)
     seed: int = 0
@@ -49,19 +59,35 @@ class PretrainOptions:
     workers: int = 0  # DataLoader processes drawing the scenes (a GPU waits on one process); same results
     batch_size: int = 2
     lr: float = 1e-3
+    init: str | None = None  # starting weights (a checkpoint or built-in name); None: random
     progress: bool = True
 
 
 def training_reader(opts: PretrainOptions):
-    """The mix of synthetic scenes and (repeated) left bands of the real images."""
+    """The mix of synthetic scenes and the real samples, repeated to ``real_share`` of the whole."""
     scenes = SceneReader(opts.scenes, SCENE_SIZE, opts.seed)
-    if not opts.real:
+    real = real_reader(opts)
+    if real is None:
         return scenes
-    real = CachedReader(RegionReader(open_dataset(opts.real), 0.0, REAL_FRACTION))
-    # repeat the real images so that they make up real_share of the samples
     copies = round(opts.real_share / (1 - opts.real_share) * len(scenes) / len(real))
-    repeated = SubsetReader(real, [i for _ in range(copies) for i in range(len(real))])
-    return ConcatReader([scenes, repeated])
+    return ConcatReader([scenes, _repeated(real, copies)])
+
+
+def real_reader(opts: PretrainOptions):
+    """The real samples that may train, each dataset repeated to an equal share; None without any."""
+    parts = [CachedReader(RegionReader(open_dataset(opts.real), 0.0, REAL_FRACTION))] if opts.real else []
+    for path in opts.real_images:
+        reader = open_dataset(path)
+        kept = [i for i, name in enumerate(reader.names) if not name.startswith(HELD_OUT_PREFIX)]
+        parts.append(CachedReader(ResizedReader(SubsetReader(reader, kept), BUILTIN_DIAMETER)))
+    if not parts:
+        return None
+    longest = max(len(p) for p in parts)
+    return ConcatReader([_repeated(p, max(1, round(longest / len(p)))) for p in parts])
+
+
+def _repeated(reader, copies: int) -> SubsetReader:
+    return SubsetReader(reader, [i for _ in range(copies) for i in range(len(reader))])
 
 
 def pretrain(opts: PretrainOptions) -> Path:
@@ -71,9 +97,11 @@ def pretrain(opts: PretrainOptions) -> Path:
     run = Path(opts.out) / "run"
     started = time.monotonic()
     result = train(TrainOptions(
-        data="synthetic scenes" + (f" + {opts.real}" if opts.real else ""), reader=training_reader(opts),
-        out=str(run), config=builtin_config(), iters=opts.steps, max_minutes=opts.minutes,
-        batch_size=opts.batch_size, lr=opts.lr, warmup_iters=100, crop=BUILTIN_CROP, val_fraction=0.0,
+        data=" + ".join(["synthetic scenes", *([opts.real] if opts.real else []), *opts.real_images]),
+        reader=training_reader(opts),
+        out=str(run), config=builtin_config(), init=opts.init, iters=opts.steps, max_minutes=opts.minutes,
+        batch_size=opts.batch_size, lr=opts.lr, warmup_iters=100, crop=BUILTIN_CROP, scale_range=BUILTIN_SCALES,
+        val_fraction=0.0,
         val_every=10**9, checkpoint_every=200, seed=opts.seed, device=opts.device, workers=opts.workers, progress=opts.progress,
         resume=(run / "last.pt").is_file()))
     _log_session(Path(opts.out), result.steps, time.monotonic() - started, opts)
@@ -121,8 +149,11 @@ def write_builtin(out: str | Path, scores: dict[str, Any], opts: PretrainOptions
         "summary": "fluorescence nuclei, one class (nucleus); Mask R-CNN, ResNet-18 trunk at half width, "
                    "FPN p2 at stride 2, 1 input channel",
         "trained_on": "synthetic fluorescence scenes (maskrcnn.data.synthetic_scenes, drawn fresh each step)"
-                      + (f" and the left {REAL_FRACTION:.0%} of the real DSB2018 image in {opts.real} "
-                         f"({opts.real_share:.0%} of samples)" if opts.real else ""),
+                      + (f" and the left {REAL_FRACTION:.0%} of the real DSB2018 image in {opts.real}" if opts.real
+                         else "")
+                      + "".join(f" and the images of {path} but its held-out {HELD_OUT_PREFIX}* ones, resized to "
+                                f"nuclei of {BUILTIN_DIAMETER:g} px" for path in opts.real_images)
+                      + (f" ({opts.real_share:.0%} of samples real)" if opts.real or opts.real_images else ""),
         "training": {"steps": history[-1]["steps"] if history else None,
                      "batch": opts.batch_size, "crop": BUILTIN_CROP,
                      "minutes": round(sum(h["minutes"] for h in history), 1),
@@ -132,7 +163,7 @@ def write_builtin(out: str | Path, scores: dict[str, Any], opts: PretrainOptions
         "input": "one channel (RGB is averaged); any bit depth (each image scaled by its own 1st-99.8th "
                  "percentiles); trained on nuclei of about 7 to 60 px across (synthetic) and about 20 px "
                  "(the real image); --diameter D rescales images whose nuclei are D px across to 20 px",
-        "diameter_px": 20.0,
+        "diameter_px": BUILTIN_DIAMETER,
         "scale": "each image's nucleus diameter D is estimated (--diameter auto, the default) and the image "
                  "resized by 20/D unless D is within 1.25x of 20; --diameter D (pixels) or --scale F decide instead",
         "scores": scores,
@@ -147,7 +178,8 @@ def write_builtin(out: str | Path, scores: dict[str, Any], opts: PretrainOptions
 def _recipe(history: list[dict[str, Any]], opts: PretrainOptions) -> str:
     """The commands that made the run: one per schedule length its sessions reached. A later, longer
     ``--steps`` continues the same run with the cosine stretched to it (the rate rises again)."""
-    real = f" --real {opts.real}" if opts.real else ""
+    real = (f" --real {opts.real}" if opts.real else "") + "".join(f" --real-images {p}" for p in opts.real_images)
+    real += f" --init {opts.init} --lr {opts.lr:g}" if opts.init else ""
     lengths = list(dict.fromkeys(h.get("schedule", h["steps"]) for h in history))  # in order, once each
     commands = [f"maskrcnn pretrain --out OUT --steps {n}{real}" for n in lengths if n != opts.steps]
     commands.append(f"maskrcnn pretrain --out OUT --steps {opts.steps}{real} --publish")

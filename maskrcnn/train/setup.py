@@ -53,6 +53,7 @@ class TrainOptions:
     warmup_iters: int = 100
     grad_clip: float = 10.0  # gradients are scaled down to this global norm: one bad batch moves little
     crop: int | None = None  # None: 128 for a p2 at stride 2 (the built-in layout), else 256
+    scale_range: tuple[float, float] = (0.75, 1.33)  # each crop is resized by a log-uniform factor in this range
     val_every: int = 200
     checkpoint_every: int | None = None  # also write last.pt every N steps between validations
     val_fraction: float = 0.2
@@ -114,7 +115,8 @@ def build_data(opts: TrainOptions, dist: DistContext, run_dir: Path) -> TrainDat
     # many indices and cached by the reader itself), nor with --workers: their processes are new
     # each epoch and read each sample once in it, so a cache there would only hold memory.
     cache = SAMPLE_CACHE_BYTES if opts.reader is None and opts.workers == 0 else 0
-    train_set = InstanceDataset(train_reader, normalizer, Augment(crop_size=crop), seed=opts.seed, cache_bytes=cache)
+    augment = Augment(crop_size=crop, scale_range=opts.scale_range)
+    train_set = InstanceDataset(train_reader, normalizer, augment, seed=opts.seed, cache_bytes=cache)
     return TrainData(cfg, normalizer, train_set, val_reader, listing, val_listing)
 
 
