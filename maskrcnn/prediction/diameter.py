@@ -113,10 +113,10 @@ def component_labels(binary: Tensor) -> Tensor:
     """(H, W) bool -> (H, W) int64 labels of its 8-connected components (0 = background; ids are
     not consecutive). Ids spread by 3x3 max-pooling inside the mask until they stop changing."""
     height, width = binary.shape
-    inside = binary[None, None].float()
-    # float64 holds every pixel id exactly, whatever the image size
-    labels = torch.arange(1, height * width + 1, dtype=torch.float64).reshape(1, 1, height, width) * inside
-    inside = inside.double()
+    # float32 holds every pixel id exactly up to 2**24 pixels; float64 beyond
+    dtype = torch.float32 if height * width < 2**24 else torch.float64
+    inside = binary[None, None].to(dtype)
+    labels = torch.arange(1, height * width + 1, dtype=dtype).reshape(1, 1, height, width) * inside
     while True:
         previous = labels
         for _ in range(8):  # compare every few steps: each comparison reads the whole image
