@@ -96,6 +96,28 @@ def test_card_recipe_lists_each_schedule_length_its_sessions_ran():
     assert _recipe(short, PretrainOptions(out="x", steps=5000)) == "maskrcnn pretrain --out OUT --steps 5000 --publish"
 
 
+def test_a_run_continued_from_a_builtin_model_publishes_its_whole_lineage(tmp_path):
+    """--init nuclei: the card adds this run's sessions to those of the model it started from, as
+    that model's card read when the run began (publishing replaces it), so the recipe starts from
+    nothing."""
+    from maskrcnn.train.pretrain import INIT_CARD, _init_card, _training
+
+    out = tmp_path / "p"
+    out.mkdir()
+    earlier = {"steps": 17000, "minutes": 122.0, "hardware": ["GPU"], "sessions": 4,
+               "recipe": "maskrcnn pretrain --out OUT --steps 17000 --publish"}
+    (out / INIT_CARD).write_text(json.dumps({"training": earlier}))
+    opts = PretrainOptions(out=str(out), steps=6000, real_images=["M"], init="nuclei", lr=2e-4)
+    history = [{"steps": 6000, "schedule": 6000, "minutes": 40.0, "device": "CPU", "date": "2026-12-06"}]
+    record = _training(history, opts, _init_card(out)["training"])
+    assert (record["steps"], record["minutes"], record["sessions"]) == (23000, 162.0, 5)
+    assert record["hardware"] == ["CPU", "GPU"]
+    assert record["recipe"] == ("maskrcnn pretrain --out OUT --steps 17000 --publish (that model is what --init "
+                                "names); then maskrcnn pretrain --out OUT --steps 6000 --real-images M --init nuclei "
+                                "--lr 0.0002 --publish")
+    assert _init_card(tmp_path) is None
+
+
 @pytest.mark.slow
 def test_pretraining_with_dataloader_workers_trains_the_same_weights(real, tmp_path):
     """``--workers`` (scenes drawn in other processes, as on a GPU) changes the speed, not the model."""
