@@ -69,11 +69,17 @@ class AutoScale:
         return Scaling(1.0 if 1 / TOLERANCE < scale < TOLERANCE else scale, found[0], found[1], "objects")
 
 
+def central_box(shape: tuple[int, int], side: int = SAMPLE_SIDE) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) of the central window of at most ``side`` x ``side`` pixels of an (H, W) image."""
+    height, width = shape
+    top, left = max(0, (height - side) // 2), max(0, (width - side) // 2)
+    return top, min(height, top + side), left, min(width, left + side)
+
+
 def central_window(image: Tensor, side: int) -> Tensor:
     """(C, H, W) -> its central (C, min(H, side), min(W, side)) window (a view)."""
-    height, width = image.shape[-2:]
-    top, left = max(0, (height - side) // 2), max(0, (width - side) // 2)
-    return image[..., top:top + side, left:left + side]
+    y0, y1, x0, x1 = central_box(tuple(image.shape[-2:]), side)
+    return image[..., y0:y1, x0:x1]
 
 
 def object_diameter(gray: Tensor, bright: bool = True) -> tuple[float, int] | None:

@@ -43,7 +43,7 @@ from ..runtime.memory import Plan, default_max_memory, plan_inference
 from ..runtime.precision import autocast_dtype
 from ..runtime.signals import StopSignals
 from ..structures import Detector, InstanceResult
-from .diameter import SAMPLE_SIDE, SCALING_KEYS, AutoScale, Scaling
+from .diameter import SCALING_KEYS, AutoScale, Scaling, central_box
 from .large import SAMPLE_PIXELS, StreamStopped, predict_streamed, region_source, streamed_shape
 from .segment import segment
 from .tiling import TILE_OVERLAP
@@ -291,9 +291,7 @@ def _predict_streamed(predictor: Predictor, run: RunOutputs, image_id: int, path
 def _central_window(predictor: Predictor, source: RegionSource) -> torch.Tensor:
     """The central window of a streamed image that AutoScale judges it by, normalised with the
     whole image's intensity range (as its tiles are)."""
-    (height, width), side = source.shape, SAMPLE_SIDE
-    top, left = max(0, (height - side) // 2), max(0, (width - side) // 2)
-    window = source.read(top, min(height, top + side), left, min(width, left + side))
+    window = source.read(*central_box(source.shape))
     return predictor.normalizer(window, predictor.normalizer.intensity_range(source.sample(SAMPLE_PIXELS)))
 
 
