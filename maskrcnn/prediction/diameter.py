@@ -69,6 +69,11 @@ class AutoScale:
         return Scaling(1.0 if 1 / TOLERANCE < scale < TOLERANCE else scale, found[0], found[1], "objects")
 
 
+def scaling_for(scale: float | AutoScale, image: Tensor) -> Scaling:
+    """How a normalised image (C, H, W) is resized under ``scale``: fixed, or as AutoScale estimates."""
+    return scale.choose(image) if isinstance(scale, AutoScale) else Scaling(scale)
+
+
 def central_box(shape: tuple[int, int], side: int = SAMPLE_SIDE) -> tuple[int, int, int, int]:
     """(y0, y1, x0, x1) of the central window of at most ``side`` x ``side`` pixels of an (H, W) image."""
     height, width = shape

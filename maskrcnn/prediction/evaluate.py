@@ -11,7 +11,7 @@ from ..metrics import EvaluationReport, evaluate, prediction_record, truth_recor
 from ..runtime.distributed import DistContext
 from ..runtime.memory import plan_inference
 from ..structures import Detector
-from .diameter import AutoScale
+from .diameter import AutoScale, scaling_for
 from .segment import segment
 from .tiling import TILE_OVERLAP
 
@@ -40,7 +40,7 @@ def evaluate_model(model: Detector, normalizer: Normalizer, reader: InstanceRead
     for index in tqdm(shard, desc="evaluate", unit="img", disable=not (progress and dist.is_main)):
         sample = reader[index]
         image = normalizer(sample.image)
-        factor = scale.choose(image).scale if isinstance(scale, AutoScale) else scale
+        factor = scaling_for(scale, image).scale
         auto = tile or (plan_inference(model.cfg, tuple(image.shape[-2:]), max_memory, scale=factor,
                                        overlap=overlap, in_memory=True).tile if max_memory else None)
         result = segment(model, image, device, auto, overlap, precision, factor, tta)

@@ -43,7 +43,7 @@ from ..runtime.memory import Plan, default_max_memory, plan_inference
 from ..runtime.precision import autocast_dtype
 from ..runtime.signals import StopSignals
 from ..structures import Detector, InstanceResult
-from .diameter import SCALING_KEYS, AutoScale, Scaling, central_box
+from .diameter import SCALING_KEYS, AutoScale, Scaling, central_box, scaling_for
 from .large import SAMPLE_PIXELS, StreamStopped, predict_streamed, region_source, streamed_shape
 from .segment import segment
 from .tiling import TILE_OVERLAP
@@ -112,7 +112,7 @@ class Predictor:
 
     def scaling(self, image: torch.Tensor) -> Scaling:
         """How a normalised image (C, H, W) is resized: by ``scale``, or as AutoScale estimates."""
-        return self.scale.choose(image) if isinstance(self.scale, AutoScale) else Scaling(self.scale)
+        return scaling_for(self.scale, image)
 
     def predict_planned(self, image: torch.Tensor, tile: int | None, overlap: int = TILE_OVERLAP,
                         scale: float | None = None) -> InstanceResult:

@@ -79,13 +79,19 @@ def real_reader(opts: PretrainOptions):
     """The real samples that may train, each dataset repeated to an equal share; None without any."""
     parts = [CachedReader(RegionReader(open_dataset(opts.real), 0.0, REAL_FRACTION))] if opts.real else []
     for path in opts.real_images:
-        reader = open_dataset(path)
-        kept = [i for i, name in enumerate(reader.names) if not name.startswith(HELD_OUT_PREFIX)]
-        parts.append(CachedReader(ResizedReader(SubsetReader(reader, kept), BUILTIN_DIAMETER)))
+        kept, _ = _held_out_split(open_dataset(path))
+        parts.append(CachedReader(ResizedReader(kept, BUILTIN_DIAMETER)))
     if not parts:
         return None
     longest = max(len(p) for p in parts)
     return ConcatReader([_repeated(p, max(1, round(longest / len(p)))) for p in parts])
+
+
+def _held_out_split(reader) -> tuple[SubsetReader, SubsetReader]:
+    """(the images that may train, the held-out ones named HELD_OUT_PREFIX*) of a dataset."""
+    held = [n.startswith(HELD_OUT_PREFIX) for n in reader.names]
+    return (SubsetReader(reader, [i for i, h in enumerate(held) if not h]),
+            SubsetReader(reader, [i for i, h in enumerate(held) if h]))
 
 
 def _repeated(reader, copies: int) -> SubsetReader:
@@ -238,10 +244,9 @@ def score_builtin_run(checkpoint: str | Path, opts: PretrainOptions) -> dict[str
         name = f"right {1 - REAL_FRACTION:.0%} of {Path(opts.real).name} (never trained on)"
         held_out[name] = RegionReader(open_dataset(opts.real), REAL_FRACTION, 1.0)
     for path in opts.real_images:
-        reader = open_dataset(path)
-        kept = [i for i, n in enumerate(reader.names) if n.startswith(HELD_OUT_PREFIX)]
-        if kept:
-            held_out[f"{HELD_OUT_PREFIX}* images of {Path(path).name} (never trained on)"] = SubsetReader(reader, kept)
+        _, held = _held_out_split(open_dataset(path))
+        if len(held):
+            held_out[f"{HELD_OUT_PREFIX}* images of {Path(path).name} (never trained on)"] = held
     if not held_out:
         return {}
     predictor = Predictor.from_checkpoint(checkpoint, opts.device)
