@@ -49,15 +49,16 @@ def nuclei_image(seed: int = 3, size: int = 192) -> tuple[np.ndarray, np.ndarray
 
 
 # --- the shipped model --------------------------------------------------------------------------------
-def test_nuclei_is_shipped_with_a_complete_card():
-    assert "nuclei" in builtin_names()
-    info = card("nuclei")
+@pytest.mark.parametrize("name", ["nuclei", "he"])
+def test_builtin_model_is_shipped_with_a_complete_card(name):
+    assert name in builtin_names()
+    info = card(name)
     for key in ("summary", "trained_on", "training", "input", "diameter_px", "scale", "scores", "licence"):
         assert info.get(key), key
     assert info["training"]["hardware"] and info["training"]["minutes"] > 0
     assert 0 < info["file_megabytes"] <= MAX_FILE_BYTES / 2**20
-    text = format_card("nuclei")
-    assert text.startswith("nuclei: ") and "data licence" in text and "MB" in text
+    text = format_card(name)
+    assert text.startswith(f"{name}: ") and "data licence" in text and "MB" in text
 
 
 def test_nuclei_loads_weights_only_in_half_precision():
@@ -111,7 +112,7 @@ def test_cli_predict_evaluate_export_and_models_take_the_name(tmp_path, capsys):
     assert (tmp_path / "nuclei_ts.pt").stat().st_size > 0
 
     code, out, _ = cli(capsys, "models")
-    assert code == 0 and out.startswith("nuclei: ")
+    assert code == 0 and out.startswith("he: ") and "\nnuclei: " in out  # every built-in model, by name
 
 
 @pytest.mark.slow
@@ -190,7 +191,8 @@ def test_wheel_ships_the_model_and_predicts_by_name_in_a_fresh_venv(tmp_path):
                     "-w", str(wheels), str(ROOT)], check=True, cwd=tmp_path)
     wheel = next(wheels.glob("maskrcnn-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "maskrcnn/builtin/nuclei.pt" in names and "maskrcnn/builtin/nuclei.json" in names
+    for name in ("nuclei", "he"):  # fluorescence and brightfield
+        assert f"maskrcnn/builtin/{name}.pt" in names and f"maskrcnn/builtin/{name}.json" in names
 
     # a fresh venv with the wheel; torch and the other dependencies from this venv's site-packages
     # (as a plain path: its .pth files, among them this checkout's editable install, are not run)

@@ -68,15 +68,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world_size: int, argv: list[str], timeout: float = 120) -> list[subprocess.CompletedProcess]:
-    """Run ``maskrcnn ARGV`` in ``world_size`` processes with the environment torchrun gives them."""
+def launch(world_size: int, argv: list[str], timeout: float = 120, threads: int = 1,
+           worker: str | None = None) -> list[subprocess.CompletedProcess]:
+    """Run ``maskrcnn ARGV`` in ``world_size`` processes with the environment torchrun gives them
+    (``threads``: its OMP_NUM_THREADS; ``worker``: the Python code each runs, default WORKER)."""
     port = free_port()
     procs = []
     for rank in range(world_size):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                    LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, *map(str, argv)], env=env,
+                   OMP_NUM_THREADS=str(threads))
+        procs.append(subprocess.Popen([sys.executable, "-c", worker or WORKER, *map(str, argv)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = []
     try:

@@ -144,7 +144,7 @@ def test_dock_widget_opens_from_the_manifest_in_a_real_viewer(qtbot):
     try:
         _, dock = real.window.add_plugin_dock_widget("maskrcnn", "Mask R-CNN")
         assert isinstance(dock, MaskRCNNWidget)  # napari gives it a proxy of the viewer: public API only
-        assert dock.model_combo.currentText() == "nuclei" and dock.image_combo.count() == 0
+        assert dock.model_combo.currentText() == "auto" and dock.image_combo.count() == 0
     finally:
         real.close()
 

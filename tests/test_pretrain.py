@@ -130,3 +130,33 @@ def test_pretraining_with_dataloader_workers_trains_the_same_weights(real, tmp_p
     assert weights[0].keys() == weights[1].keys()
     for name, value in weights[0].items():
         assert torch.equal(value, weights[1][name]), name
+
+
+@pytest.mark.slow
+def test_the_he_model_starts_from_nuclei_widened_and_publishes_a_brightfield_card(tmp_path):
+    """--model he: synthetic slides, the stain-density input, --init nuclei widened to it (once: a
+    second session resumes from run/last.pt), held-out synthetic slides as its scores."""
+    from maskrcnn.data.normalize import Normalizer
+    from maskrcnn.data.synthetic_brightfield import SlideReader
+    from maskrcnn.builtin import resolve_weights
+    from maskrcnn.train.pretrain import HE_INIT
+
+    out = tmp_path / "he"
+    opts = PretrainOptions(out=str(out), model="he", steps=1, init="nuclei", scenes=20, batch_size=1,
+                           device="cpu", progress=False)
+    assert isinstance(training_reader(opts), SlideReader)
+    pretrain(opts)
+    widened, last = load_checkpoint(out / HE_INIT), load_checkpoint(out / "run" / "last.pt")
+    assert widened.config.in_channels == 3 and last.config.in_channels == 3
+    assert Normalizer.from_dict(last.normalizer).stain == "hed"
+    nuclei = load_checkpoint(resolve_weights("nuclei"))
+    stem = "backbone.stem.0.weight"
+    torch.testing.assert_close(widened.model_state[stem][:, :1].float(), nuclei.model_state[stem].float())
+    assert not widened.model_state[stem][:, 1:].any()
+
+    scores = {"held-out slides": {"mask_ap50": 0.5}}
+    write_builtin(out, scores, opts, folder=tmp_path)
+    card = json.loads((tmp_path / "he.json").read_text())
+    assert card["summary"].startswith("brightfield nuclei") and "synthetic brightfield slides" in card["trained_on"]
+    assert "--model he" in card["training"]["recipe"] and card["layout"]["in_channels"] == 3
+    assert card["scores"] == scores and (tmp_path / "he.pt").is_file()

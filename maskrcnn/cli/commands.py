@@ -7,6 +7,7 @@ Each ``cmd_*`` calls library functions and returns the exit code; a user error r
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import statistics
 import sys
@@ -96,6 +97,8 @@ def _predictor(args: argparse.Namespace):
     from ..prediction.predict import Predictor
 
     _check_tiling(args)
+    if args.weights is None:  # the built-in nuclei or he model, per image
+        return _model_choice(args)
     predictor = Predictor.from_weights(args.weights, args.device, args.precision)
     predictor.tta = args.tta
     predictor.max_memory = args.max_memory or predictor.max_memory  # unset: $MASKRCNN_MAX_MEMORY or 2 GB
@@ -110,13 +113,65 @@ def _predictor(args: argparse.Namespace):
     return predictor
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from ..prediction.predict import predict_files
+def _model_choice(args: argparse.Namespace):
+    """No --weights: the built-in models, the one each image needs (maskrcnn.prediction.choice)."""
+    from ..builtin import builtin_names, trained_diameter
+    from ..prediction.choice import BRIGHTFIELD, FLUORESCENCE, ModelChoice
 
-    predictor = _predictor(args)
-    run = predict_files(predictor, args.inputs, args.out, tile=args.tile, overlap=args.overlap,
-                        kaggle=args.kaggle, progress=not args.no_progress, skip_existing=args.skip_existing,
-                        rois=args.rois, geojson=args.geojson, planes=_planes(args))
+    missing = [name for name in (FLUORESCENCE, BRIGHTFIELD) if name not in builtin_names()]
+    if missing:
+        raise UserError(f"no --weights given and this installation lacks the built-in {' and '.join(missing)} "
+                        "model(s) it would choose from; pass --weights")
+    choice = ModelChoice(args.device, args.precision, args.tta)
+    choice.max_memory = args.max_memory or choice.max_memory
+    if args.scale:
+        choice.scale = args.scale
+    elif args.diameter != "auto":  # both built-in models state their trained diameter
+        choice.scale = trained_diameter(FLUORESCENCE) / args.diameter
+    return choice
+
+
+def cmd_predict_3d(args: argparse.Namespace) -> int:
+    from ..prediction.predict import expand_inputs
+    from ..prediction.stacks import predict_stacks
+
+    if args.z is not None:
+        raise UserError("--3d segments every z-slice; leave out --z")
+    if not 0.0 < args.stitch_threshold <= 1.0:
+        raise UserError(f"--stitch-threshold must be in (0, 1], got {args.stitch_threshold}")
+    paths = expand_inputs(args.inputs)
+    if not paths:
+        raise UserError(f"no images found in {' '.join(args.inputs)}")
+    run = predict_stacks(_predictor(args), paths, args.out, _planes(args), args.stitch_threshold,
+                         progress=not args.no_progress)
+    for path, why in run.failed:
+        print(f"maskrcnn: skipped {path}: {why}", file=sys.stderr)
+    nuclei = sum(e["nuclei"] for e in run.entries)
+    print(f"{len(run.written)} stack(s) segmented in 3-D, {nuclei} nuclei; outputs in {Path(args.out)}/ "
+          f"(3-D labels: *_labels.tif, volumes: *_instances.csv)")
+    return EXIT_USER_ERROR if run.failed else 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    if args.three_d:
+        return cmd_predict_3d(args)
+    from ..prediction.predict import predict_files
+    from ..prediction.ranks import share_threads
+    from ..runtime.distributed import DistContext
+
+    # under torchrun: this rank's share of the images (the device is checked where the model loads)
+    dist = DistContext.from_environment(args.device) if "RANK" in os.environ else DistContext.single()
+    try:
+        if dist.active:
+            share_threads(dist)
+        predictor = _predictor(args)
+        run = predict_files(predictor, args.inputs, args.out, tile=args.tile, overlap=args.overlap,
+                            kaggle=args.kaggle, progress=not args.no_progress, skip_existing=args.skip_existing,
+                            rois=args.rois, geojson=args.geojson, planes=_planes(args), dist=dist)
+    finally:
+        dist.close()
+    if not dist.is_main:  # rank 0 reports the whole run
+        return EXIT_STOPPED if run.stopped_by else EXIT_USER_ERROR if run.failed else 0
     for path, why in run.failed:
         print(f"maskrcnn: skipped {path}: {why}", file=sys.stderr)
     if run.stopped_by:
@@ -124,12 +179,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
               f"complete; {run.images_json} lists them); rerun with --skip-existing to continue", file=sys.stderr)
         return EXIT_STOPPED
     kept = f", {len(run.skipped)} skipped (outputs already there)" if run.skipped else ""
-    print(f"{len(run.written)} image(s) segmented{kept}; outputs in {Path(args.out)}/ "
+    print(f"{run.segmented} image(s) segmented{kept}; outputs in {Path(args.out)}/ "
           f"(overlays: *_overlay.png, COCO results: {run.coco_json.name})")
+    if run.models:
+        counts = ", ".join(f"{name} for {run.models.count(name)}" for name in sorted(set(run.models)))
+        print(f"built-in model chosen per image (no --weights; brightfield -> he, fluorescence -> nuclei): {counts} "
+              f"({run.images_json.name})")
     if run.diameters:
         low, high, mid = min(run.diameters), max(run.diameters), statistics.median(run.diameters)
         print(f"nucleus diameter estimated per image (--diameter auto): {low:.0f}-{high:.0f} px, median {mid:.0f}; "
-              f"each image resized to the model's {predictor.scale.trained_diameter:g} px ({run.images_json.name})")
+              f"each image resized to its model's trained diameter ({run.images_json.name})")
     return EXIT_USER_ERROR if run.failed else 0
 
 
@@ -173,7 +232,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from ..train.pretrain import PretrainOptions, pretrain, score_builtin_run, write_builtin
 
-    opts = PretrainOptions(out=args.out, steps=args.steps, minutes=args.minutes, real=args.real,
+    opts = PretrainOptions(out=args.out, model=args.model, steps=args.steps, minutes=args.minutes, real=args.real,
                            real_images=args.real_images, real_share=args.real_share, seed=args.seed,
                            device=args.device, workers=args.workers, lr=args.lr, init=args.init,
                            progress=not args.no_progress)

@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "NAME_instances.csv (with --rois NAME_rois.zip, with --geojson "
                                          "NAME.geojson), and results_coco.json for all images.")
     predict.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
-    predict.add_argument("--weights", required=True, help=WEIGHTS_HELP)
+    predict.add_argument("--weights", help=WEIGHTS_HELP + " (default: the built-in he model for brightfield "
+                         "images, nuclei for fluorescence, chosen per image and written to images.json)")
     predict.add_argument("--out", required=True, help="output folder")
     predict.add_argument("--tile", type=_positive_int, help="tile size for large images")
     predict.add_argument("--overlap", type=int, default=TILE_OVERLAP, help="tile overlap in pixels (> 2x object size)")
@@ -144,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="skip images whose outputs are all in --out already (continue a stopped run); "
                               "the run's files still cover every image")
     predict.add_argument("--device", choices=DEVICES, default="auto")
+    predict.add_argument("--3d", dest="three_d", action="store_true",
+                         help="Z-stacks: segment every z-slice and join the planes' nuclei into 3-D ones; writes "
+                              "NAME_labels.tif (ZYX), a CSV of volumes and 3-D centroids, a projection overlay")
+    predict.add_argument("--stitch-threshold", type=float, default=0.25,
+                         help="--3d: the mask IoU at which a nucleus continues the one in the plane before")
     _inference_flags(predict)
     _plane_flags(predict)
     predict.set_defaults(run=cmd_predict)
@@ -181,11 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
                                         "size and the licence of its data.")
     models.set_defaults(run=cmd_models)
 
-    pretrain = sub.add_parser("pretrain", help="regenerate the built-in nuclei model (resumable)",
+    pretrain = sub.add_parser("pretrain", help="regenerate a built-in model, nuclei or he (resumable)",
                               description="Trains the built-in model's layout on synthetic scenes (and the left "
                                           "60%% of --real's images); run the same command again to continue. "
                                           "--publish writes it into the package with its card.")
     pretrain.add_argument("--out", required=True, help="pretraining folder (its run/ continues across sessions)")
+    pretrain.add_argument("--model", choices=("nuclei", "he"), default="nuclei",
+                          help="which built-in model: nuclei (fluorescence) or he (brightfield H&E/IHC, on synthetic "
+                               "slides; --init nuclei starts it from the fluorescence model)")
     pretrain.add_argument("--steps", type=_positive_int, default=5000, help="length of the whole schedule")
     pretrain.add_argument("--minutes", type=_positive_float, help="stop this session after this long")
     pretrain.add_argument("--real", help="annotated dataset: the left 60%% of each image trains, the rest scores")

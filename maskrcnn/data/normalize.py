@@ -14,8 +14,12 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
+from .stains import rgb_to_stains
 
 METHODS = ("percentile", "minmax", "fixed")
+STAINS = ("hed",)  # Normalizer.stain: colour deconvolution into haematoxylin, eosin and DAB densities
+STAIN_FLOOR = 0.25  # a stain's high density is at least this fraction of the strongest stain's
+WHITE_PERCENTILE = 99.5  # a brightfield image's white (no stain) per channel: the brightest pixels
 MAX_STAT_SAMPLES = 1 << 20  # percentiles of large images come from an evenly strided subset
 
 
@@ -39,6 +43,14 @@ class Normalizer:
     gray becomes 3 channels by replication; RGB becomes 1 channel by the channel mean. A
     2-channel image is dropped to its first channel as gray+alpha would be, because Pillow's
     "LA" mode is where 2-channel images come from in practice.
+
+    ``stain="hed"`` (brightfield models, 3 channels): the image is first turned into the optical
+    densities of haematoxylin, eosin and DAB (maskrcnn.data.stains), the white of each colour
+    channel being its own 99.5th percentile (any bit depth; gray is replicated), and the intensity
+    scaling applies to those densities, per stain (``"percentile"``): each stain's own percentiles,
+    the high one at least STAIN_FLOOR of the strongest stain's (a stain the slide lacks stays dark
+    instead of its noise being stretched), so that nuclei are bright in the first channel whatever
+    the stain strength, as in fluorescence. A large image's tiles take the white of their own pixels.
     """
 
     method: str = "percentile"
@@ -46,6 +58,7 @@ class Normalizer:
     high_percentile: float = 99.8
     channels: int = 3
     fixed_range: tuple[float, float] | None = None
+    stain: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -55,6 +68,11 @@ class Normalizer:
                               f"{self.low_percentile} and {self.high_percentile}")
         if self.channels not in (1, 3):
             raise ConfigError(f"normalisation channels must be 1 or 3, got {self.channels}")
+        if self.stain is not None and (self.stain not in STAINS or self.channels != 3):
+            raise ConfigError(f"normalisation stain must be one of {STAINS} with 3 channels, got {self.stain!r} "
+                              f"with {self.channels}")
+        if self.stain is not None and self.method == "fixed" and self.fixed_range is None:
+            raise ConfigError("normalisation with a stain and method fixed needs fixed_range (stain densities)")
         if self.fixed_range is not None:
             low, high = (float(v) for v in self.fixed_range)
             if not high > low:
@@ -69,16 +87,22 @@ class Normalizer:
         tiles are scaled alike.
         """
         image = np.asarray(image)
-        values = _signal_values(image)
+        values = self._signal(image)
         low, high = intensity_range if intensity_range is not None else self._range(values, image.dtype)
-        scaled = np.clip((values - low) / max(high - low, np.finfo(np.float32).tiny), 0.0, 1.0)
+        span = np.maximum(np.asarray(high, np.float32) - np.asarray(low, np.float32), np.finfo(np.float32).tiny)
+        scaled = np.clip((values - np.asarray(low, np.float32)) / span, 0.0, 1.0)
         return torch.from_numpy(_to_channels(scaled, self.channels))
 
     def intensity_range(self, image: np.ndarray) -> tuple[float, float]:
         """The (low, high) this normaliser maps to 0 and 1 for ``image`` (H, W) or (H, W, C): for a
         large image, pass a reduced-resolution sample of it (``RegionSource.sample``)."""
         image = np.asarray(image)
-        return self._range(_signal_values(image), image.dtype)
+        return self._range(self._signal(image), image.dtype)
+
+    def _signal(self, image: np.ndarray) -> np.ndarray:
+        """(H, W) or (H, W, C) -> (H, W, 1|3) float32 values the intensity scaling applies to."""
+        values = _signal_values(image)
+        return values if self.stain is None else _stain_densities(values)
 
     def _range(self, values: np.ndarray, dtype: np.dtype) -> tuple[float, float]:
         """The (low, high) intensities mapped to 0 and 1."""
@@ -87,6 +111,8 @@ class Normalizer:
         sample = values.reshape(-1)[:: max(1, values.size // MAX_STAT_SAMPLES)]
         if self.method == "minmax":
             return float(sample.min()), float(sample.max())
+        if self.stain is not None:
+            return _stain_range(values.reshape(-1, 3), self.low_percentile, self.high_percentile)
         low, high = np.percentile(sample, [self.low_percentile, self.high_percentile])
         return float(low), float(high)
 
@@ -119,6 +145,22 @@ def _signal_channels(image: np.ndarray) -> np.ndarray:
 def _signal_values(image: np.ndarray) -> np.ndarray:
     """(H, W) or (H, W, C) -> (H, W, 1|3) float32 signal channels, NaN and +-inf set to 0."""
     return np.nan_to_num(_signal_channels(image).astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _stain_range(values: np.ndarray, low_percentile: float, high_percentile: float) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 3) stain densities -> per-stain (low, high), each (3,), see Normalizer (stain)."""
+    sample = values[:: max(1, len(values) // MAX_STAT_SAMPLES)]
+    low, high = np.percentile(sample, [low_percentile, high_percentile], axis=0)
+    return low, np.maximum(high, STAIN_FLOOR * high.max())
+
+
+def _stain_densities(values: np.ndarray) -> np.ndarray:
+    """(H, W, 1|3) brightfield intensities -> (H, W, 3) stain densities, each colour channel's white
+    its WHITE_PERCENTILE (estimated on a strided sample, as the intensity range is)."""
+    rgb = np.repeat(values, 3, axis=-1) if values.shape[-1] == 1 else values
+    sample = rgb.reshape(-1, 3)[:: max(1, rgb.size // 3 // MAX_STAT_SAMPLES)]
+    white = np.maximum(np.percentile(sample, WHITE_PERCENTILE, axis=0), np.finfo(np.float32).tiny)
+    return rgb_to_stains(np.minimum(rgb / white.astype(np.float32), 1.0))
 
 
 def _to_channels(scaled: np.ndarray, channels: int) -> np.ndarray:

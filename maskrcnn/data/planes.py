@@ -32,6 +32,7 @@ from ..config import ConfigError
 from ..errors import DataError
 
 PROJECTIONS = ("max", "mean")
+STACK = "stack"  # z: keep every z-slice, (Z, H, W[, S]) (predict --3d)
 KNOWN_AXES = "TCZYXS"  # letters with a meaning here; others (Q, I, E, ...) make the layout guessed
 MAX_CHANNELS = 4  # the most colour samples kept as channels (as maskrcnn.data.io)
 
@@ -53,7 +54,7 @@ class Planes:
         if self.channel is not None and not _index(self.channel) and not (
                 isinstance(self.channel, str) and self.channel.strip()):
             raise ConfigError(f"--channel must be a channel name or an index >= 0, got {self.channel!r}")
-        if self.z is not None and not _index(self.z) and self.z not in PROJECTIONS:
+        if self.z is not None and not _index(self.z) and self.z not in (*PROJECTIONS, STACK):
             raise ConfigError(f"--z must be an index >= 0, max or mean, got {self.z!r}")
         if self.t is not None and not _index(self.t):
             raise ConfigError(f"--t must be an index >= 0, got {self.t!r}")
@@ -116,6 +117,8 @@ class PlaneSelection:
     def finish(self, block: np.ndarray) -> np.ndarray:
         """The array indexed with :meth:`key` -> projected over Z and ordered (h, w) or (h, w, S)."""
         kept = "".join(a for a, p in zip(self.axes, self.picks) if p is None)
+        if self.projection == STACK:  # every z-slice, first
+            return np.moveaxis(block, [kept.index(a) for a in "ZYXS" if a in kept], range(len(kept)))
         if self.projection:
             z = kept.index("Z")
             # float32 for the mean: float64 would double the memory for no precision a model can use
@@ -152,7 +155,7 @@ def select_planes(path: Any, axes: str | None, shape: Sequence[int], channel_nam
     if keep_samples and size["S"] > MAX_CHANNELS:
         raise DataError(path, f"{size['S']} colour samples per pixel (axes {axes}, shape {shape}); "
                               f"expected at most {MAX_CHANNELS}")
-    projection = planes.z if planes.z in PROJECTIONS and "Z" in size else None
+    projection = planes.z if planes.z in (*PROJECTIONS, STACK) and "Z" in size else None
     choice = {"T": _pick(path, "t", planes.t, size.get("T")),
               "Z": _pick(path, "z", planes.z, size.get("Z")),
               channel_axis: _channel(path, planes.channel, size.get(channel_axis), channel_names)}
@@ -201,10 +204,10 @@ def _pick(path: Any, axis: str, value: int | str | None, size: int | None) -> in
     """The index taken on axis ``axis`` (t or z) of ``size``: None keeps it (a projection)."""
     if size is None:
         # index 0 or a projection of a missing axis is the one plane there is (2-D files mixed with stacks)
-        if value is None or value == 0 or value in PROJECTIONS:
+        if value is None or value == 0 or value in (*PROJECTIONS, STACK):
             return 0
         raise DataError(path, f"--{axis} {value}: the image has no {axis.upper()} axis")
-    if value in PROJECTIONS:
+    if value in (*PROJECTIONS, STACK):
         return None
     index = value or 0
     if index >= size:

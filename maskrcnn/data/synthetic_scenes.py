@@ -238,13 +238,20 @@ class SceneReader(InstanceReader):
     ``(seed, i)`` (any process, any order, after a resume), so nothing is written to disk and a
     long pretraining never sees the same image twice."""
 
+    prefix = "scene"  # of the sample names
+
     def __init__(self, count: int, size: int | tuple[int, int], seed: int):
         self.size, self.seed = size, seed
-        self.names = [f"scene_{seed}_{i:06d}" for i in range(count)]
+        self.names = [f"{self.prefix}_{seed}_{i:06d}" for i in range(count)]
         self.class_names = list(DEFAULT_CLASS_NAMES)
 
+    @staticmethod
+    def draw(size: int | tuple[int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """One (image, labels) pair: what a subclass draws instead."""
+        return synth_scene(size, rng)
+
     def _load(self, index: int) -> Sample:
-        image, labels = synth_scene(self.size, np.random.default_rng([self.seed, index]))
+        image, labels = self.draw(self.size, np.random.default_rng([self.seed, index]))
         count = int(labels.max())
         masks = labels[None] == np.arange(1, count + 1)[:, None, None]
         return Sample(self.names[index], image, masks, np.ones(count, np.int64), image_path=self.names[index])

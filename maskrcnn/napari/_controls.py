@@ -6,15 +6,16 @@ from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QHBoxLayout, QLineEdit, QP
 
 from ..builtin import builtin_names
 from ..prediction.tiling import TILE_OVERLAP
-from ._core import AUTO_TILE, AUTO_TILE_ABOVE
+from ._core import AUTO_MODEL, AUTO_TILE, AUTO_TILE_ABOVE
 
 
 def model_combo() -> QComboBox:
     """Editable: a built-in name, or any model file typed or chosen."""
     combo = QComboBox()
     combo.setEditable(True)
-    combo.addItems(builtin_names())
-    combo.setToolTip("a built-in model's name, or a checkpoint (.pt) or exported (.onnx, .pt) file")
+    combo.addItems([AUTO_MODEL, *builtin_names()])
+    combo.setToolTip(f"{AUTO_MODEL}: the built-in he model for brightfield images, nuclei for fluorescence; "
+                     "or a built-in model's name, or a checkpoint (.pt) or exported (.onnx, .pt) file")
     combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
     combo.setMinimumContentsLength(12)
     return combo

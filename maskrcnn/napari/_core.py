@@ -26,6 +26,7 @@ from ..prediction.tiling import TILE_OVERLAP, fitted_tile, tile_starts
 from ..structures import InstanceResult
 from ..train import HookBase
 
+AUTO_MODEL = "auto"  # the model choice: the built-in nuclei or he model, as the image needs (predict's default)
 AUTO_TILE_ABOVE = 2048  # images larger than this (either side) are segmented in tiles...
 AUTO_TILE = 1024  # ...of at most this many pixels (as ``maskrcnn predict --tile 1024``)
 
@@ -43,13 +44,18 @@ def _no_report(percent: int, text: str) -> None:
 
 
 # --- models ----------------------------------------------------------------------------------------
-def load_predictor(spec: str, device: str = "auto", precision: str = "auto") -> Predictor:
-    """A built-in model's name, a checkpoint or an exported file, as ``predict --weights`` takes it."""
+def load_predictor(spec: str, device: str = "auto", precision: str = "auto"):
+    """A built-in model's name, a checkpoint or an exported file, as ``predict --weights`` takes it;
+    ``auto``: the built-in model each image needs (maskrcnn.prediction.choice), as ``predict`` without it."""
     spec = spec.strip()
     if not spec:
         raise UserError("choose a model: a built-in name (e.g. nuclei) or a checkpoint / exported file")
     from ..builtin import is_builtin
 
+    if spec == AUTO_MODEL and not is_builtin(spec):
+        from ..prediction.choice import ModelChoice
+
+        return ModelChoice(device, precision)
     if not is_builtin(spec) and not Path(spec).is_file():
         raise UserError(f"{spec}: no built-in model of that name and no such file")
     return Predictor.from_weights(spec, device, precision)
@@ -108,13 +114,16 @@ def segment_array(predictor: Predictor, image: np.ndarray, tile: int | None = No
                   report: Report = _no_report, cancel: threading.Event | None = None
                   ) -> tuple[InstanceResult, list[dict]]:
     """A raw (H, W) or (H, W, C) image -> its instances and their measurements, as ``maskrcnn
-    predict`` computes them (the label image of NAME_labels.png, the rows of NAME_instances.csv)."""
+    predict`` computes them (the label image of NAME_labels.png, the rows of NAME_instances.csv).
+    ``predictor`` may choose the model by the image (``load_predictor("auto")``)."""
     image = np.asarray(image)
+    model, predictor = predictor.for_image(image)
     if tile and not 0 <= overlap < tile:
         raise UserError(f"the tile overlap must be in [0, tile), got {overlap} for tile {tile}")
     total = tile_count(image.shape, tile, overlap)
     counting = dataclasses.replace(predictor, model=_CountingDetector(predictor.model, total, report, cancel))
-    report(0 if total > 1 else -1, "segmenting" + (f" in {total} tiles" if total > 1 else ""))
+    report(0 if total > 1 else -1, "segmenting" + (f" with {model}" if model else "")
+           + (f" in {total} tiles" if total > 1 else ""))
     result = counting(image, tile, overlap)
     report(100, "measuring")
     return result, instance_table(result, image, predictor.class_names)
@@ -209,8 +218,10 @@ def fine_tune(image: np.ndarray, labels: np.ndarray, init: str, out: str | Path,
     from ..modeling.checkpoint import load_checkpoint
     from ..runtime.distributed import DistContext
     from ..runtime.runlock import run_lock
+    from ..prediction.choice import builtin_for
     from ..train import Trainer, TrainOptions
 
+    init = builtin_for(image) if init == AUTO_MODEL else init  # the built-in model this image needs
     can_fine_tune(init)
     if not minutes and not iters:
         raise UserError("give the fine-tuning a time budget (minutes) or a number of steps")

@@ -228,6 +228,10 @@ class RunOutputs:
         self.images.append({"id": image_id, "file_name": str(path), "height": height, "width": width,
                             "streamed": True, **(scaling or {})})
 
+    def paths(self) -> tuple[Path, Path | None]:
+        """The COCO results path and the submission path (None without kaggle) that :meth:`write` writes."""
+        return self.out_dir / COCO_JSON, (self.out_dir / KAGGLE_CSV if self.kaggle else None)
+
     def write(self) -> tuple[Path, Path | None]:
         """Write the run's files; returns the COCO results path and the submission path (None without kaggle)."""
         coco_json = self.out_dir / COCO_JSON

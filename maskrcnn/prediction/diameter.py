@@ -59,10 +59,19 @@ class AutoScale:
 
     trained_diameter: float
     bright: bool = True
+    channel: int | None = None  # the channel nuclei show in (None: the mean of all)
+
+    @classmethod
+    def for_model(cls, trained_diameter: float, normalizer) -> "AutoScale":
+        """For a model's normaliser: a brightfield model's input (stain densities) shows nuclei in
+        its haematoxylin channel (maskrcnn.data.normalize)."""
+        return cls(trained_diameter, channel=0 if getattr(normalizer, "stain", None) else None)
 
     def choose(self, image: Tensor) -> Scaling:
         """A normalised image (C, H, W) in [0, 1] -> its Scaling."""
-        found = object_diameter(central_window(image, SAMPLE_SIDE).mean(0), self.bright)
+        window = central_window(image, SAMPLE_SIDE)
+        gray = window.mean(0) if self.channel is None else window[self.channel]
+        found = object_diameter(gray, self.bright)
         if found is None:
             return Scaling(1.0, None, 0, "none")
         scale = min(max(self.trained_diameter / found[0], SCALE_LIMITS[0]), SCALE_LIMITS[1])

@@ -21,6 +21,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,13 +39,14 @@ from ..modeling.model import MaskRCNN, for_inference
 from ..outputs.files import (IMAGES_JSON, PredictionFiles, RunOutputs, existing_prediction, read_prediction,
                              write_prediction)
 from ..runtime.atomic import remove_stale_temporaries
-from ..runtime.distributed import resolve_device
+from ..runtime.distributed import DistContext, resolve_device
 from ..runtime.memory import Plan, default_max_memory, plan_inference
 from ..runtime.precision import autocast_dtype
 from ..runtime.signals import StopSignals
 from ..structures import Detector, InstanceResult
 from .diameter import SCALING_KEYS, AutoScale, Scaling, central_box, scaling_for
 from .large import SAMPLE_PIXELS, StreamStopped, predict_streamed, region_source, streamed_shape
+from .ranks import RankResult, merge_ranks, my_images
 from .segment import segment
 from .tiling import TILE_OVERLAP
 
@@ -74,8 +76,9 @@ class Predictor:
         model = MaskRCNN(ckpt.config.replace(backbone_weights=None))
         model.load_state_dict(ckpt.model_state)
         trained = trained_diameter(path)
-        return cls(for_inference(model.to(target)), Normalizer.from_dict(ckpt.normalizer), target, precision,
-                   scale=AutoScale(trained) if trained else 1.0)
+        normalizer = Normalizer.from_dict(ckpt.normalizer)
+        return cls(for_inference(model.to(target)), normalizer, target, precision,
+                   scale=AutoScale.for_model(trained, normalizer) if trained else 1.0)
 
     @classmethod
     def from_weights(cls, path: str | Path, device: str = "auto", precision: str = "auto") -> "Predictor":
@@ -96,6 +99,10 @@ class Predictor:
     @property
     def class_names(self) -> list[str]:
         return self.model.cfg.class_names
+
+    def for_image(self, image: np.ndarray) -> tuple[str | None, "Predictor"]:
+        """The model for a raw image: this one (maskrcnn.prediction.choice picks among built-in ones)."""
+        return None, self
 
     def __call__(self, image: np.ndarray, tile: int | None = None, overlap: int = TILE_OVERLAP) -> InstanceResult:
         """A raw image (H, W) or (H, W, C) of any dtype -> its instances, on the CPU."""
@@ -169,21 +176,27 @@ class PredictRun:
     done: int = 0  # images handled (written, failed or skipped): the first ``done`` of the inputs
     total: int = 0
     diameters: list[float] = field(default_factory=list)  # the nucleus diameters --diameter auto estimated
+    models: list[str] = field(default_factory=list)  # the built-in model chosen for each image (no --weights)
+    segmented: int = 0  # images segmented and written, by every rank (``written`` lists this rank's)
 
     @property
     def images_json(self) -> Path:
         return self.coco_json.with_name(IMAGES_JSON)
 
 
-def predict_files(predictor: Predictor, inputs: list[str], out_dir: str | Path, *, tile: int | None = None,
+def predict_files(predictor: Predictor | Any, inputs: list[str], out_dir: str | Path, *, tile: int | None = None,
                   overlap: int = TILE_OVERLAP, kaggle: bool = False, progress: bool = True,
                   skip_existing: bool = False, rois: bool = False, geojson: bool = False,
-                  planes: Planes | None = None) -> PredictRun:
+                  planes: Planes | None = None, dist: DistContext | None = None) -> PredictRun:
     """Predict every input image; a bad image is reported and skipped, the others still processed.
+    ``predictor``: a Predictor, or anything with its ``for_image``, ``plan`` and ``class_names`` that
+    picks one per image (maskrcnn.prediction.choice.ModelChoice).
     ``rois`` / ``geojson``: also write each image's instance outlines as an ImageJ ROI zip / a QuPath
     GeoJSON (see outputs_outlines). ``skip_existing``: keep the outputs of images that have all
     their files already, those two included when asked for (see outputs). ``planes``: the channel,
-    z-slice (or projection) and time point of multi-dimensional images (maskrcnn.data.planes)."""
+    z-slice (or projection) and time point of multi-dimensional images (maskrcnn.data.planes).
+    ``dist``: under torchrun each rank segments its share of the images and rank 0 writes the run's
+    files for all (maskrcnn.prediction.ranks); the returned run is the whole run's on rank 0."""
     from tqdm import tqdm
 
     out = Path(out_dir)
@@ -193,11 +206,14 @@ def predict_files(predictor: Predictor, inputs: list[str], out_dir: str | Path, 
     if not paths:
         raise UserError(f"no images found in {' '.join(inputs)}")
     _check_unique_stems(paths)
+    dist = dist or DistContext.single()
+    mine = my_images(len(paths), dist)
     run, written, skipped = RunOutputs(out, kaggle), [], []
     stopped_by, done = None, 0
     earlier = _earlier_scalings(out) if skip_existing else {}
     with StopSignals(graceful=True, unit="image") as signals:
-        for image_id, path in enumerate(tqdm(paths, desc="predict", unit="img", disable=not progress), start=1):
+        for index in tqdm(mine, desc="predict", unit="img", disable=not (progress and dist.is_main)):
+            image_id, path = index + 1, paths[index]
             kept = _kept_prediction(out, path, predictor.class_names, rois, geojson) if skip_existing else None
             if isinstance(kept, tuple):
                 run.add_streamed(image_id, path, kept, earlier.get(str(path)))
@@ -213,13 +229,21 @@ def predict_files(predictor: Predictor, inputs: list[str], out_dir: str | Path, 
                     stopped_by = signals.received
                     break
                 written += [files] if files else []
-            done = image_id
-            if signals.received and done < len(paths):  # after the last image the run is whole anyway
+            done += 1
+            if signals.received and done < len(mine):  # after the last image the run is whole anyway
                 stopped_by = signals.received
                 break
-    coco_json, kaggle_csv = run.write()  # for the images done: images.json lists them
+    segmented = len(written)
+    if dist.active:
+        merged = merge_ranks(run, RankResult(run.images, run.coco, run.kaggle_table, run.failed, segmented, skipped,
+                                             stopped_by, done), dist, paths)
+        segmented, skipped, stopped_by, done = merged.written, merged.skipped, merged.stopped_by, merged.done
+    # rank 0 writes the run's files, for the images done: images.json lists them
+    coco_json, kaggle_csv = run.write() if dist.is_main else run.paths()
     estimated = [entry["diameter"] for entry in run.images if entry.get("diameter_from") == "objects"]
-    return PredictRun(written, run.failed, coco_json, kaggle_csv, skipped, stopped_by, done, len(paths), estimated)
+    models = [entry["model"] for entry in run.images if "model" in entry]
+    return PredictRun(written, run.failed, coco_json, kaggle_csv, skipped, stopped_by, done, len(paths), estimated,
+                      models, segmented)
 
 
 def _predict_one(predictor: Predictor, run: RunOutputs, image_id: int, path: Path, tile: int | None,
@@ -242,10 +266,11 @@ def _predict_one(predictor: Predictor, run: RunOutputs, image_id: int, path: Pat
             return _predict_streamed(predictor, run, image_id, path, plan.tile, overlap, planes, signals, progress,
                                      folder)
         image = folder.read(0, folder.shape[0], 0, folder.shape[1]) if folder else read_image(path, planes)
-        normalized = predictor.normalizer(image)
-        scaling = predictor.scaling(normalized)
-        plan = predictor.plan(image.shape[:2], tile, overlap, in_memory=True, scale=scaling.scale)
-        result = predictor.predict_planned(normalized, plan.tile, overlap, scaling.scale)
+        model, chosen = predictor.for_image(image)
+        normalized = chosen.normalizer(image)
+        scaling = chosen.scaling(normalized)
+        plan = chosen.plan(image.shape[:2], tile, overlap, in_memory=True, scale=scaling.scale)
+        result = chosen.predict_planned(normalized, plan.tile, overlap, scaling.scale)
     except DataError as err:
         run.failed.append((path, err.problem))
         return None
@@ -253,8 +278,14 @@ def _predict_one(predictor: Predictor, run: RunOutputs, image_id: int, path: Pat
         getattr(folder, "close", lambda: None)()
     files = write_prediction(run.out_dir, path.stem, image, normalized, result, predictor.class_names,
                              rois=rois, geojson=geojson)
-    run.add(image_id, path, image.shape[:2], result, scaling.to_dict())
+    run.add(image_id, path, image.shape[:2], result, _entry(scaling, model))
     return files
+
+
+def _entry(scaling: Scaling, model: str | None) -> dict:
+    """What images.json records of how an image was predicted: its scaling, and the built-in model
+    chosen for it when the run chose per image."""
+    return scaling.to_dict() | ({"model": model} if model else {})
 
 
 def _predict_streamed(predictor: Predictor, run: RunOutputs, image_id: int, path: Path, tile: int, overlap: int,
@@ -269,8 +300,10 @@ def _predict_streamed(predictor: Predictor, run: RunOutputs, image_id: int, path
     source = region_source(path, planes) if opened else source
     bar = tqdm(desc=f"{path.name} tiles", unit="tile", leave=False, disable=not progress)
     try:
-        auto = isinstance(predictor.scale, AutoScale)  # judged by a window read for it
-        scaling = predictor.scaling(_central_window(predictor, source)) if auto else Scaling(predictor.scale)
+        window = source.read(*central_box(source.shape))  # the model and the scale are judged by the centre
+        model, predictor = predictor.for_image(window)
+        auto = isinstance(predictor.scale, AutoScale)
+        scaling = predictor.scaling(_normalized_window(predictor, source, window)) if auto else Scaling(predictor.scale)
         tile = predictor.plan(source.shape, tile, overlap, scale=scaling.scale).tile
 
         def advance(done: int, total: int) -> None:
@@ -284,14 +317,13 @@ def _predict_streamed(predictor: Predictor, run: RunOutputs, image_id: int, path
         bar.close()
         if opened:
             getattr(source, "close", lambda: None)()
-    run.add_streamed(image_id, path, done.shape, scaling.to_dict())
+    run.add_streamed(image_id, path, done.shape, _entry(scaling, model))
     return PredictionFiles(done.label_image, done.overlay, done.table)
 
 
-def _central_window(predictor: Predictor, source: RegionSource) -> torch.Tensor:
+def _normalized_window(predictor: Predictor, source: RegionSource, window: np.ndarray) -> torch.Tensor:
     """The central window of a streamed image that AutoScale judges it by, normalised with the
     whole image's intensity range (as its tiles are)."""
-    window = source.read(*central_box(source.shape))
     return predictor.normalizer(window, predictor.normalizer.intensity_range(source.sample(SAMPLE_PIXELS)))
 
 
@@ -310,7 +342,7 @@ def _earlier_scalings(out: Path) -> dict[str, dict]:
     that the images it kept are listed as a fresh run lists them; {} without a readable file."""
     try:
         entries = json.loads((out / IMAGES_JSON).read_text())
-        return {e["file_name"]: {k: e[k] for k in SCALING_KEYS if k in e} for e in entries}
+        return {e["file_name"]: {k: e[k] for k in (*SCALING_KEYS, "model") if k in e} for e in entries}
     except (OSError, ValueError, TypeError, KeyError):
         return {}
 

@@ -15,6 +15,12 @@ The run is an ordinary training run with a fixed length (``steps``): ``--minutes
 cleanly, and running the same command again continues it (``--resume`` is implied when
 ``OUT/run/last.pt`` exists), so a long pretraining can be spread over several sessions. At the end
 ``publish`` writes the half-precision model and its card into the package.
+
+``model="he"`` trains the brightfield model instead (maskrcnn.train.brightfield): synthetic
+brightfield slides (maskrcnn.data.synthetic_brightfield) instead of the fluorescence scenes, the
+stain-density input, and ``init`` a fluorescence model widened to it. It is scored on held-out
+synthetic slides (the real brightfield images we have carry no labels: benchmarks/brightfield.py
+measures it on them).
 """
 
 from __future__ import annotations
@@ -31,12 +37,16 @@ import torch
 from ..builtin import FOLDER, card, is_builtin, publish
 from ..config import Config
 from ..data.datasets import open_dataset
+from ..data.synthetic_brightfield import SlideReader
 from ..data.synthetic_scenes import SceneReader
 from ..data.views import CachedReader, ConcatReader, RegionReader, ResizedReader, SubsetReader
 from ..errors import UserError
 from ..presets import builtin_config
+from ..modeling.checkpoint import save_checkpoint
 from ..runtime.atomic import atomic_write_text
 from . import TrainOptions, train
+from .brightfield import HE_INPUT, HE_SUMMARY, he_config, he_normalizer, widen_to_stains
+from .init import load_init
 
 SCENE_SIZE = 256  # pixels per side of a synthetic scene; training crops are BUILTIN_CROP
 BUILTIN_CROP = 128
@@ -44,12 +54,16 @@ REAL_FRACTION = 0.6  # the left part of each real image that may train; the rest
 BUILTIN_DIAMETER = 20.0  # pixels: the nucleus size the model learns (its card's diameter_px)
 BUILTIN_SCALES = (0.5, 2.0)  # each training crop is resized by a log-uniform factor in this range
 INIT_CARD = "init_card.json"  # OUT/: the card of the built-in model --init started from
+HE_INIT = "he_init.pt"  # OUT/: the one-channel --init model widened to the he model's input
+HELD_OUT_SLIDES = (16, 384)  # he: synthetic slides of a seed training never draws, and their size
+MODELS = ("nuclei", "he")
 HELD_OUT_PREFIX = "val_"  # images of a --real-images dataset named so are for scoring, never training
 
 
 @dataclass
 class PretrainOptions:
     out: str
+    model: str = "nuclei"  # which built-in model: "nuclei" (fluorescence) or "he" (brightfield)
     steps: int = 5000
     minutes: float | None = None  # this session's share; run again to continue
     real: str | None = None  # an annotated dataset whose images' left REAL_FRACTION may train
@@ -67,7 +81,7 @@ class PretrainOptions:
 
 def training_reader(opts: PretrainOptions):
     """The mix of synthetic scenes and the real samples, repeated to ``real_share`` of the whole."""
-    scenes = SceneReader(opts.scenes, SCENE_SIZE, opts.seed)
+    scenes = (SlideReader if opts.model == "he" else SceneReader)(opts.scenes, SCENE_SIZE, opts.seed)
     real = real_reader(opts)
     if real is None:
         return scenes
@@ -102,21 +116,39 @@ def pretrain(opts: PretrainOptions) -> Path:
     """Train (or continue) the built-in model's run in ``opts.out``; returns its last checkpoint."""
     if not 0.0 <= opts.real_share < 1.0:
         raise UserError(f"--real-share must be in [0, 1), got {opts.real_share}")
+    if opts.model not in MODELS:
+        raise UserError(f"--model must be one of {', '.join(MODELS)}, got {opts.model!r}")
     run = Path(opts.out) / "run"
     started = time.monotonic()
+    Path(opts.out).mkdir(parents=True, exist_ok=True)
     if opts.init and is_builtin(opts.init) and not (Path(opts.out) / INIT_CARD).is_file():
         # publishing replaces that model and its card: keep the card its lineage is read from
         atomic_write_text(Path(opts.out) / INIT_CARD, json.dumps(card(opts.init), indent=2) + "\n")
+    he = opts.model == "he"
     result = train(TrainOptions(
-        data=" + ".join(["synthetic scenes", *([opts.real] if opts.real else []), *opts.real_images]),
-        reader=training_reader(opts),
-        out=str(run), config=builtin_config(), init=opts.init, iters=opts.steps, max_minutes=opts.minutes,
+        data=" + ".join(["synthetic slides" if he else "synthetic scenes", *([opts.real] if opts.real else []),
+                         *opts.real_images]),
+        reader=training_reader(opts), config=he_config() if he else builtin_config(),
+        normalizer=he_normalizer() if he else None, init=_init_weights(opts),
+        out=str(run), iters=opts.steps, max_minutes=opts.minutes,
         batch_size=opts.batch_size, lr=opts.lr, warmup_iters=100, crop=BUILTIN_CROP, scale_range=BUILTIN_SCALES,
         val_fraction=0.0,
         val_every=10**9, checkpoint_every=200, seed=opts.seed, device=opts.device, workers=opts.workers, progress=opts.progress,
         resume=(run / "last.pt").is_file()))
     _log_session(Path(opts.out), result.steps, time.monotonic() - started, opts)
     return result.last
+
+
+def _init_weights(opts: PretrainOptions) -> str | None:
+    """What ``--init`` starts from: the named weights, or for ``he`` a one-channel model widened to
+    its input (written once to OUT/he_init.pt: a resumed run reads its weights from run/last.pt)."""
+    if opts.model != "he" or not opts.init:
+        return opts.init
+    target = Path(opts.out) / HE_INIT
+    if not target.is_file():
+        ckpt = load_init(opts.init)
+        save_checkpoint(target, widen_to_stains(ckpt) if ckpt.config.in_channels == 1 else ckpt)
+    return str(target)
 
 
 def _log_session(out: Path, steps: int, seconds: float, opts: PretrainOptions) -> None:
@@ -152,10 +184,11 @@ def sessions(out: str | Path) -> list[dict[str, Any]]:
 
 
 def write_builtin(out: str | Path, scores: dict[str, Any], opts: PretrainOptions, folder: Path = FOLDER) -> Path:
-    """Publish OUT/run/last.pt as the built-in ``nuclei`` model with its card."""
+    """Publish OUT/run/last.pt as the built-in model ``opts.model`` with its card."""
     out = Path(out)
     history = sessions(out)
-    cfg: Config = builtin_config()
+    he = opts.model == "he"
+    cfg: Config = he_config() if he else builtin_config()
     earlier = _init_card(out)  # the built-in model this run continued from, as it was then
     info = {
         "summary": "fluorescence nuclei, one class (nucleus); Mask R-CNN, ResNet-18 trunk at half width, "
@@ -176,13 +209,29 @@ def write_builtin(out: str | Path, scores: dict[str, Any], opts: PretrainOptions
         "scale": "each image's nucleus diameter D is estimated (--diameter auto, the default) and the image "
                  "resized by 20/D unless D is within 1.25x of 20; --diameter D (pixels) or --scale F decide instead",
         "scores": scores,
+        **(_he_card(earlier, opts) if he else {}),
         "licence": "synthetic data: generated by this package's own code; DSB2018 image: BBBC038v1 "
                    "(Broad Bioimage Benchmark Collection), CC0 1.0"
                    + "".join(f"; {Path(path).name}: {_licence(path)}" for path in opts.real_images),
         "layout": {k: v for k, v in cfg.to_dict().items() if k in ("backbone", "trunk_width", "fpn_channels",
                                                                     "rpn_scales", "in_channels")},
     }
-    return publish(out / "run" / "last.pt", "nuclei", info, folder)
+    return publish(out / "run" / "last.pt", opts.model, info, folder)
+
+
+def _he_card(earlier: dict[str, Any] | None, opts: PretrainOptions) -> dict[str, Any]:
+    """What the ``he`` model's card says differently from the ``nuclei`` one's."""
+    return {
+        "summary": HE_SUMMARY,
+        "trained_on": "synthetic brightfield slides (maskrcnn.data.synthetic_brightfield: H&E, IHC and plain "
+                      "brightfield, drawn fresh each step)"
+                      + (f"; continued from the built-in {opts.init} model (its first convolution widened to the "
+                         f"stain densities, maskrcnn.train.brightfield) trained on {earlier['trained_on']}"
+                         if earlier else ""),
+        "input": HE_INPUT + f"; trained on nuclei of about 8 to 45 px across (synthetic), crops resized 0.5-2x",
+        "licence": "synthetic data: generated by this package's own code"
+                   + ("; the init model's data: " + earlier["licence"] if earlier else ""),
+    }
 
 
 def _init_card(out: Path) -> dict[str, Any] | None:
@@ -222,7 +271,7 @@ def _licence(path: str) -> str:
 def _recipe(history: list[dict[str, Any]], opts: PretrainOptions) -> str:
     """The commands that made the run: one per schedule length its sessions reached. A later, longer
     ``--steps`` continues the same run with the cosine stretched to it (the rate rises again)."""
-    real = (f" --real {opts.real}" if opts.real else "") + "".join(f" --real-images {p}" for p in opts.real_images)
+    real = (f" --model {opts.model}" if opts.model != "nuclei" else "") + (f" --real {opts.real}" if opts.real else "") + "".join(f" --real-images {p}" for p in opts.real_images)
     real += f" --init {opts.init} --lr {opts.lr:g}" if opts.init else ""
     lengths = list(dict.fromkeys(h.get("schedule", h["steps"]) for h in history))  # in order, once each
     commands = [f"maskrcnn pretrain --out OUT --steps {n}{real}" for n in lengths if n != opts.steps]
@@ -240,6 +289,10 @@ def score_builtin_run(checkpoint: str | Path, opts: PretrainOptions) -> dict[str
     from ..prediction.predict import Predictor
 
     held_out = {}
+    if opts.model == "he":
+        count, size = HELD_OUT_SLIDES
+        held_out[f"{count} synthetic slides of {size} px, seed {opts.seed + 1} (never trained on)"] = \
+            SlideReader(count, size, opts.seed + 1)
     if opts.real:
         name = f"right {1 - REAL_FRACTION:.0%} of {Path(opts.real).name} (never trained on)"
         held_out[name] = RegionReader(open_dataset(opts.real), REAL_FRACTION, 1.0)
@@ -253,7 +306,8 @@ def score_builtin_run(checkpoint: str | Path, opts: PretrainOptions) -> dict[str
     scores = {}
     for name, reader in held_out.items():
         report = evaluate_model(predictor.model, predictor.normalizer, reader, device=predictor.device,
-                                progress=False, precision=predictor.precision, scale=AutoScale(BUILTIN_DIAMETER))
+                                progress=False, precision=predictor.precision,
+                                scale=AutoScale.for_model(BUILTIN_DIAMETER, predictor.normalizer))
         summary = report.summary()
         scores[name] = {"mask_ap50": round(summary["mask_ap50"], 3), "mask_ap": round(summary["mask_ap"], 3),
                         "dsb_score": round(report.dsb_score, 3), "accuracy_50": round(summary["accuracy_50"], 3),

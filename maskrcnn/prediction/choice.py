@@ -1,0 +1,79 @@
+"""``predict`` with no ``--weights``: the built-in model each image needs, chosen from the image itself.
+
+Fluorescence images are mostly dark background with bright nuclei; brightfield slides (H&E, IHC,
+plain brightfield) are mostly light (white or stained tissue) with dark nuclei. So the median
+pixel's position between the image's 1st and 99th percentiles of brightness tells them apart:
+above ``BRIGHTFIELD_LEVEL`` the ``he`` model, else ``nuclei``. Measured (docs/benchmarks.md): 0.00-0.15
+on the 34 real fluorescence images of ../shared/data and at most 0.25 on 60 synthetic scenes;
+0.36-0.97 on the six real H&E/IHC images found in registry packages and at least 0.45 on 60
+synthetic slides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..runtime.memory import default_max_memory
+from .predict import Predictor
+
+BRIGHTFIELD_LEVEL = 0.3  # the median's position in the 1st-99th percentile range above which an image is brightfield
+FLUORESCENCE, BRIGHTFIELD = "nuclei", "he"  # the built-in model for each kind of image
+MAX_SAMPLES = 1 << 18  # pixels the statistics look at (evenly strided)
+
+
+def background_level(image: np.ndarray) -> float:
+    """(H, W) or (H, W, C) image -> where its median brightness lies between its 1st (0) and 99th (1)
+    percentiles (the mean of the colour channels; alpha ignored)."""
+    values = np.asarray(image)
+    if values.ndim == 3:
+        values = values[..., :3] if values.shape[-1] >= 3 else values[..., :1]
+        values = values.astype(np.float32).mean(axis=-1)
+    sample = np.nan_to_num(values.reshape(-1)[:: max(1, values.size // MAX_SAMPLES)].astype(np.float32))
+    low, median, high = np.percentile(sample, [1, 50, 99])
+    return float((median - low) / (high - low)) if high > low else 0.0
+
+
+def builtin_for(image: np.ndarray) -> str:
+    """The built-in model for a raw image: ``he`` for brightfield, ``nuclei`` for fluorescence."""
+    return BRIGHTFIELD if background_level(image) > BRIGHTFIELD_LEVEL else FLUORESCENCE
+
+
+@dataclass
+class ModelChoice:
+    """The built-in models, each loaded when an image first needs it, as one predictor: ``for_image``
+    gives the model's name and its Predictor (with this choice's tta and max_memory)."""
+
+    device: str = "auto"
+    precision: str = "auto"
+    tta: bool = False
+    max_memory: int = field(default_factory=default_max_memory)
+    scale: float | None = None  # a fixed resize for every image (--scale, --diameter); None: each model's AutoScale
+    loaded: dict[str, Predictor] = field(default_factory=dict)
+
+    def for_image(self, image: np.ndarray) -> tuple[str, Predictor]:
+        name = builtin_for(image)
+        return name, self.predictor(name)
+
+    def predictor(self, name: str) -> Predictor:
+        if name not in self.loaded:
+            self.loaded[name] = Predictor.from_weights(name, self.device, self.precision)
+        predictor = self.loaded[name]
+        predictor.tta, predictor.max_memory = self.tta, self.max_memory
+        if self.scale is not None:
+            predictor.scale = self.scale
+        return predictor
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.predictor(FLUORESCENCE).class_names  # both models have the one class "nucleus"
+
+    def plan(self, *args, **kwargs):
+        """Whole, tiled or streamed, before the image is read: the two models share their layout
+        but for the input channels, so either plans alike."""
+        return self.predictor(FLUORESCENCE).plan(*args, **kwargs)
+
+    def __call__(self, image: np.ndarray, *args, **kwargs):
+        """A raw image -> its instances, by the model it needs (as Predictor.__call__)."""
+        return self.for_image(image)[1](image, *args, **kwargs)

@@ -1,0 +1,116 @@
+"""Z-stacks: stitching planes into 3-D instances, 3-D metrics and measurements, the synthetic
+stacks, and a stack segmented end to end by the built-in model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from maskrcnn.data.synthetic_3d import Stack, synth_stack
+from maskrcnn.metrics import match_instances
+from maskrcnn.prediction.volume import segment_stack, stitch_planes, volume_overlaps, volume_table
+
+
+def disc(shape, cy, cx, r, value):
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    return np.where((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r, value, 0)
+
+
+def test_a_nucleus_spanning_planes_gets_one_id_and_touching_nuclei_keep_two():
+    shape = (40, 60)
+    planes = np.zeros((4, *shape), np.int32)
+    for z in range(4):  # nucleus A drifts a little from plane to plane, its per-plane id changes
+        planes[z] += disc(shape, 12 + z, 12, 8, 5 + z)
+    for z in (1, 2, 3):  # B and C touch in every plane, side by side
+        planes[z] += disc(shape, 28, 30, 6, 20) + disc(shape, 28, 43, 6, 30)
+    planes[3][planes[3] == 20] = 0  # B ends before the last plane
+    planes[3] += disc(shape, 10, 50, 5, 40)  # D appears only there, far from everything
+    out = stitch_planes(planes)
+    a = {int(v) for z in range(4) for v in np.unique(out[z][disc(shape, 12 + z, 12, 6, 1) > 0])}
+    assert a == {1}  # one id on all four planes
+    b, c = int(out[1, 28, 30]), int(out[1, 28, 43])
+    assert b != c and {int(out[2, 28, 30]), int(out[2, 28, 43])} == {b, c} and int(out[3, 28, 43]) == c
+    assert int(out[3, 10, 50]) not in (0, 1, b, c)
+    assert sorted(np.unique(out))[1:] == [1, 2, 3, 4]
+
+
+def test_an_instance_overlapping_less_than_the_threshold_starts_a_new_one():
+    shape = (30, 30)
+    planes = np.stack([disc(shape, 15, 8, 6, 1), disc(shape, 15, 17, 6, 1)])  # IoU about 0.1
+    assert len(np.unique(stitch_planes(planes, threshold=0.25))) == 3
+    assert len(np.unique(stitch_planes(planes, threshold=0.05))) == 2
+
+
+def test_3d_metrics_and_measurements_against_a_hand_computed_case():
+    truth = np.zeros((2, 4, 4), np.int32)
+    truth[:, :2, :2] = 1  # 8 voxels
+    truth[1, 2:, 2:] = 2  # 4 voxels
+    pred = np.zeros_like(truth)
+    pred[0, :2, :2] = 7  # half of nucleus 1: IoU 4 / 8
+    pred[1, 2:, 2:] = 9
+    pred[1, 3, 0] = 9  # one extra voxel: IoU 4 / 5
+    overlaps = volume_overlaps(truth, pred)
+    iou = {(int(overlaps.true_ids[t]), int(overlaps.pred_ids[p])): v
+           for t, p, v in zip(overlaps.true_index, overlaps.pred_index, overlaps.iou)}
+    assert iou == {(1, 7): pytest.approx(0.5), (2, 9): pytest.approx(0.8)}
+    stats = match_instances(overlaps)
+    at = {round(float(t), 2): i for i, t in enumerate(stats.thresholds)}
+    # a match needs IoU above the threshold: at 0.5 only nucleus 2 (TP 1, FP 1, FN 1), at 0.8 none
+    assert stats.accuracy[at[0.5]] == pytest.approx(1 / 3) and stats.f1[at[0.5]] == pytest.approx(0.5)
+    assert stats.accuracy[at[0.75]] == pytest.approx(1 / 3) and stats.accuracy[at[0.8]] == 0.0
+    rows = volume_table(truth)
+    assert rows[0] == {"id": 1, "volume": 8, "centroid_z": 0.5, "centroid_y": 0.5, "centroid_x": 0.5,
+                       "z0": 0, "y0": 0, "x0": 0, "z1": 2, "y1": 2, "x1": 2}
+    assert rows[1]["volume"] == 4 and (rows[1]["z0"], rows[1]["z1"]) == (1, 2)
+
+
+def test_synthetic_stacks_are_deterministic_with_every_id_present():
+    image, labels = synth_stack((12, 64, 64), np.random.default_rng(4), Stack(count=6, anisotropy=3.0))
+    again, same = synth_stack((12, 64, 64), np.random.default_rng(4), Stack(count=6, anisotropy=3.0))
+    np.testing.assert_array_equal(image, again)
+    np.testing.assert_array_equal(labels, same)
+    assert image.dtype == np.uint16 and labels.shape == (12, 64, 64)
+    assert set(np.unique(labels)) == set(range(int(labels.max()) + 1)) and labels.max() >= 3
+    inside = labels > 0
+    assert image[inside].mean() > 1.5 * image[~inside].mean()
+
+
+@pytest.mark.slow
+def test_the_builtin_model_segments_a_synthetic_stack_in_3d():
+    from maskrcnn.prediction.predict import Predictor
+
+    image, truth = synth_stack((16, 96, 96), np.random.default_rng(1), Stack(count=8, diameter=20.0))
+    result = segment_stack(Predictor.from_weights("nuclei", device="cpu"), image)
+    assert result.labels.shape == truth.shape and len(result.plane_instances) == 16
+    stats = match_instances(volume_overlaps(truth, result.labels))
+    at50 = int(np.flatnonzero(np.isclose(stats.thresholds, 0.5))[0])
+    assert stats.accuracy[at50] > 0.5  # a mechanism check; accuracy is measured by benchmarks/volume.py
+
+
+@pytest.mark.slow
+def test_predict_3d_writes_a_3d_label_image_that_evaluates_against_the_truth(tmp_path, capsys):
+    import csv
+    import json
+
+    import tifffile
+
+    from cli_helpers import cli
+
+    image, truth = synth_stack((10, 80, 80), np.random.default_rng(3), Stack(count=6, diameter=20.0))
+    tifffile.imwrite(tmp_path / "stack.tif", image, metadata={"axes": "ZYX"})
+    (tmp_path / "bad.tif").write_bytes(b"no tiff")
+    code, out, err = cli(capsys, "predict", tmp_path / "stack.tif", tmp_path / "bad.tif", "--3d", "--weights",
+                         "nuclei", "--out", tmp_path / "o", "--device", "cpu", "--no-progress")
+    assert code == 2 and "bad.tif" in err and "1 stack(s) segmented in 3-D" in out
+    labels = tifffile.imread(tmp_path / "o" / "stack_labels.tif")
+    assert labels.shape == truth.shape and labels.max() > 0
+    rows = list(csv.DictReader((tmp_path / "o" / "stack_instances.csv").read_text().splitlines()))
+    assert len(rows) == len(np.unique(labels)) - 1
+    assert sum(int(r["volume"]) for r in rows) == int((labels > 0).sum())
+    entry, = json.loads((tmp_path / "o" / "images.json").read_text())
+    assert entry["depth"] == 10 and entry["nuclei"] == int(labels.max())
+    assert (tmp_path / "o" / "stack_overlay.png").is_file() and (tmp_path / "o" / "failed.txt").is_file()
+    stats = match_instances(volume_overlaps(truth, labels.astype(np.int64)))  # the file round-trips to metrics
+    assert stats.tp.sum() > 0
+    code, _, err = cli(capsys, "predict", tmp_path / "stack.tif", "--3d", "--z", "2", "--out", tmp_path / "z")
+    assert code == 2 and "--z" in err
