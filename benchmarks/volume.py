@@ -57,7 +57,7 @@ def main() -> None:
     rows = []
     for stack, image, truth in stacks(args.stacks):
         start = time.perf_counter()
-        planes = segment_stack(predictor, image, threshold=1.1)  # 1.1: nothing stitched, the planes' own ids
+        planes = segment_stack(predictor, image, threshold=1.1, min_planes=1)  # 1.1: the planes' own ids
         seconds = time.perf_counter() - start
         per_plane = planes.labels  # ids unique over the stack: every plane's instances apart
         for threshold in args.thresholds:

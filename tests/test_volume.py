@@ -25,19 +25,21 @@ def test_a_nucleus_spanning_planes_gets_one_id_and_touching_nuclei_keep_two():
         planes[z] += disc(shape, 28, 30, 6, 20) + disc(shape, 28, 43, 6, 30)
     planes[3][planes[3] == 20] = 0  # B ends before the last plane
     planes[3] += disc(shape, 10, 50, 5, 40)  # D appears only there, far from everything
-    out = stitch_planes(planes)
+    out = stitch_planes(planes, min_planes=1)
     a = {int(v) for z in range(4) for v in np.unique(out[z][disc(shape, 12 + z, 12, 6, 1) > 0])}
     assert a == {1}  # one id on all four planes
     b, c = int(out[1, 28, 30]), int(out[1, 28, 43])
     assert b != c and {int(out[2, 28, 30]), int(out[2, 28, 43])} == {b, c} and int(out[3, 28, 43]) == c
     assert int(out[3, 10, 50]) not in (0, 1, b, c)
     assert sorted(np.unique(out))[1:] == [1, 2, 3, 4]
+    thick = stitch_planes(planes)  # by default a one-plane instance (D) is dropped
+    assert int(thick[3, 10, 50]) == 0 and int(thick.max()) == 3
 
 
 def test_an_instance_overlapping_less_than_the_threshold_starts_a_new_one():
     shape = (30, 30)
     planes = np.stack([disc(shape, 15, 8, 6, 1), disc(shape, 15, 17, 6, 1)])  # IoU about 0.1
-    assert len(np.unique(stitch_planes(planes, threshold=0.25))) == 3
+    assert len(np.unique(stitch_planes(planes, threshold=0.25, min_planes=1))) == 3
     assert len(np.unique(stitch_planes(planes, threshold=0.05))) == 2
 
 

@@ -27,7 +27,7 @@ class Stack:
     touch_fraction: float = 0.4
     depth_decay: float = 0.5  # brightness lost from the top plane to the bottom one
     blur_xy: float = 1.0  # pixels
-    blur_z: float = 1.5  # planes
+    blur_z: float = 3.0  # x-y pixels (the point-spread function's length along z; in planes: / anisotropy)
     photons: float = 300.0
 
 
@@ -94,7 +94,7 @@ def _render(labels: np.ndarray, brightness: np.ndarray, stack: Stack, rng: np.ra
     texture /= max(float(texture.std()), 1e-6)
     body = brightness.astype(np.float32)[labels] * (1 + 0.15 * texture)
     planes = np.stack([_gaussian_blur(p.astype(np.float32), stack.blur_xy) for p in body])
-    taps = np.exp(-0.5 * (np.arange(-3, 4) / max(stack.blur_z, 1e-3)) ** 2)
+    taps = np.exp(-0.5 * (np.arange(-3, 4) / max(stack.blur_z / stack.anisotropy, 1e-3)) ** 2)
     taps /= taps.sum()
     padded = np.pad(planes, ((3, 3), (0, 0), (0, 0)), mode="edge")
     blurred = sum(t * padded[k:k + depth] for k, t in enumerate(taps))  # the wider blur along z
