@@ -147,13 +147,10 @@ def agreement(a: np.ndarray, b: np.ndarray) -> dict:
 
 def outlined(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """The image with each instance's inner edge in green (one colour shows on pink and brown)."""
-    edge = np.zeros(labels.shape, dtype=bool)
-    edge[:-1] |= labels[:-1] != labels[1:]
-    edge[1:] |= labels[1:] != labels[:-1]
-    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
-    edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+    from maskrcnn.outputs.plots import instance_edges
+
     out = image.copy()
-    out[edge & (labels > 0)] = (0, 255, 0)
+    out[instance_edges(labels)] = (0, 255, 0)
     return out
 
 

@@ -108,11 +108,11 @@ class Normalizer:
         """The (low, high) intensities mapped to 0 and 1."""
         if self.method == "fixed":
             return self.fixed_range if self.fixed_range is not None else _dtype_range(dtype)
+        if self.stain is not None and self.method == "percentile":
+            return _stain_range(values.reshape(-1, 3), self.low_percentile, self.high_percentile)
         sample = values.reshape(-1)[:: max(1, values.size // MAX_STAT_SAMPLES)]
         if self.method == "minmax":
             return float(sample.min()), float(sample.max())
-        if self.stain is not None:
-            return _stain_range(values.reshape(-1, 3), self.low_percentile, self.high_percentile)
         low, high = np.percentile(sample, [self.low_percentile, self.high_percentile])
         return float(low), float(high)
 

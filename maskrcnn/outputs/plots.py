@@ -78,15 +78,21 @@ def overlay_image(display: np.ndarray, label_image: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 picture and (H, W) int label image -> the picture with each instance's contour
     drawn in its own colour, (H, W, 3) uint8."""
     lab = label_image
+    edge = instance_edges(lab)
+    out = display.copy()
+    out[edge] = _palette(int(lab.max()) + 1)[lab[edge]]
+    return out
+
+
+def instance_edges(label_image: np.ndarray) -> np.ndarray:
+    """(H, W) label image -> (H, W) bool: the pixels of each instance that touch another id (its inner edge)."""
+    lab = label_image
     edge = np.zeros(lab.shape, dtype=bool)
     edge[:-1] |= lab[:-1] != lab[1:]
     edge[1:] |= lab[1:] != lab[:-1]
     edge[:, :-1] |= lab[:, :-1] != lab[:, 1:]
     edge[:, 1:] |= lab[:, 1:] != lab[:, :-1]
-    edge &= lab > 0
-    out = display.copy()
-    out[edge] = _palette(int(lab.max()) + 1)[lab[edge]]
-    return out
+    return edge & (lab > 0)
 
 
 def _palette(n: int) -> np.ndarray:

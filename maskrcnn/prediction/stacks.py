@@ -17,13 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..data.io import read_image
 from ..data.planes import STACK, Planes
 from ..errors import DataError
 from ..outputs.files import FAILED_TXT, IMAGES_JSON, write_csv, write_png
-from ..outputs.plots import display_image
+from ..outputs.plots import display_image, instance_edges
 from ..runtime.atomic import atomic_write_bytes, atomic_write_text
 from .volume import STITCH_THRESHOLD, VolumeResult, segment_stack, volume_table
 
@@ -94,9 +93,6 @@ def projection_overlay(stack: np.ndarray, labels: np.ndarray, normalizer) -> np.
     picture = display_image(normalizer(stack.max(axis=0)))
     edge = np.zeros(labels.shape[1:], bool)
     for plane in labels:  # an outline in any plane: the projection of the 3-D outlines
-        edge[:-1] |= (plane[:-1] != plane[1:]) & (plane[:-1] > 0)
-        edge[1:] |= (plane[1:] != plane[:-1]) & (plane[1:] > 0)
-        edge[:, :-1] |= (plane[:, :-1] != plane[:, 1:]) & (plane[:, :-1] > 0)
-        edge[:, 1:] |= (plane[:, 1:] != plane[:, :-1]) & (plane[:, 1:] > 0)
+        edge |= instance_edges(plane)
     picture[edge] = (0, 255, 0)
     return picture
