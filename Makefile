@@ -36,6 +36,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run.py --out bench_out
 	$(PY) benchmarks/export_bench.py --out bench_out
+	$(PY) benchmarks/engines.py --out bench_out
 	$(PY) benchmarks/ranks.py --out bench_out
 
 bench-gpu: $(STAMP)

@@ -222,7 +222,7 @@ def test_validation_gathers_the_images_of_both_ranks(two_processes, workspace):
     reader = open_dataset(workspace / "data")
     _, val_indices = split_train_val(reader, 0.2, SEED)
     assert len(val_indices) == 2
-    predictor = Predictor.from_checkpoint(run / "last.pt", "cpu")
+    predictor = Predictor.from_checkpoint(run / "last.pt", "cpu", engine="torch")  # the engine validation ran
     with no_onednn():
         expected = evaluate_model(predictor.model, predictor.normalizer, SubsetReader(reader, val_indices),
                                   progress=False).summary()

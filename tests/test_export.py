@@ -41,6 +41,8 @@ EXPORT_SIZE = 96
 # 50 steps left a weak (0.40) detection on a blank image on some CPUs; from 60 on it finds none
 STEPS = 70
 FORMATS = {"onnx": "model.onnx", "torchscript": "model_ts.pt"}
+# each exported file by each engine that runs it: (file, --engine)
+RUNNERS = {"onnx": ("onnx", "onnxruntime"), "onnx-openvino": ("onnx", "openvino"), "torchscript": ("torchscript", "torch")}
 
 
 def blob_picture(height: int, width: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -110,7 +112,10 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def predictors(files):
-    return {name: Predictor.from_weights(path, precision="fp32") for name, path in files.items()}
+    found = {"checkpoint": Predictor.from_weights(files["checkpoint"], precision="fp32", engine="torch")}
+    for name, (fmt, engine) in RUNNERS.items():
+        found[name] = Predictor.from_weights(files[fmt], precision="fp32", engine=engine)
+    return found
 
 
 def input_images() -> dict[str, np.ndarray]:
@@ -143,7 +148,7 @@ def assert_same_result(got, want, name: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("fmt", list(RUNNERS))
 def test_exported_model_matches_eager_on_sizes_channels_and_bit_depths(predictors, fmt):
     eager, exported = predictors["checkpoint"], predictors[fmt]
     for name, image in input_images().items():
@@ -153,7 +158,7 @@ def test_exported_model_matches_eager_on_sizes_channels_and_bit_depths(predictor
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("fmt", list(RUNNERS))
 def test_image_without_instances_gives_zero_detections(predictors, fmt):
     blank = np.full((80, 120, 3), 37, np.uint8)
     want, got = predictors["checkpoint"](blank), predictors[fmt](blank)
@@ -266,7 +271,10 @@ def test_predict_with_damaged_or_foreign_exports_is_a_one_line_error(files, tmp_
 @pytest.mark.slow
 def test_missing_onnxruntime_is_a_one_line_error_naming_the_extra(files, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
-    with pytest.raises(UserError, match=r"model.onnx: running ONNX models needs onnxruntime; .*maskrcnn\[export\]"):
+    with pytest.raises(UserError, match=r"model.onnx: running ONNX models needs onnxruntime; .*maskrcnn\[engines\]"):
+        load_exported(files["onnx"], engine="onnxruntime")
+    monkeypatch.setitem(sys.modules, "openvino", None)  # auto: ONNX Runtime where OpenVINO is missing
+    with pytest.raises(UserError, match=r"model.onnx: running ONNX models needs onnxruntime"):
         load_exported(files["onnx"])
 
 
@@ -334,4 +342,5 @@ def test_grayscale_group_norm_model_exports_too(tmp_path):
         export_model(model, normalizer.to_dict(), fmt, tmp_path / name, size=64)
         exported, loaded_normalizer = load_exported(tmp_path / name)
         assert exported.cfg.in_channels == 1 and exported.cfg.norm == "group"
+        assert exported.kind == ("ONNX Runtime" if fmt == "onnx" else "TorchScript")  # auto: not OpenVINO
         assert_same_result(exported(loaded_normalizer(image)).results[0], want, fmt)

@@ -217,6 +217,43 @@ def test_widget_segments_the_plane_in_view_of_a_stack(qtbot, widget, viewer, tin
     assert layer.metadata["maskrcnn"]["plane"] == (1,)
 
 
+def test_widget_segments_a_stack_in_3d_like_predict_3d(qtbot, widget, viewer, tiny_model, capsys, tmp_path):
+    """The 3-D switch: every plane, joined into 3-D instances; the labels, table and a row click as
+    ``maskrcnn predict --3d`` writes them (NAME_labels.tif, NAME_instances.csv)."""
+    import tifffile
+
+    base, _ = nuclei(64, seed=4)
+    # nuclei through every plane; 6 planes: a plain TIFF of at most 4 pages reads as channels
+    stack = np.stack([base, base, np.roll(base, 1, axis=1), base, base, np.roll(base, -1, axis=0)])
+    viewer.add_image(stack, name="zstack", scale=(2.0, 0.5, 0.5))
+    widget.volume_check.setChecked(True)
+    progress = []
+    widget._signals.progress.connect(lambda p, text: progress.append(text))
+    widget.segment()
+    wait_done(qtbot, widget)
+    layer = viewer.layers["zstack 3-D masks"]
+    tifffile.imwrite(tmp_path / "zstack.tif", stack, photometric="minisblack")
+    code, _, err = cli(capsys, "predict", tmp_path / "zstack.tif", "--3d", "--weights", tiny_model,
+                       "--out", tmp_path / "pred", "--no-progress")
+    assert code == 0, err
+    want = tifffile.imread(tmp_path / "pred" / "zstack_labels.tif")
+    assert layer.data.shape == (6, 64, 64) and tuple(layer.scale) == (2.0, 0.5, 0.5)
+    assert want.max() > 0  # the untrained model finds something in every plane, joined in 3-D
+    np.testing.assert_array_equal(layer.data, want)
+    with open(tmp_path / "pred" / "zstack_instances.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(layer.features["index"]) == [int(r["id"]) for r in rows]
+    assert [str(v) for v in layer.features["volume"]] == [r["volume"] for r in rows]
+    assert widget.table.fields[:2] == ["id", "volume"] and widget.table.rowCount() == len(rows)
+    assert any("plane 6 of 6" in text for text in progress)
+    widget._on_row_clicked(0, 0)  # the plane through the instance's centroid comes into view
+    row = next(r for r in rows if int(r["id"]) == widget.table.label_at(0))
+    assert viewer.dims.point[0] == pytest.approx(2.0 * float(row["centroid_z"]), abs=2.0)
+
+    viewer.add_image(np.zeros((2, 3, 16, 16), np.uint8), name="4d")
+    assert widget.segment() is None and "one z axis" in widget.status.text()
+
+
 def test_widget_segments_an_rgb_image_like_predict(qtbot, widget, viewer, tiny_model, capsys, tmp_path):
     gray, _ = nuclei(80, seed=3)
     rgb = np.stack([gray, gray // 2, 255 - gray], axis=-1)

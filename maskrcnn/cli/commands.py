@@ -99,7 +99,7 @@ def _predictor(args: argparse.Namespace):
     _check_tiling(args)
     if args.weights is None:  # the built-in nuclei or he model, per image
         return _model_choice(args)
-    predictor = Predictor.from_weights(args.weights, args.device, args.precision)
+    predictor = Predictor.from_weights(args.weights, args.device, args.precision, args.engine)
     predictor.tta = args.tta
     predictor.max_memory = args.max_memory or predictor.max_memory  # unset: $MASKRCNN_MAX_MEMORY or 2 GB
     if args.scale:
@@ -122,7 +122,7 @@ def _model_choice(args: argparse.Namespace):
     if missing:
         raise UserError(f"no --weights given and this installation lacks the built-in {' and '.join(missing)} "
                         "model(s) it would choose from; pass --weights")
-    choice = ModelChoice(args.device, args.precision, args.tta)
+    choice = ModelChoice(args.device, args.precision, args.tta, engine=args.engine)
     choice.max_memory = args.max_memory or choice.max_memory
     if args.scale:
         choice.scale = args.scale

@@ -19,6 +19,7 @@ import warnings
 from ..config import BACKBONES
 from ..data.datasets import FORMATS as DATA_FORMATS
 from ..errors import UserError
+from ..export.engines import ENGINES
 from ..export.graph import FORMATS as EXPORT_FORMATS
 from ..prediction.tiling import TILE_OVERLAP
 from ..runtime.distributed import DEVICES
@@ -226,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _inference_flags(command: argparse.ArgumentParser) -> None:
     """Flags predict and evaluate share: precision, input scale, test-time augmentation, progress."""
     command.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
+    command.add_argument("--engine", choices=ENGINES, default="auto",
+                         help="what computes the model on the CPU: openvino or onnxruntime run the graph of "
+                              "maskrcnn export (same results within float rounding); auto = openvino where it "
+                              "is installed (pip install 'maskrcnn[engines]'), else torch; GPUs use torch")
     scale = command.add_mutually_exclusive_group()
     scale.add_argument("--scale", type=_positive_float,
                        help="resize images by this factor before segmenting (results are in the original size)")

@@ -27,7 +27,8 @@ from ..data.normalize import Normalizer
 from ..errors import UserError
 from ..modeling.mask.postprocess import make_instance_result
 from ..structures import Detections, InstanceResult, ModelOutput
-from .graph import EXPORT_FORMAT, METADATA_KEY, OUTPUT_NAMES
+from .engines import GRAPH_ENGINES, installed, resolve_engine
+from .graph import EXPORT_FORMAT, METADATA_KEY
 
 Outputs = tuple[Tensor, Tensor, Tensor, Tensor]
 
@@ -52,7 +53,7 @@ class ExportedModel:
 
     training = False
 
-    def __init__(self, run: Callable[[Tensor], Outputs], cfg: Config, path: Path, kind: str) -> None:
+    def __init__(self, run: Callable[[Tensor], Outputs], cfg: Config, path: Path | str, kind: str) -> None:
         self._run = run
         self.cfg = cfg
         self.path = path
@@ -116,33 +117,19 @@ def _parse_metadata(path: Path, text: str | None) -> tuple[Config, Normalizer]:
         raise UserError(f"{path}: {err}") from None
 
 
-def _threads() -> int:
-    return max(1, torch.get_num_threads())  # onnxruntime follows torch's thread count (OMP_NUM_THREADS)
+def load_onnx(path: Path, engine: str = "onnxruntime") -> tuple[ExportedModel, Normalizer]:
+    """A .onnx file run by ``engine`` (onnxruntime or openvino; see maskrcnn.export.engines)."""
+    from .engines import ENGINE_NAMES, GraphError, graph_runner
 
-
-def load_onnx(path: Path) -> tuple[ExportedModel, Normalizer]:
+    if not installed(engine, exporting=False):
+        raise UserError(f"{path}: running ONNX models needs {engine}; install it with "
+                        "pip install 'maskrcnn[engines]'")
     try:
-        import onnxruntime as ort
-    except ImportError:
-        raise UserError(f"{path}: running ONNX models needs onnxruntime; install it with "
-                        "pip install 'maskrcnn[export]'") from None
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = _threads()
-    options.log_severity_level = 3  # errors only: the shape-inference notes of dynamic sizes are noise
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as err:  # onnxruntime raises its own exception types for unreadable models
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path}: not a readable ONNX model ({first[:200]})") from None
-    cfg, normalizer = _parse_metadata(path, session.get_modelmeta().custom_metadata_map.get(METADATA_KEY))
-    names = [o.name for o in session.get_outputs()]
-    if names != OUTPUT_NAMES:
-        raise UserError(f"{path}: outputs {names}, expected {OUTPUT_NAMES}")
-
-    def run(image: Tensor) -> Outputs:
-        return tuple(torch.from_numpy(a) for a in session.run(None, {"image": image.numpy()}))
-
-    return ExportedModel(run, cfg, path, "ONNX"), normalizer
+        run, metadata = graph_runner(path.read_bytes(), engine)
+    except GraphError as err:
+        raise UserError(f"{path}: not a readable ONNX model ({err})") from None
+    cfg, normalizer = _parse_metadata(path, metadata)
+    return ExportedModel(run, cfg, path, ENGINE_NAMES[engine]), normalizer
 
 
 def load_torchscript(path: Path) -> tuple[ExportedModel, Normalizer]:
@@ -166,8 +153,21 @@ def load_torchscript(path: Path) -> tuple[ExportedModel, Normalizer]:
     return ExportedModel(run, cfg, path, "TorchScript"), normalizer
 
 
-def load_exported(path: str | Path, device: str = "auto") -> tuple[ExportedModel, Normalizer]:
-    """An exported file -> (model, the normaliser it was trained with). CPU only."""
+def _batchnorm_graph(path: Path) -> bool:
+    """Whether an ONNX export is of a BatchNorm model: auto runs GroupNorm ones by ONNX Runtime, as
+    it runs their checkpoints by torch (see maskrcnn.export.engines)."""
+    from .engines import openvino_metadata
+
+    metadata = openvino_metadata(path.read_bytes())
+    try:
+        return metadata is not None and json.loads(metadata)["config"].get("norm", "batch") == "batch"
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return False  # ONNX Runtime's load reports what is wrong with the file
+
+
+def load_exported(path: str | Path, device: str = "auto", engine: str = "auto") -> tuple[ExportedModel, Normalizer]:
+    """An exported file -> (model, the normaliser it was trained with). CPU only: a .onnx file runs
+    by ``engine`` (auto: OpenVINO where installed, else ONNX Runtime), TorchScript by torch.jit."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: model file not found")
@@ -175,7 +175,16 @@ def load_exported(path: str | Path, device: str = "auto") -> tuple[ExportedModel
         raise UserError(f"{path}: exported models run on the CPU; use --device cpu (or auto)")
     kind = exported_kind(path)
     if kind == "onnx":
-        return load_onnx(path)
+        if engine == "torch":
+            raise UserError(f"{path}: an ONNX file runs by --engine openvino or onnxruntime (or auto), not torch")
+        if engine == "auto":
+            engine = "openvino" if installed("openvino", exporting=False) and _batchnorm_graph(path) else "onnxruntime"
+        elif engine not in GRAPH_ENGINES:
+            resolve_engine(engine, "cpu")  # an unknown name: the one-line error
+        return load_onnx(path, engine)
     if kind == "torchscript":
+        if engine not in ("auto", "torch"):
+            raise UserError(f"{path}: a TorchScript file runs by torch (--engine torch or auto); export "
+                            f"the checkpoint as ONNX for --engine {engine}")
         return load_torchscript(path)
     raise UserError(f"{path}: not an exported model (.onnx, or a TorchScript .pt from maskrcnn export)")

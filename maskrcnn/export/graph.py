@@ -92,19 +92,31 @@ def torchscript_bytes(graph: InferenceGraph, example: Tensor, metadata: str) -> 
     return buffer.getvalue()
 
 
-def onnx_bytes(graph: InferenceGraph, example: Tensor, metadata: str) -> bytes:
-    """The graph as ONNX (torch's TorchScript-based exporter), with ``metadata`` in metadata_props."""
-    try:
-        import onnx
-    except ImportError:
-        raise UserError("ONNX export needs the onnx package: pip install 'maskrcnn[export]'") from None
+def onnx_graph_bytes(graph: InferenceGraph, example: Tensor) -> bytes:
+    """The graph as ONNX (torch's TorchScript-based exporter), height and width dynamic; no metadata."""
     dynamic = {"image": {2: "height", 3: "width"}, "boxes": {0: "detections"}, "scores": {0: "detections"},
                "labels": {0: "detections"}, "mask_probs": {0: "detections"}}
     buffer = io.BytesIO()
     with torch.no_grad(), _quiet_tracing():
         torch.onnx.export(graph, (example,), buffer, dynamo=False, opset_version=ONNX_OPSET,
                           input_names=["image"], output_names=OUTPUT_NAMES, dynamic_axes=dynamic)
-    proto = onnx.load_from_string(buffer.getvalue())
+    return buffer.getvalue()
+
+
+def model_onnx_bytes(model: MaskRCNN, size: int = 256) -> bytes:
+    """A model's inference graph as ONNX bytes, as ``export_model`` writes it but without metadata
+    (what the inference engines compile in memory; see maskrcnn.export.engines)."""
+    model = copy.deepcopy(model).cpu().eval()  # the caller's model keeps its device and mode
+    return onnx_graph_bytes(InferenceGraph(model).eval(), example_image(model.cfg, size, size))
+
+
+def onnx_bytes(graph: InferenceGraph, example: Tensor, metadata: str) -> bytes:
+    """The graph as ONNX (torch's TorchScript-based exporter), with ``metadata`` in metadata_props."""
+    try:
+        import onnx
+    except ImportError:
+        raise UserError("ONNX export needs the onnx package: pip install 'maskrcnn[export]'") from None
+    proto = onnx.load_from_string(onnx_graph_bytes(graph, example))
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, metadata
     return proto.SerializeToString()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QHBoxLayout, QLineEdit, QPushButton, QSpinBox, QWidget
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QHBoxLayout, QLineEdit, QPushButton,
+                            QSpinBox, QWidget)
 
 from ..builtin import builtin_names
 from ..prediction.tiling import TILE_OVERLAP
@@ -78,3 +79,25 @@ def with_browse(field: QWidget, tooltip: str, on_click) -> QHBoxLayout:
     row.addWidget(field, 1)
     row.addWidget(button)
     return row
+
+
+def volume_check() -> QCheckBox:
+    check = QCheckBox("3-D: the whole stack")
+    check.setToolTip("segment every plane of a z-stack and join them into 3-D nuclei (as maskrcnn predict "
+                     "--3d); off: the plane in view")
+    return check
+
+
+def browse_model(parent: QWidget, combo: QComboBox) -> None:
+    """Let the user pick a model file; it becomes (and stays listed as) the combo's choice."""
+    path, _ = QFileDialog.getOpenFileName(parent, "Choose a model", "", "Models (*.pt *.onnx);;All files (*)")
+    if path:
+        if combo.findText(path) < 0:
+            combo.addItem(path)
+        combo.setCurrentText(path)
+
+
+def browse_folder(parent: QWidget, edit: QLineEdit) -> None:
+    path = QFileDialog.getExistingDirectory(parent, "Folder for fine-tuning runs")
+    if path:
+        edit.setText(path)

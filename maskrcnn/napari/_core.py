@@ -44,7 +44,7 @@ def _no_report(percent: int, text: str) -> None:
 
 
 # --- models ----------------------------------------------------------------------------------------
-def load_predictor(spec: str, device: str = "auto", precision: str = "auto"):
+def load_predictor(spec: str, device: str = "auto", precision: str = "auto", engine: str = "auto"):
     """A built-in model's name, a checkpoint or an exported file, as ``predict --weights`` takes it;
     ``auto``: the built-in model each image needs (maskrcnn.prediction.choice), as ``predict`` without it."""
     spec = spec.strip()
@@ -55,10 +55,10 @@ def load_predictor(spec: str, device: str = "auto", precision: str = "auto"):
     if spec == AUTO_MODEL and not is_builtin(spec):
         from ..prediction.choice import ModelChoice
 
-        return ModelChoice(device, precision)
+        return ModelChoice(device, precision, engine=engine)
     if not is_builtin(spec) and not Path(spec).is_file():
         raise UserError(f"{spec}: no built-in model of that name and no such file")
-    return Predictor.from_weights(spec, device, precision)
+    return Predictor.from_weights(spec, device, precision, engine)
 
 
 def can_fine_tune(spec: str) -> None:
@@ -91,17 +91,19 @@ def tile_count(shape: tuple[int, ...], tile: int | None, overlap: int) -> int:
 
 
 class _CountingDetector:
-    """A Detector that reports each call (one per tile) and stops between tiles when cancelled."""
+    """A Detector that reports each call (one per tile, or per plane of a stack) and stops between
+    calls when cancelled."""
 
-    def __init__(self, detector, total: int, report: Report, cancel: threading.Event | None) -> None:
+    def __init__(self, detector, total: int, report: Report, cancel: threading.Event | None,
+                 unit: str = "tile") -> None:
         self._detector, self._total, self._report, self._cancel = detector, total, report, cancel
-        self._done = 0
+        self._done, self._unit = 0, unit
 
     def __call__(self, images):
         if self._cancel is not None and self._cancel.is_set():
             raise Cancelled()
         if self._total > 1:
-            self._report(int(100 * self._done / self._total), f"segmenting tile {self._done + 1} of {self._total}")
+            self._report(int(100 * self._done / self._total), f"segmenting {self._unit} {self._done + 1} of {self._total}")
         output = self._detector(images)
         self._done += 1
         return output
@@ -129,11 +131,34 @@ def segment_array(predictor: Predictor, image: np.ndarray, tile: int | None = No
     return result, instance_table(result, image, predictor.class_names)
 
 
+def segment_volume(predictor: Predictor, stack: np.ndarray, report: Report = _no_report,
+                   cancel: threading.Event | None = None) -> tuple[np.ndarray, list[dict]]:
+    """A raw (Z, H, W) or (Z, H, W, C) stack -> its 3-D labels and their rows (volume, 3-D centroid,
+    bounding box), as ``maskrcnn predict --3d`` computes them; ``predictor`` may choose the model
+    by the stack's maximum projection."""
+    from ..prediction.volume import segment_stack, volume_table
+
+    stack = np.asarray(stack)
+    model, predictor = predictor.for_image(stack.max(axis=0))
+    counting = dataclasses.replace(predictor, model=_CountingDetector(predictor.model, len(stack), report, cancel,
+                                                                      unit="plane"))
+    report(0, f"segmenting {len(stack)} planes in 3-D" + (f" with {model}" if model else ""))
+    labels = segment_stack(counting, stack).labels
+    report(100, "measuring")
+    return labels, volume_table(labels)
+
+
+def table_fields(rows: list[dict]) -> list[str]:
+    """The columns of an instance table: NAME_instances.csv's for 2-D rows, the rows' own (volume,
+    3-D centroid, ...) for a stack's."""
+    return list(rows[0]) if rows and "volume" in rows[0] else list(TABLE_FIELDS)
+
+
 def features_table(rows: list[dict]) -> dict[str, list]:
     """The instance table as columns for a napari Labels layer's ``features``: ``index`` (the label
-    id, which napari matches to label values) first, then the CSV's other columns."""
+    id, which napari matches to label values) first, then the table's other columns."""
     columns = {"index": [r["id"] for r in rows]}
-    columns.update({k: [r[k] for r in rows] for k in TABLE_FIELDS if k != "id"})
+    columns.update({k: [r[k] for r in rows] for k in table_fields(rows) if k != "id"})
     return columns
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import UserError
+
 
 def is_kind(layer, kind: str) -> bool:
     """Whether ``layer`` is a napari Image or Labels layer (``kind``). isinstance, not type(): napari
@@ -23,3 +25,22 @@ def shown_plane(layer, viewer) -> tuple[np.ndarray, tuple[int, ...]]:
     coords = layer.world_to_data(viewer.dims.point)
     index = tuple(int(np.clip(round(float(c)), 0, n - 1)) for c, n in zip(coords[:lead], data.shape[:lead]))
     return np.array(data[index]), index
+
+
+def shown_stack(layer) -> np.ndarray:
+    """The whole (Z, H, W) or (Z, H, W, C) stack of an image layer with one leading axis (a copy)."""
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    lead = data.ndim - (1 if getattr(layer, "rgb", False) else 0) - 2
+    if lead != 1:
+        raise UserError(f"{layer.name}: 3-D segmentation needs a layer with one z axis before y and x, "
+                        f"this one has shape {tuple(data.shape)}")
+    return np.array(data)
+
+
+def instance_point(layer, row: dict) -> tuple[float, ...]:
+    """World coordinates of an instance's centroid (a row of the dock's table) in its labels layer:
+    the plane it was segmented in, or its own z for a 3-D instance."""
+    plane = tuple(layer.metadata.get("maskrcnn", {}).get("plane", ()))
+    if "centroid_z" in row:
+        plane = (row["centroid_z"],)
+    return tuple(layer.data_to_world([*plane, row["centroid_y"], row["centroid_x"]]))

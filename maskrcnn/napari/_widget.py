@@ -14,15 +14,15 @@ from pathlib import Path
 
 import numpy as np
 from qtpy.QtCore import QObject, Qt, Signal
-from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QProgressBar,
-                            QPushButton, QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
+                            QProgressBar, QPushButton, QVBoxLayout, QWidget)
 
 from ..errors import UserError
-from ..outputs.files import TABLE_FIELDS, write_csv
+from ..outputs.files import write_csv
 from . import _controls as controls
 from ._core import (Cancelled, auto_tile, can_fine_tune, features_table, fine_tune, load_predictor, new_run_dir,
-                    segment_array)
-from ._layers import is_kind, shown_plane
+                    segment_array, segment_volume)
+from ._layers import instance_point, is_kind, shown_plane, shown_stack
 from ._table import InstanceTable
 
 
@@ -65,6 +65,7 @@ class MaskRCNNWidget(QWidget):
         self.overlap_spin = controls.overlap_spin()
         self.segment_button = QPushButton("Segment")
         self.segment_button.clicked.connect(self.segment)
+        self.volume_check = controls.volume_check()
 
         form = QFormLayout()
         form.addRow("Model", model_row)
@@ -74,6 +75,7 @@ class MaskRCNNWidget(QWidget):
         tiles.addWidget(QLabel("overlap"))
         tiles.addWidget(self.overlap_spin)
         form.addRow("Tile", tiles)
+        form.addRow("", self.volume_check)
 
         self.labels_combo = QComboBox()
         self.labels_combo.setToolTip("the corrected labels of the image (0 background, one id per instance)")
@@ -171,13 +173,16 @@ class MaskRCNNWidget(QWidget):
             return self._refuse(UserError("busy: wait for the running job, or press Stop"))
         try:
             layer = self._layer(self.image_combo, "image")
-            image, index = shown_plane(layer, self.viewer)
             spec = self.model_combo.currentText().strip()
+            predictor = self._predictor[1] if self._predictor and self._predictor[0] == spec else None
+            if self.volume_check.isChecked():
+                return self._start(self._volume_job, (spec, predictor, shown_stack(layer)),
+                                   lambda out: self._show_result(out, layer, (), spec, None, 0, "3-D masks"))
+            image, index = shown_plane(layer, self.viewer)
             tile = auto_tile(image.shape, self.tile_spin.value())
             overlap = self.overlap_spin.value()
         except UserError as err:
             return self._refuse(err)
-        predictor = self._predictor[1] if self._predictor and self._predictor[0] == spec else None
         return self._start(self._segment_job, (spec, predictor, image, tile, overlap),
                            lambda out: self._show_result(out, layer, index, spec, tile, overlap, "masks"))
 
@@ -223,6 +228,11 @@ class MaskRCNNWidget(QWidget):
             predictor = load_predictor(spec)
         result, rows = segment_array(predictor, image, tile, overlap, self._report, self._cancel)
         return predictor, result.label_image.numpy(), rows
+
+    def _volume_job(self, spec, predictor, stack):
+        self.work_threads.append(threading.get_ident())
+        predictor = predictor or load_predictor(spec)
+        return (predictor, *segment_volume(predictor, stack, self._report, self._cancel))
 
     def _fine_tune_job(self, spec, image, labels, name, out, minutes, steps, tile, overlap):
         self.work_threads.append(threading.get_ident())
@@ -338,25 +348,20 @@ class MaskRCNNWidget(QWidget):
         layer.selected_label = label
         found = next((r for r in self.rows if r["id"] == label), None)
         if found is not None:
-            plane = tuple(layer.metadata.get("maskrcnn", {}).get("plane", ()))
-            point = layer.data_to_world([*plane, found["centroid_y"], found["centroid_x"]])
-            self.viewer.camera.center = tuple(point[-2:])
+            point = instance_point(layer, found)
+            self.viewer.camera.center = point[-2:]
+            if "centroid_z" in found:  # a 3-D instance: show the plane through its centroid
+                self.viewer.dims.set_point(0, point[0])
 
     def _save_table(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Save the instance table", "instances.csv", "CSV (*.csv)")
         if path:
-            write_csv(Path(path), self.rows, TABLE_FIELDS)
+            write_csv(Path(path), self.rows, self.table.fields)
             self.status.setText(f"saved {len(self.rows)} rows to {path}")
 
     # --- file choosers -----------------------------------------------------------------------------
     def _browse_model(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Choose a model", "", "Models (*.pt *.onnx);;All files (*)")
-        if path:
-            if self.model_combo.findText(path) < 0:
-                self.model_combo.addItem(path)
-            self.model_combo.setCurrentText(path)
+        controls.browse_model(self, self.model_combo)
 
     def _browse_run_dir(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Folder for fine-tuning runs")
-        if path:
-            self.run_dir_edit.setText(path)
+        controls.browse_folder(self, self.run_dir_edit)

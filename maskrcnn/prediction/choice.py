@@ -49,6 +49,7 @@ class ModelChoice:
     precision: str = "auto"
     tta: bool = False
     max_memory: int = field(default_factory=default_max_memory)
+    engine: str = "auto"  # maskrcnn.export.engines
     scale: float | None = None  # a fixed resize for every image (--scale, --diameter); None: each model's AutoScale
     loaded: dict[str, Predictor] = field(default_factory=dict)
 
@@ -58,7 +59,7 @@ class ModelChoice:
 
     def predictor(self, name: str) -> Predictor:
         if name not in self.loaded:
-            self.loaded[name] = Predictor.from_weights(name, self.device, self.precision)
+            self.loaded[name] = Predictor.from_weights(name, self.device, self.precision, self.engine)
         predictor = self.loaded[name]
         predictor.tta, predictor.max_memory = self.tta, self.max_memory
         if self.scale is not None:

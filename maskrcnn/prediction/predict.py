@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..builtin import is_builtin, resolve_weights, trained_diameter
 from ..data.io import IMAGE_EXTENSIONS, read_image, read_image_size
 from ..data.lazy import is_lazy_candidate, open_regions
 from ..data.normalize import Normalizer
@@ -34,17 +33,15 @@ from ..data.planes import Planes
 from ..data.regions import RegionSource
 from ..errors import DataError, UserError
 from ..metrics import PredictionRecord
-from ..modeling.checkpoint import load_checkpoint
-from ..modeling.model import MaskRCNN, for_inference
 from ..outputs.files import (IMAGES_JSON, PredictionFiles, RunOutputs, existing_prediction, read_prediction,
                              write_prediction)
 from ..runtime.atomic import remove_stale_temporaries
-from ..runtime.distributed import DistContext, resolve_device
+from ..runtime.distributed import DistContext
 from ..runtime.memory import Plan, default_max_memory, plan_inference
-from ..runtime.precision import autocast_dtype
 from ..runtime.signals import StopSignals
 from ..structures import Detector, InstanceResult
 from .diameter import SCALING_KEYS, AutoScale, Scaling, central_box, scaling_for
+from .loading import LoadedModel, load_checkpoint_model, load_model
 from .large import SAMPLE_PIXELS, StreamStopped, predict_streamed, region_source, streamed_shape
 from .ranks import RankResult, merge_ranks, my_images
 from .segment import segment
@@ -65,36 +62,26 @@ class Predictor:
     tta: bool = False  # test-time augmentation: the 8 flips and quarter turns, merged by the mask NMS
     # bytes the whole process may use: picks whole, tiled or streamed (default $MASKRCNN_MAX_MEMORY or 2 GB)
     max_memory: int = field(default_factory=default_max_memory)
+    engine: str = "torch"  # what computes the model: torch, openvino or onnxruntime (maskrcnn.export.engines)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto", precision: str = "auto") -> "Predictor":
-        """A training checkpoint, rewritten for inference (``model.for_inference``)."""
-        target = resolve_device(device)
-        autocast_dtype(precision, target)  # an unknown name fails before the load
-        ckpt = load_checkpoint(resolve_weights(path), map_location=target)
-        # every weight is in the checkpoint: the ImageNet file training started from is not needed here
-        model = MaskRCNN(ckpt.config.replace(backbone_weights=None))
-        model.load_state_dict(ckpt.model_state)
-        trained = trained_diameter(path)
-        normalizer = Normalizer.from_dict(ckpt.normalizer)
-        return cls(for_inference(model.to(target)), normalizer, target, precision,
-                   scale=AutoScale.for_model(trained, normalizer) if trained else 1.0)
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", precision: str = "auto",
+                        engine: str = "auto") -> "Predictor":
+        """A built-in name or training checkpoint, rewritten for inference (``model.for_inference``)."""
+        return cls._of(load_checkpoint_model(path, device, precision, engine))
 
     @classmethod
-    def from_weights(cls, path: str | Path, device: str = "auto", precision: str = "auto") -> "Predictor":
-        """A built-in model's name, a checkpoint, or a file from ``maskrcnn export``: .onnx through
-        onnxruntime, a TorchScript .pt through torch.jit (both on the CPU in float32, same results
-        and outputs as the checkpoint at ``precision="fp32"``)."""
-        if is_builtin(path):
-            return cls.from_checkpoint(path, device, precision)
-        from ..export.deploy import exported_kind, load_exported
+    def from_weights(cls, path: str | Path, device: str = "auto", precision: str = "auto",
+                     engine: str = "auto") -> "Predictor":
+        """A built-in model's name, a checkpoint, or a file from ``maskrcnn export`` (.onnx run by
+        OpenVINO or ONNX Runtime, a TorchScript .pt by torch.jit; on the CPU); ``engine`` as in
+        maskrcnn.export.engines (auto: OpenVINO on the CPU where it is installed)."""
+        return cls._of(load_model(path, device, precision, engine))
 
-        if exported_kind(path):
-            if precision not in ("auto", "fp32"):
-                raise UserError(f"{path}: exported models run in float32; use --precision fp32 (or auto)")
-            model, normalizer = load_exported(path, device)
-            return cls(model, normalizer, torch.device("cpu"), "fp32")
-        return cls.from_checkpoint(path, device, precision)
+    @classmethod
+    def _of(cls, loaded: LoadedModel) -> "Predictor":
+        return cls(loaded.model, loaded.normalizer, loaded.device, loaded.precision, scale=loaded.scale,
+                   engine=loaded.engine)
 
     @property
     def class_names(self) -> list[str]:
