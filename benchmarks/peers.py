@@ -21,7 +21,8 @@ the best mean DSB2018 score on the scored images themselves, chosen per set, so 
 
 Metrics (maskrcnn.metrics: label_overlaps + match_instances): acc@0.5 = TP/(TP+FP+FN), F1@0.5,
 the DSB2018 score (accuracy averaged over IoU 0.5..0.95), mean matched IoU at 0.5, and wall-clock
-seconds per image of the prediction alone (model loaded and warmed up; 2 CPU threads everywhere).
+seconds per image of the prediction alone (model loaded and warmed up; 2 CPU threads everywhere, or
+$MASKRCNN_PEERS_THREADS).
 
 Setup, once (downloads from PyPI with pip into .peers/, which is gitignored; nothing at run time):
 
@@ -63,7 +64,7 @@ SCELLSEG_SRC = PEERS / "scellseg-0.1.8"
 PEER_PYTHON = PEERS / "venv" / "bin" / "python"
 SCALES = (0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8)
 SCELLSEG_DIAMETER = 30.0  # its diam_mean: an image is resized by 30 / diameter
-THREADS = 2
+THREADS = int(os.environ.get("MASKRCNN_PEERS_THREADS", "2"))  # every tool's threads (the child inherits it)
 SETS = {"val": "mnfinder-nuclei val (mean of 3)", "dsb": "DSB2018 right 40%"}
 METRICS = ("acc50", "f1_50", "dsb", "miou", "seconds")
 
@@ -138,6 +139,9 @@ def run_ours(items: list[dict]) -> tuple[dict, dict]:
     from maskrcnn.prediction.predict import Predictor
 
     p = Predictor.from_weights("nuclei", device="cpu")
+    # this process also holds the peers' models: the memory budget that `maskrcnn predict` alone has
+    # (2 GB for the whole process by default) would force ours into small tiles here
+    p.max_memory += _rss()
     default_scale = p.scale
 
     def predict(image: np.ndarray) -> np.ndarray:
@@ -246,6 +250,12 @@ def summarise(items: list[dict], runs: dict) -> dict:
         best = max(SCALES, key=lambda s: mean[s]["dsb"])
         sets[name] = dict(default=mean["default"], best=mean[best], best_scale=best)
     return dict(per_image={str(k): v for k, v in scores.items()}, sets=sets)
+
+
+def _rss() -> int:
+    """This process's resident memory in bytes (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def machine() -> dict:

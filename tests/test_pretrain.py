@@ -94,6 +94,9 @@ def test_card_recipe_lists_each_schedule_length_its_sessions_ran():
     # a session cut short by --minutes ran the same schedule: one command
     short = [{"steps": 3000, "schedule": 5000}, {"steps": 5000, "schedule": 5000}]
     assert _recipe(short, PretrainOptions(out="x", steps=5000)) == "maskrcnn pretrain --out OUT --steps 5000 --publish"
+    mixed = PretrainOptions(out="x", steps=900, real="R", real_share=0.5, init="nuclei", lr=2e-4)
+    assert _recipe([{"steps": 900}], mixed) == (
+        "maskrcnn pretrain --out OUT --steps 900 --real R --real-share 0.5 --init nuclei --lr 0.0002 --publish")
 
 
 def test_a_run_continued_from_a_builtin_model_publishes_its_whole_lineage(tmp_path):

@@ -116,3 +116,43 @@ def test_predict_3d_writes_a_3d_label_image_that_evaluates_against_the_truth(tmp
     assert stats.tp.sum() > 0
     code, _, err = cli(capsys, "predict", tmp_path / "stack.tif", "--3d", "--z", "2", "--out", tmp_path / "z")
     assert code == 2 and "--z" in err
+
+
+@pytest.mark.slow
+def test_evaluate_3d_scores_the_predicted_labels_as_truth_perfectly_and_counts_a_missed_nucleus(tmp_path, capsys):
+    """predict --3d's label image round-trips through evaluate --3d: as the truth it scores 1.0; with
+    one nucleus added to the truth that nothing predicts, acc@0.5 is n / (n + 1) by hand."""
+    import json
+
+    import tifffile
+
+    from cli_helpers import cli
+
+    image, _ = synth_stack((8, 72, 72), np.random.default_rng(5), Stack(count=5, diameter=18.0))
+    image[:, 60:, 60:] = image.min()  # a dark corner: room for a nucleus the model cannot see
+    data = tmp_path / "data"
+    for sub in ("images", "masks"):
+        (data / sub).mkdir(parents=True)
+    tifffile.imwrite(data / "images" / "s.tif", image, metadata={"axes": "ZYX"})
+    flags = ["--weights", "nuclei", "--device", "cpu", "--no-progress"]
+    assert cli(capsys, "predict", data / "images" / "s.tif", "--3d", "--out", tmp_path / "o", *flags)[0] == 0
+    predicted = tifffile.imread(tmp_path / "o" / "s_labels.tif")
+    n = int(predicted.max())
+    assert n >= 2 and not predicted[:, 60:, 60:].any()
+    tifffile.imwrite(data / "masks" / "s.tif", predicted, metadata={"axes": "ZYX"})
+    code, out, err = cli(capsys, "evaluate", "--3d", "--data", data, "--out", tmp_path / "r.json", *flags)
+    assert code == 0, err
+    overall = json.loads((tmp_path / "r.json").read_text())["overall"]
+    assert (overall["accuracy_50"], overall["dsb_score"], overall["tp"], overall["fp"]) == (1.0, 1.0, n, 0)
+
+    truth = predicted.astype(np.int32)
+    truth[2:6, 62:70, 62:70] = n + 1  # a nucleus in the dark corner, 4 planes deep
+    tifffile.imwrite(data / "masks" / "s.tif", truth, metadata={"axes": "ZYX"})
+    assert cli(capsys, "evaluate", "--3d", "--data", data, "--out", tmp_path / "r.json", *flags)[0] == 0
+    stack, = json.loads((tmp_path / "r.json").read_text())["stacks"]
+    assert (stack["truth"], stack["tp"], stack["fn"]) == (n + 1, n, 1)
+    assert stack["accuracy_50"] == pytest.approx(n / (n + 1)) and stack["f1_50"] == pytest.approx(2 * n / (2 * n + 1))
+
+    tifffile.imwrite(data / "masks" / "s.tif", truth[:, :40], metadata={"axes": "ZYX"})
+    code, _, err = cli(capsys, "evaluate", "--3d", "--data", data, *flags)
+    assert code == 2 and err.count("\n") == 1 and "s.tif" in err and "labels of shape" in err

@@ -135,10 +135,7 @@ def cmd_predict_3d(args: argparse.Namespace) -> int:
     from ..prediction.predict import expand_inputs
     from ..prediction.stacks import predict_stacks
 
-    if args.z is not None:
-        raise UserError("--3d segments every z-slice; leave out --z")
-    if not 0.0 < args.stitch_threshold <= 1.0:
-        raise UserError(f"--stitch-threshold must be in (0, 1], got {args.stitch_threshold}")
+    _check_3d(args)
     paths = expand_inputs(args.inputs)
     if not paths:
         raise UserError(f"no images found in {' '.join(args.inputs)}")
@@ -192,10 +189,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_USER_ERROR if run.failed else 0
 
 
+def _check_3d(args: argparse.Namespace) -> None:
+    if args.z is not None:
+        raise UserError("--3d segments every z-slice; leave out --z")
+    if not 0.0 < args.stitch_threshold <= 1.0:
+        raise UserError(f"--stitch-threshold must be in (0, 1], got {args.stitch_threshold}")
+
+
+def cmd_evaluate_3d(args: argparse.Namespace) -> int:
+    from ..prediction.evaluate_3d import evaluate_stacks
+
+    _check_3d(args)
+    report = evaluate_stacks(_predictor(args), args.data, _planes(args), args.stitch_threshold)
+    print(report.format_table())
+    if args.out:
+        report.to_json(args.out)
+        print(f"report written to {args.out}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..data.datasets import open_dataset
     from ..prediction.evaluate import evaluate_model
 
+    if args.three_d:
+        return cmd_evaluate_3d(args)
     predictor = _predictor(args)
     reader = open_dataset(args.data, args.format, image_dir=args.images, planes=_planes(args))
     report = evaluate_model(predictor.model, predictor.normalizer, reader, device=predictor.device,

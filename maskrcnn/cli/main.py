@@ -166,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tile", type=_positive_int)
     evaluate.add_argument("--overlap", type=int, default=TILE_OVERLAP, help="tile overlap in pixels")
     evaluate.add_argument("--device", choices=DEVICES, default="auto")
+    evaluate.add_argument("--3d", dest="three_d", action="store_true",
+                          help="Z-stacks in images/ against 3-D label images in masks/: segmented as predict --3d, "
+                               "matched by 3-D IoU; acc@0.5, F1@0.5 and the DSB2018-style score per stack and overall")
+    evaluate.add_argument("--stitch-threshold", type=float, default=0.25,
+                          help="--3d: the mask IoU at which a nucleus continues the one in the plane before")
     _inference_flags(evaluate)
     _plane_flags(evaluate)
     evaluate.set_defaults(run=cmd_evaluate)

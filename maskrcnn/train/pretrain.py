@@ -272,6 +272,7 @@ def _recipe(history: list[dict[str, Any]], opts: PretrainOptions) -> str:
     """The commands that made the run: one per schedule length its sessions reached. A later, longer
     ``--steps`` continues the same run with the cosine stretched to it (the rate rises again)."""
     real = (f" --model {opts.model}" if opts.model != "nuclei" else "") + (f" --real {opts.real}" if opts.real else "") + "".join(f" --real-images {p}" for p in opts.real_images)
+    real += f" --real-share {opts.real_share:g}" if opts.real_share != PretrainOptions.real_share else ""
     real += f" --init {opts.init} --lr {opts.lr:g}" if opts.init else ""
     lengths = list(dict.fromkeys(h.get("schedule", h["steps"]) for h in history))  # in order, once each
     commands = [f"maskrcnn pretrain --out OUT --steps {n}{real}" for n in lengths if n != opts.steps]

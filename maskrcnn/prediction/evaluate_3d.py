@@ -1,0 +1,100 @@
+"""``maskrcnn evaluate --3d``: a model's 3-D nuclei scored against 3-D truth.
+
+The data are the labels layout with stacks: ``ROOT/images/NAME.ext`` Z-stacks (multi-page TIFF,
+OME-TIFF, OME-Zarr; read as ``predict --3d`` reads them) and ``ROOT/masks/NAME.ext2`` 3-D label
+images of the same (Z, H, W) shape (0 background, one id per nucleus). Each stack is segmented as
+``predict --3d`` does (maskrcnn.prediction.volume) and matched to its truth one-to-one by 3-D IoU
+on voxels (``volume_overlaps``, then ``maskrcnn.metrics.match_instances``). Per stack and overall
+(the sum of TP, FP and FN over the stacks): acc@0.5 = TP / (TP + FP + FN), F1@0.5, and the
+DSB2018-style mean accuracy over IoU 0.5..0.95 (overall: the mean of the stacks' scores, as the
+2-D report's DSB2018 score).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..data.planes import Planes
+from ..data.reader import files_by_stem
+from ..errors import DataError
+from ..metrics import MatchStats, match_instances
+from ..runtime.atomic import atomic_write_text
+from .stacks import read_stack
+from .volume import STITCH_THRESHOLD, segment_stack, volume_overlaps
+
+
+@dataclass
+class StackScore:
+    """One stack's (or the pooled) scores at IoU 0.5 and its DSB2018-style score."""
+
+    name: str
+    truth: int  # nuclei in the truth
+    predicted: int
+    tp: int
+    fp: int
+    fn: int
+    accuracy_50: float
+    f1_50: float
+    dsb_score: float
+
+
+@dataclass
+class VolumeReport:
+    stacks: list[StackScore]
+    overall: StackScore
+
+    def format_table(self) -> str:
+        lines = [f"{'stack':32s} {'truth':>6s} {'pred':>6s} {'acc@0.5':>8s} {'F1@0.5':>7s} {'DSB2018':>8s}"]
+        for s in [*self.stacks, self.overall]:
+            lines.append(f"{s.name[:32]:32s} {s.truth:6d} {s.predicted:6d} {s.accuracy_50:8.3f} {s.f1_50:7.3f} "
+                         f"{s.dsb_score:8.3f}")
+        return "\n".join(lines)
+
+    def to_json(self, path: str | Path) -> None:
+        atomic_write_text(Path(path), json.dumps(asdict(self), indent=1))
+
+
+def stack_pairs(root: str | Path) -> list[tuple[str, Path, Path]]:
+    """(name, stack file, 3-D label file) of a labels-layout folder, paired by file stem."""
+    root = Path(root)
+    for sub in ("images", "masks"):
+        if not (root / sub).is_dir():
+            raise DataError(root / sub, "missing folder (3-D evaluation reads ROOT/images and ROOT/masks)")
+    images, masks = files_by_stem(root / "images"), files_by_stem(root / "masks")
+    if not images:
+        raise DataError(root / "images", "no image files found")
+    missing = sorted(set(images) - set(masks))
+    if missing:
+        raise DataError(root / "masks", f"no 3-D label image for {len(missing)} stack(s), e.g. '{missing[0]}'")
+    return [(name, images[name], masks[name]) for name in sorted(images)]
+
+
+def score(name: str, stats: MatchStats, truth: int, predicted: int, dsb: float) -> StackScore:
+    at50 = int(np.flatnonzero(np.isclose(stats.thresholds, 0.5))[0])
+    return StackScore(name, truth, predicted, int(stats.tp[at50]), int(stats.fp[at50]), int(stats.fn[at50]),
+                      float(stats.accuracy[at50]), float(stats.f1[at50]), dsb)
+
+
+def evaluate_stacks(predictor, root: str | Path, planes: Planes | None = None,
+                    threshold: float = STITCH_THRESHOLD) -> VolumeReport:
+    """Segment every stack of ``root`` in 3-D and score it against its 3-D labels."""
+    rows, pooled = [], None
+    for name, image_path, mask_path in stack_pairs(root):
+        stack = read_stack(image_path, planes)
+        truth = read_stack(mask_path)
+        if truth.ndim != 3 or truth.dtype.kind not in "iub":
+            raise DataError(mask_path, f"not a 3-D label image (shape {truth.shape}, {truth.dtype})")
+        if truth.shape != stack.shape[:3]:
+            raise DataError(mask_path, f"labels of shape {truth.shape} for a stack of {stack.shape[:3]} (ZYX)")
+        labels = segment_stack(predictor, stack, threshold).labels
+        overlaps = volume_overlaps(truth, labels)
+        stats = match_instances(overlaps)
+        rows.append(score(name, stats, len(overlaps.true_ids), len(overlaps.pred_ids), stats.dsb_score))
+        pooled = stats if pooled is None else pooled + stats
+    overall = score("all stacks", pooled, sum(r.truth for r in rows), sum(r.predicted for r in rows),
+                    float(np.mean([r.dsb_score for r in rows])))
+    return VolumeReport(rows, overall)
