@@ -156,3 +156,22 @@ def test_evaluate_3d_scores_the_predicted_labels_as_truth_perfectly_and_counts_a
     tifffile.imwrite(data / "masks" / "s.tif", truth[:, :40], metadata={"axes": "ZYX"})
     code, _, err = cli(capsys, "evaluate", "--3d", "--data", data, *flags)
     assert code == 2 and err.count("\n") == 1 and "s.tif" in err and "labels of shape" in err
+
+
+@pytest.mark.slow
+def test_predict_3d_by_the_orthogonal_views_writes_labels_of_the_stack(tmp_path, capsys):
+    import tifffile
+
+    from cli_helpers import cli
+
+    image, truth = synth_stack((8, 64, 64), np.random.default_rng(7), Stack(count=4, diameter=20.0, anisotropy=2.0))
+    tifffile.imwrite(tmp_path / "stack.tif", image, metadata={"axes": "ZYX"})
+    flags = ["--3d", "--weights", "nuclei", "--device", "cpu", "--no-progress"]
+    code, out, err = cli(capsys, "predict", tmp_path / "stack.tif", "--out", tmp_path / "o", "--3d-method", "ortho",
+                         "--anisotropy", "2", *flags)
+    assert code == 0, err
+    labels = tifffile.imread(tmp_path / "o" / "stack_labels.tif")
+    assert labels.shape == truth.shape
+    assert match_instances(volume_overlaps(truth, labels.astype(np.int64))).tp.sum() > 0  # a mechanism check
+    code, _, err = cli(capsys, "predict", tmp_path / "stack.tif", "--out", tmp_path / "b", "--anisotropy", "0", *flags)
+    assert code == 2 and err.count("\n") == 1 and "--anisotropy" in err

@@ -140,7 +140,7 @@ def cmd_predict_3d(args: argparse.Namespace) -> int:
     if not paths:
         raise UserError(f"no images found in {' '.join(args.inputs)}")
     run = predict_stacks(_predictor(args), paths, args.out, _planes(args), args.stitch_threshold,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, method=args.method_3d, anisotropy=args.anisotropy)
     for path, why in run.failed:
         print(f"maskrcnn: skipped {path}: {why}", file=sys.stderr)
     nuclei = sum(e["nuclei"] for e in run.entries)
@@ -194,13 +194,16 @@ def _check_3d(args: argparse.Namespace) -> None:
         raise UserError("--3d segments every z-slice; leave out --z")
     if not 0.0 < args.stitch_threshold <= 1.0:
         raise UserError(f"--stitch-threshold must be in (0, 1], got {args.stitch_threshold}")
+    if not 0.0 < args.anisotropy <= 100.0:
+        raise UserError(f"--anisotropy (z step / pixel size) must be in (0, 100], got {args.anisotropy}")
 
 
 def cmd_evaluate_3d(args: argparse.Namespace) -> int:
     from ..prediction.evaluate_3d import evaluate_stacks
 
     _check_3d(args)
-    report = evaluate_stacks(_predictor(args), args.data, _planes(args), args.stitch_threshold)
+    report = evaluate_stacks(_predictor(args), args.data, _planes(args), args.stitch_threshold,
+                             method=args.method_3d, anisotropy=args.anisotropy)
     print(report.format_table())
     if args.out:
         report.to_json(args.out)

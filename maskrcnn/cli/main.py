@@ -149,8 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--3d", dest="three_d", action="store_true",
                          help="Z-stacks: segment every z-slice and join the planes' nuclei into 3-D ones; writes "
                               "NAME_labels.tif (ZYX), a CSV of volumes and 3-D centroids, a projection overlay")
-    predict.add_argument("--stitch-threshold", type=float, default=0.25,
-                         help="--3d: the mask IoU at which a nucleus continues the one in the plane before")
+    _stack_flags(predict)
     _inference_flags(predict)
     _plane_flags(predict)
     predict.set_defaults(run=cmd_predict)
@@ -169,8 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--3d", dest="three_d", action="store_true",
                           help="Z-stacks in images/ against 3-D label images in masks/: segmented as predict --3d, "
                                "matched by 3-D IoU; acc@0.5, F1@0.5 and the DSB2018-style score per stack and overall")
-    evaluate.add_argument("--stitch-threshold", type=float, default=0.25,
-                          help="--3d: the mask IoU at which a nucleus continues the one in the plane before")
+    _stack_flags(evaluate)
     _inference_flags(evaluate)
     _plane_flags(evaluate)
     evaluate.set_defaults(run=cmd_evaluate)
@@ -251,6 +249,17 @@ def _inference_flags(command: argparse.ArgumentParser) -> None:
                               "segmented whole, in tiles sized to fit, or (predict, when even its outputs would "
                               "not fit) streamed tile by tile to a tiled BigTIFF; --tile forces the tile size")
     command.add_argument("--no-progress", action="store_true")
+
+
+def _stack_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of --3d: how the planes' nuclei become 3-D ones (maskrcnn.prediction.volume)."""
+    parser.add_argument("--3d-method", dest="method_3d", choices=("stitch", "ortho"), default="stitch",
+                        help="--3d: stitch each plane's nuclei to the plane before's (default; better on "
+                             "benchmarks/volume.py), or ortho: segment the YX, ZX and ZY views and combine them")
+    parser.add_argument("--stitch-threshold", type=float, default=0.25,
+                        help="--3d: the mask IoU at which a nucleus continues the one in the plane before")
+    parser.add_argument("--anisotropy", type=float, default=1.0,
+                        help="--3d-method ortho: z step / pixel size; z is resampled by it for the side views")
 
 
 def _plane_flags(command: argparse.ArgumentParser) -> None:

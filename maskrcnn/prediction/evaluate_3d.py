@@ -80,8 +80,10 @@ def score(name: str, stats: MatchStats, truth: int, predicted: int, dsb: float) 
 
 
 def evaluate_stacks(predictor, root: str | Path, planes: Planes | None = None,
-                    threshold: float = STITCH_THRESHOLD) -> VolumeReport:
-    """Segment every stack of ``root`` in 3-D and score it against its 3-D labels."""
+                    threshold: float = STITCH_THRESHOLD, method: str = "stitch",
+                    anisotropy: float = 1.0) -> VolumeReport:
+    """Segment every stack of ``root`` in 3-D (as segment_stack with ``method`` and ``anisotropy``)
+    and score it against its 3-D labels."""
     rows, pooled = [], None
     for name, image_path, mask_path in stack_pairs(root):
         stack = read_stack(image_path, planes)
@@ -90,7 +92,7 @@ def evaluate_stacks(predictor, root: str | Path, planes: Planes | None = None,
             raise DataError(mask_path, f"not a 3-D label image (shape {truth.shape}, {truth.dtype})")
         if truth.shape != stack.shape[:3]:
             raise DataError(mask_path, f"labels of shape {truth.shape} for a stack of {stack.shape[:3]} (ZYX)")
-        labels = segment_stack(predictor, stack, threshold).labels
+        labels = segment_stack(predictor, stack, threshold, method=method, anisotropy=anisotropy).labels
         overlaps = volume_overlaps(truth, labels)
         stats = match_instances(overlaps)
         rows.append(score(name, stats, len(overlaps.true_ids), len(overlaps.pred_ids), stats.dsb_score))

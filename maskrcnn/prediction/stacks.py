@@ -45,8 +45,10 @@ def read_stack(path: Path, planes: Planes | None = None) -> np.ndarray:
 
 
 def predict_stacks(predictor, paths: list[Path], out_dir: str | Path, planes: Planes | None = None,
-                   threshold: float = STITCH_THRESHOLD, progress: bool = False) -> StackRun:
-    """Segment each stack of ``paths`` in 3-D and write its files (see the module)."""
+                   threshold: float = STITCH_THRESHOLD, progress: bool = False, method: str = "stitch",
+                   anisotropy: float = 1.0) -> StackRun:
+    """Segment each stack of ``paths`` in 3-D (``method`` and ``anisotropy`` as in
+    maskrcnn.prediction.volume.segment_stack) and write its files (see the module)."""
     from tqdm import tqdm
 
     out = Path(out_dir)
@@ -59,7 +61,7 @@ def predict_stacks(predictor, paths: list[Path], out_dir: str | Path, planes: Pl
             run.failed.append((path, err.problem))
             continue
         model, chosen = predictor.for_image(stack.max(axis=0))
-        result = segment_stack(chosen, stack, threshold)
+        result = segment_stack(chosen, stack, threshold, method=method, anisotropy=anisotropy)
         run.written.append(write_stack_files(out, path.stem, stack, result, chosen.normalizer))
         run.entries.append({"id": image_id, "file_name": str(path), "depth": stack.shape[0],
                             "height": stack.shape[1], "width": stack.shape[2], "nuclei": int(result.labels.max()),
