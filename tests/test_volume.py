@@ -160,6 +160,8 @@ def test_evaluate_3d_scores_the_predicted_labels_as_truth_perfectly_and_counts_a
 
 @pytest.mark.slow
 def test_predict_3d_by_the_orthogonal_views_writes_labels_of_the_stack(tmp_path, capsys):
+    import json
+
     import tifffile
 
     from cli_helpers import cli
@@ -173,5 +175,6 @@ def test_predict_3d_by_the_orthogonal_views_writes_labels_of_the_stack(tmp_path,
     labels = tifffile.imread(tmp_path / "o" / "stack_labels.tif")
     assert labels.shape == truth.shape
     assert match_instances(volume_overlaps(truth, labels.astype(np.int64))).tp.sum() > 0  # a mechanism check
+    assert json.loads((tmp_path / "o" / "images.json").read_text())[0]["anisotropy"] == 2.0
     code, _, err = cli(capsys, "predict", tmp_path / "stack.tif", "--out", tmp_path / "b", "--anisotropy", "0", *flags)
     assert code == 2 and err.count("\n") == 1 and "--anisotropy" in err

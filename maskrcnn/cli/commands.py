@@ -42,8 +42,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         workers=args.workers, planes=_planes(args))
     try:
         result = train(opts, dist, command="maskrcnn " + shlex.join(args.argv))
-    finally:
-        dist.close()
+    except BaseException:
+        dist.close(wait=False)
+        raise
+    dist.close()
     if result.interrupted:
         if dist.is_main:
             print(f"maskrcnn: stopped by {result.stopped_by} at step {result.steps}; last.pt written to "
@@ -165,8 +167,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         run = predict_files(predictor, args.inputs, args.out, tile=args.tile, overlap=args.overlap,
                             kaggle=args.kaggle, progress=not args.no_progress, skip_existing=args.skip_existing,
                             rois=args.rois, geojson=args.geojson, planes=_planes(args), dist=dist)
-    finally:
-        dist.close()
+    except BaseException:
+        dist.close(wait=False)
+        raise
+    dist.close()
     if not dist.is_main:  # rank 0 reports the whole run
         return EXIT_STOPPED if run.stopped_by else EXIT_USER_ERROR if run.failed else 0
     for path, why in run.failed:
@@ -194,7 +198,7 @@ def _check_3d(args: argparse.Namespace) -> None:
         raise UserError("--3d segments every z-slice; leave out --z")
     if not 0.0 < args.stitch_threshold <= 1.0:
         raise UserError(f"--stitch-threshold must be in (0, 1], got {args.stitch_threshold}")
-    if not 0.0 < args.anisotropy <= 100.0:
+    if args.anisotropy is not None and not 0.0 < args.anisotropy <= 100.0:
         raise UserError(f"--anisotropy (z step / pixel size) must be in (0, 100], got {args.anisotropy}")
 
 

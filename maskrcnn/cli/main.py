@@ -258,8 +258,9 @@ def _stack_flags(parser: argparse.ArgumentParser) -> None:
                              "benchmarks/volume.py), or ortho: segment the YX, ZX and ZY views and combine them")
     parser.add_argument("--stitch-threshold", type=float, default=0.25,
                         help="--3d: the mask IoU at which a nucleus continues the one in the plane before")
-    parser.add_argument("--anisotropy", type=float, default=1.0,
-                        help="--3d-method ortho: z step / pixel size; z is resampled by it for the side views")
+    parser.add_argument("--anisotropy", type=float, default=None,
+                        help="--3d-method ortho: z step / pixel size; z is resampled by it for the side views "
+                             "(default: the file's voxel size from OME or ImageJ metadata, else 1)")
 
 
 def _plane_flags(command: argparse.ArgumentParser) -> None:

@@ -23,7 +23,7 @@ from ..data.reader import files_by_stem
 from ..errors import DataError
 from ..metrics import MatchStats, match_instances
 from ..runtime.atomic import atomic_write_text
-from .stacks import read_stack
+from .stacks import anisotropy_of, read_stack
 from .volume import STITCH_THRESHOLD, segment_stack, volume_overlaps
 
 
@@ -81,7 +81,7 @@ def score(name: str, stats: MatchStats, truth: int, predicted: int, dsb: float) 
 
 def evaluate_stacks(predictor, root: str | Path, planes: Planes | None = None,
                     threshold: float = STITCH_THRESHOLD, method: str = "stitch",
-                    anisotropy: float = 1.0) -> VolumeReport:
+                    anisotropy: float | None = None) -> VolumeReport:
     """Segment every stack of ``root`` in 3-D (as segment_stack with ``method`` and ``anisotropy``)
     and score it against its 3-D labels."""
     rows, pooled = [], None
@@ -92,7 +92,8 @@ def evaluate_stacks(predictor, root: str | Path, planes: Planes | None = None,
             raise DataError(mask_path, f"not a 3-D label image (shape {truth.shape}, {truth.dtype})")
         if truth.shape != stack.shape[:3]:
             raise DataError(mask_path, f"labels of shape {truth.shape} for a stack of {stack.shape[:3]} (ZYX)")
-        labels = segment_stack(predictor, stack, threshold, method=method, anisotropy=anisotropy).labels
+        labels = segment_stack(predictor, stack, threshold, method=method,
+                               anisotropy=anisotropy_of(image_path, anisotropy)).labels
         overlaps = volume_overlaps(truth, labels)
         stats = match_instances(overlaps)
         rows.append(score(name, stats, len(overlaps.true_ids), len(overlaps.pred_ids), stats.dsb_score))

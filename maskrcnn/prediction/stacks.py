@@ -20,6 +20,7 @@ import numpy as np
 
 from ..data.io import read_image
 from ..data.planes import STACK, Planes
+from ..data.voxels import stack_anisotropy
 from ..errors import DataError
 from ..outputs.files import FAILED_TXT, IMAGES_JSON, write_csv, write_png
 from ..outputs.plots import display_image, instance_edges
@@ -44,11 +45,18 @@ def read_stack(path: Path, planes: Planes | None = None) -> np.ndarray:
     return stack[None] if flat else stack
 
 
+def anisotropy_of(path: Path, given: float | None) -> float:
+    """The z step / pixel size a stack is segmented with: ``given`` (--anisotropy), else its file's
+    voxel size (maskrcnn.data.voxels), else 1."""
+    return given if given is not None else stack_anisotropy(path) or 1.0
+
+
 def predict_stacks(predictor, paths: list[Path], out_dir: str | Path, planes: Planes | None = None,
                    threshold: float = STITCH_THRESHOLD, progress: bool = False, method: str = "stitch",
-                   anisotropy: float = 1.0) -> StackRun:
+                   anisotropy: float | None = None) -> StackRun:
     """Segment each stack of ``paths`` in 3-D (``method`` and ``anisotropy`` as in
-    maskrcnn.prediction.volume.segment_stack) and write its files (see the module)."""
+    maskrcnn.prediction.volume.segment_stack; None: each file's own, see ``anisotropy_of``) and
+    write its files (see the module)."""
     from tqdm import tqdm
 
     out = Path(out_dir)
@@ -61,10 +69,12 @@ def predict_stacks(predictor, paths: list[Path], out_dir: str | Path, planes: Pl
             run.failed.append((path, err.problem))
             continue
         model, chosen = predictor.for_image(stack.max(axis=0))
-        result = segment_stack(chosen, stack, threshold, method=method, anisotropy=anisotropy)
+        voxels = anisotropy_of(path, anisotropy)
+        result = segment_stack(chosen, stack, threshold, method=method, anisotropy=voxels)
         run.written.append(write_stack_files(out, path.stem, stack, result, chosen.normalizer))
         run.entries.append({"id": image_id, "file_name": str(path), "depth": stack.shape[0],
                             "height": stack.shape[1], "width": stack.shape[2], "nuclei": int(result.labels.max()),
+                            "anisotropy": round(voxels, 4),
                             **result.scaling.to_dict(), **({"model": model} if model else {})})
     atomic_write_text(out / IMAGES_JSON, json.dumps(run.entries, indent=1))
     failed = out / FAILED_TXT
