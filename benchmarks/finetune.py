@@ -26,7 +26,7 @@ from pathlib import Path
 import tifffile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import machine  # noqa: E402
+from peers import machine, write_report  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnfinder-nuclei"
 CLI = [sys.executable, "-m", "maskrcnn"]
@@ -96,12 +96,7 @@ def main() -> int:
         rows = [one_image(name, Path(tmp), args.minutes) for name in names]
     mean = {k: sum(r[k]["dsb_score"] for r in rows) / len(rows) for k in ("zero_shot", "fine_tuned")}
     report = {"machine": machine(), "minutes": args.minutes, "rows": rows, "mean": mean}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "finetune.json").write_text(json.dumps(report, indent=1, default=str))
-    text = markdown(report)
-    (out / "finetune.md").write_text(text)
-    print(text)
+    write_report(args.out, "finetune", report, markdown(report))
     return 0
 
 

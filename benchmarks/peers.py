@@ -272,6 +272,15 @@ def machine() -> dict:
                 maskrcnn=maskrcnn.__version__)
 
 
+def write_report(out: str | Path, stem: str, report: dict, text: str) -> None:
+    """<out>/<stem>.json (the report) and <out>/<stem>.md (the table), and the table on stdout."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / f"{stem}.md").write_text(text)
+    print(text)
+
+
 def row(tool: str, setting: str, scale, m: dict) -> str:
     return (f"| {tool} | {setting} | {scale} | {m['acc50']:.3f} | {m['f1_50']:.3f} | {m['dsb']:.3f} "
             f"| {m['miou']:.3f} | {m['seconds']:.2f} |")

@@ -5,7 +5,7 @@
 Stacks from maskrcnn.data.synthetic_3d (seed 1000 + i: the built-in model never saw a 3-D stack),
 (Z, H, W) = (24, 160, 160), nuclei 14-28 px across, anisotropy 1.5, 2.5 and 4 (z step / pixel),
 12 nuclei placed, 40% against an earlier one. Method: each plane by the 2-D model (the stack's
-intensity range, one resize chosen on its maximum projection), planes stitched by mask IoU at each
+intensity range, one resize estimated on five of its planes), planes stitched by mask IoU at each
 ``--thresholds`` value (maskrcnn.prediction.volume). Metrics on voxels: acc@0.5 = TP / (TP + FP +
 FN), F1@0.5 and the DSB2018-style mean accuracy over IoU 0.5..0.95, per stack and overall (the sum
 of TP/FP/FN over stacks), and seconds per stack.
@@ -31,12 +31,14 @@ ANISOTROPIES = (1.5, 2.5, 4.0)
 DIAMETERS = (14.0, 20.0, 28.0)
 
 
-def stacks(count: int):
+def stacks(count: int, first_seed: int = 1000):
+    """(Stack, image, truth) of ``count`` stacks cycling through the sizes and anisotropies; the
+    benchmark's stacks are seeds 1000 on, training stacks (benchmarks/volume_finetune.py) 2000 on."""
     from maskrcnn.data.synthetic_3d import Stack, synth_stack
 
     for i in range(count):
         stack = Stack(diameter=DIAMETERS[i % 3], anisotropy=ANISOTROPIES[(i // 3) % 3], count=12)
-        image, truth = synth_stack(SHAPE, np.random.default_rng(1000 + i), stack)
+        image, truth = synth_stack(SHAPE, np.random.default_rng(first_seed + i), stack)
         yield stack, image, truth
 
 

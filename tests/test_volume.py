@@ -4,6 +4,7 @@ stacks, and a stack segmented end to end by the built-in model."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 
 from maskrcnn.data.synthetic_3d import Stack, synth_stack
@@ -129,7 +130,8 @@ def test_evaluate_3d_scores_the_predicted_labels_as_truth_perfectly_and_counts_a
     from cli_helpers import cli
 
     image, _ = synth_stack((8, 72, 72), np.random.default_rng(5), Stack(count=5, diameter=18.0))
-    image[:, 60:, 60:] = image.min()  # a dark corner: room for a nucleus the model cannot see
+    # a dark band beside the stack, far from its nuclei: room for a nucleus the model cannot see
+    image = np.pad(image, ((0, 0), (0, 0), (0, 32)), constant_values=int(image.min()))
     data = tmp_path / "data"
     for sub in ("images", "masks"):
         (data / sub).mkdir(parents=True)
@@ -138,7 +140,7 @@ def test_evaluate_3d_scores_the_predicted_labels_as_truth_perfectly_and_counts_a
     assert cli(capsys, "predict", data / "images" / "s.tif", "--3d", "--out", tmp_path / "o", *flags)[0] == 0
     predicted = tifffile.imread(tmp_path / "o" / "s_labels.tif")
     n = int(predicted.max())
-    assert n >= 2 and not predicted[:, 60:, 60:].any()
+    assert n >= 2 and not predicted[:, :, 82:].any()
     tifffile.imwrite(data / "masks" / "s.tif", predicted, metadata={"axes": "ZYX"})
     code, out, err = cli(capsys, "evaluate", "--3d", "--data", data, "--out", tmp_path / "r.json", *flags)
     assert code == 0, err
@@ -146,7 +148,7 @@ def test_evaluate_3d_scores_the_predicted_labels_as_truth_perfectly_and_counts_a
     assert (overall["accuracy_50"], overall["dsb_score"], overall["tp"], overall["fp"]) == (1.0, 1.0, n, 0)
 
     truth = predicted.astype(np.int32)
-    truth[2:6, 62:70, 62:70] = n + 1  # a nucleus in the dark corner, 4 planes deep
+    truth[2:6, 30:38, 90:98] = n + 1  # a nucleus in the dark band, 4 planes deep
     tifffile.imwrite(data / "masks" / "s.tif", truth, metadata={"axes": "ZYX"})
     assert cli(capsys, "evaluate", "--3d", "--data", data, "--out", tmp_path / "r.json", *flags)[0] == 0
     stack, = json.loads((tmp_path / "r.json").read_text())["stacks"]
@@ -178,3 +180,25 @@ def test_predict_3d_by_the_orthogonal_views_writes_labels_of_the_stack(tmp_path,
     assert json.loads((tmp_path / "o" / "images.json").read_text())[0]["anisotropy"] == 2.0
     code, _, err = cli(capsys, "predict", tmp_path / "stack.tif", "--out", tmp_path / "b", "--anisotropy", "0", *flags)
     assert code == 2 and err.count("\n") == 1 and "--anisotropy" in err
+
+
+def test_a_thick_fluorescence_stack_gets_the_fluorescence_model():
+    """The maximum projection of a thick, crowded stack is bright all over, like brightfield; the
+    model is chosen on the middle plane instead."""
+    from maskrcnn.prediction.choice import builtin_for
+    from maskrcnn.prediction.volume import choice_plane
+
+    image, _ = synth_stack((100, 128, 128), np.random.default_rng(5), Stack(count=330, diameter=20.0))
+    assert builtin_for(image.max(axis=0)) == "he"  # what the projection would have chosen
+    assert builtin_for(choice_plane(image)) == "nuclei"
+
+
+def test_a_stacks_scale_is_estimated_on_its_planes_not_a_fixed_one():
+    from maskrcnn.prediction.diameter import AutoScale
+    from maskrcnn.prediction.volume import stack_scaling
+
+    image, _ = synth_stack((12, 256, 256), np.random.default_rng(6), Stack(count=60, diameter=40.0))
+    normalise = lambda plane: torch.from_numpy(plane[None] / float(image.max()))  # noqa: E731
+    found = stack_scaling(AutoScale(20.0), image, normalise)
+    assert found.source == "objects" and found.scale < 0.8  # 40 px nuclei are shrunk toward 20 px
+    assert stack_scaling(1.5, image, normalise).scale == 1.5

@@ -7,7 +7,7 @@ import pytest
 import tifffile
 
 from maskrcnn.data.voxels import stack_anisotropy
-from maskrcnn.prediction.stacks import anisotropy_of
+from maskrcnn.data.stack_reader import anisotropy_of
 
 STACK = np.zeros((4, 8, 8), np.uint16)
 

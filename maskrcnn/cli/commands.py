@@ -26,6 +26,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..runtime.distributed import DistContext
     from ..train import TrainOptions, train
 
+    if (args.side_views or args.anisotropy is not None) and not args.three_d:
+        raise UserError("--side-views and --anisotropy are for --3d data (Z-stacks with 3-D labels)")
+    if args.three_d and args.z is not None:
+        raise UserError("--3d learns from every z-slice; leave out --z")
     init = _train_init(args)
     cfg = Config.from_yaml(args.config) if args.config else None
     if cfg is None and not init:
@@ -39,7 +43,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         crop=args.crop, val_every=args.val_every, checkpoint_every=args.checkpoint_every, device=args.device,
         seed=args.seed, resume=args.resume, skip_bad=args.skip_bad, progress=not args.no_progress,
         sync_bn=args.sync_bn, amp=args.amp, image_dir=args.images, init=init, check_data=args.check_data,
-        workers=args.workers, planes=_planes(args))
+        workers=args.workers, planes=_planes(args), three_d=args.three_d, side_views=args.side_views,
+        anisotropy=args.anisotropy)
     try:
         result = train(opts, dist, command="maskrcnn " + shlex.join(args.argv))
     except BaseException:
@@ -62,13 +67,14 @@ def _train_init(args: argparse.Namespace) -> str | None:
     """What --init resolves to: a name or file, None for 'none'. Unset, one-class data with no model
     flags starts from the built-in nuclei model (the best start we know); anything else from scratch."""
     from ..builtin import builtin_names
-    from ..data.datasets import open_dataset
+    from ..data.datasets import DEFAULT_CLASS_NAMES, open_dataset
 
     if args.init is not None:
         return None if args.init == "none" else args.init
     if args.resume or args.config or args.backbone or "nuclei" not in builtin_names():
         return None
-    classes = open_dataset(args.data, args.format, image_dir=args.images, skip_bad=args.skip_bad).class_names
+    classes = (DEFAULT_CLASS_NAMES if args.three_d else  # Z-stacks' labels: one class, nucleus
+               open_dataset(args.data, args.format, image_dir=args.images, skip_bad=args.skip_bad).class_names)
     if len(classes) != 2:
         return None
     print("maskrcnn: starting from the built-in nuclei model (--init none trains from scratch)", file=sys.stderr)

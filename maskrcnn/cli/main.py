@@ -121,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--amp", action="store_true",
                        help="mixed precision: CUDA float16 with loss scaling, CPU bfloat16; losses stay float32")
     train.add_argument("--no-progress", action="store_true")
+    train.add_argument("--3d", dest="three_d", action="store_true",
+                       help="--data (and --val) hold Z-stacks in images/ and 3-D label images in masks/: every "
+                            "z-plane that shows a nucleus is a 2-D sample; validation holds out whole stacks")
+    train.add_argument("--side-views", action="store_true",
+                       help="--3d: also learn from ZX and ZY slices, z stretched by the anisotropy (as "
+                            "predict --3d-method ortho sees them)")
+    train.add_argument("--anisotropy", type=_positive_float, default=None,
+                       help="--side-views: z step / pixel size (default: each file's voxel size, else 1)")
     _plane_flags(train)
     train.set_defaults(run=cmd_train)
 

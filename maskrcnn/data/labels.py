@@ -57,13 +57,18 @@ class LabelsReader(InstanceReader):
 
 
 def _label_masks(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    """(G, H, W) bool masks, one per distinct nonzero id of a label image, in increasing id order."""
+    """(G, H, W) bool masks of the label image in ``path``, checked to be of ``shape``."""
     labels = read_label_image(path)
     check_shape(path, labels.shape, shape)
+    return label_masks(labels)
+
+
+def label_masks(labels: np.ndarray) -> np.ndarray:
+    """(G, H, W) bool masks, one per distinct nonzero id of an (H, W) label image, in id order."""
     ids, inverse = np.unique(labels, return_inverse=True)
     inverse = inverse.reshape(labels.shape)
     first = 1 if ids[0] == 0 else 0  # index of the first nonzero id
-    masks = np.zeros((len(ids) - first, *shape), dtype=bool)
+    masks = np.zeros((len(ids) - first, *labels.shape), dtype=bool)
     rows, cols = np.nonzero(labels)
     masks[inverse[rows, cols] - first, rows, cols] = True  # one pass instead of G comparisons
     return masks

@@ -90,13 +90,14 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def files_by_stem(folder: Path) -> dict[str, Path]:
-    """Map file stem -> image file; two files with one stem are ambiguous."""
+    """Map file stem -> image file; two files with one stem are ambiguous. OME-TIFF's double
+    extension counts as one (``cells.ome.tif`` pairs with ``cells.png``)."""
     by_stem: dict[str, Path] = {}
     for file in image_files(folder):
-        if file.stem in by_stem:
-            raise DataError(file, f"two files named '{file.stem}' ({by_stem[file.stem].name} "
-                                  f"and {file.name}); keep one")
-        by_stem[file.stem] = file
+        stem = file.stem[:-4] if file.stem.lower().endswith(".ome") else file.stem
+        if stem in by_stem:
+            raise DataError(file, f"two files named '{stem}' ({by_stem[stem].name} and {file.name}); keep one")
+        by_stem[stem] = file
     return by_stem
 
 

@@ -135,11 +135,11 @@ def segment_volume(predictor: Predictor, stack: np.ndarray, report: Report = _no
                    cancel: threading.Event | None = None) -> tuple[np.ndarray, list[dict]]:
     """A raw (Z, H, W) or (Z, H, W, C) stack -> its 3-D labels and their rows (volume, 3-D centroid,
     bounding box), as ``maskrcnn predict --3d`` computes them; ``predictor`` may choose the model
-    by the stack's maximum projection."""
-    from ..prediction.volume import segment_stack, volume_table
+    by the stack's middle plane (maskrcnn.prediction.volume.choice_plane)."""
+    from ..prediction.volume import choice_plane, segment_stack, volume_table
 
     stack = np.asarray(stack)
-    model, predictor = predictor.for_image(stack.max(axis=0))
+    model, predictor = predictor.for_image(choice_plane(stack))
     counting = dataclasses.replace(predictor, model=_CountingDetector(predictor.model, len(stack), report, cancel,
                                                                       unit="plane"))
     report(0, f"segmenting {len(stack)} planes in 3-D" + (f" with {model}" if model else ""))

@@ -19,11 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from ..data.planes import Planes
-from ..data.reader import files_by_stem
-from ..errors import DataError
+from ..data.stack_reader import anisotropy_of, read_label_stack, read_stack, stack_pairs
 from ..metrics import MatchStats, match_instances
 from ..runtime.atomic import atomic_write_text
-from .stacks import anisotropy_of, read_stack
 from .volume import STITCH_THRESHOLD, segment_stack, volume_overlaps
 
 
@@ -58,21 +56,6 @@ class VolumeReport:
         atomic_write_text(Path(path), json.dumps(asdict(self), indent=1))
 
 
-def stack_pairs(root: str | Path) -> list[tuple[str, Path, Path]]:
-    """(name, stack file, 3-D label file) of a labels-layout folder, paired by file stem."""
-    root = Path(root)
-    for sub in ("images", "masks"):
-        if not (root / sub).is_dir():
-            raise DataError(root / sub, "missing folder (3-D evaluation reads ROOT/images and ROOT/masks)")
-    images, masks = files_by_stem(root / "images"), files_by_stem(root / "masks")
-    if not images:
-        raise DataError(root / "images", "no image files found")
-    missing = sorted(set(images) - set(masks))
-    if missing:
-        raise DataError(root / "masks", f"no 3-D label image for {len(missing)} stack(s), e.g. '{missing[0]}'")
-    return [(name, images[name], masks[name]) for name in sorted(images)]
-
-
 def score(name: str, stats: MatchStats, truth: int, predicted: int, dsb: float) -> StackScore:
     at50 = int(np.flatnonzero(np.isclose(stats.thresholds, 0.5))[0])
     return StackScore(name, truth, predicted, int(stats.tp[at50]), int(stats.fp[at50]), int(stats.fn[at50]),
@@ -87,11 +70,7 @@ def evaluate_stacks(predictor, root: str | Path, planes: Planes | None = None,
     rows, pooled = [], None
     for name, image_path, mask_path in stack_pairs(root):
         stack = read_stack(image_path, planes)
-        truth = read_stack(mask_path)
-        if truth.ndim != 3 or truth.dtype.kind not in "iub":
-            raise DataError(mask_path, f"not a 3-D label image (shape {truth.shape}, {truth.dtype})")
-        if truth.shape != stack.shape[:3]:
-            raise DataError(mask_path, f"labels of shape {truth.shape} for a stack of {stack.shape[:3]} (ZYX)")
+        truth = read_label_stack(mask_path, stack.shape[:3])
         labels = segment_stack(predictor, stack, threshold, method=method,
                                anisotropy=anisotropy_of(image_path, anisotropy)).labels
         overlaps = volume_overlaps(truth, labels)

@@ -11,21 +11,20 @@ that cannot be read is listed in ``failed.txt`` and skipped.
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..data.io import read_image
-from ..data.planes import STACK, Planes
-from ..data.voxels import stack_anisotropy
+from ..data.planes import Planes
+from ..data.stack_reader import anisotropy_of, read_stack
 from ..errors import DataError
 from ..outputs.files import FAILED_TXT, IMAGES_JSON, write_csv, write_png
 from ..outputs.plots import display_image, instance_edges
-from ..runtime.atomic import atomic_write_bytes, atomic_write_text
-from .volume import STITCH_THRESHOLD, VolumeResult, segment_stack, volume_table
+from ..runtime.atomic import atomic_output, atomic_write_text, remove_stale_temporaries
+from .plane_store import PlaneStore
+from .volume import STITCH_THRESHOLD, VolumeResult, choice_plane, segment_stack, volume_table
 
 TABLE_FIELDS = ["id", "volume", "centroid_z", "centroid_y", "centroid_x", "z0", "y0", "x0", "z1", "y1", "x1"]
 
@@ -35,20 +34,6 @@ class StackRun:
     written: list[Path] = field(default_factory=list)  # the label images
     failed: list[tuple[Path, str]] = field(default_factory=list)
     entries: list[dict] = field(default_factory=list)
-
-
-def read_stack(path: Path, planes: Planes | None = None) -> np.ndarray:
-    """(Z, H, W) or (Z, H, W, C) of a file: every z-slice of the channel and time point chosen."""
-    planes = planes or Planes()
-    stack = read_image(path, Planes(planes.channel, STACK, planes.t))
-    flat = stack.ndim == 2 or (stack.ndim == 3 and stack.shape[-1] <= 4)  # no Z axis: one plane
-    return stack[None] if flat else stack
-
-
-def anisotropy_of(path: Path, given: float | None) -> float:
-    """The z step / pixel size a stack is segmented with: ``given`` (--anisotropy), else its file's
-    voxel size (maskrcnn.data.voxels), else 1."""
-    return given if given is not None else stack_anisotropy(path) or 1.0
 
 
 def predict_stacks(predictor, paths: list[Path], out_dir: str | Path, planes: Planes | None = None,
@@ -61,6 +46,7 @@ def predict_stacks(predictor, paths: list[Path], out_dir: str | Path, planes: Pl
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)  # a killed run's half-written files and label stores
     run = StackRun()
     for image_id, path in enumerate(tqdm(paths, desc="predict 3-D", unit="stack", disable=not progress), start=1):
         try:
@@ -68,14 +54,18 @@ def predict_stacks(predictor, paths: list[Path], out_dir: str | Path, planes: Pl
         except DataError as err:
             run.failed.append((path, err.problem))
             continue
-        model, chosen = predictor.for_image(stack.max(axis=0))
+        model, chosen = predictor.for_image(choice_plane(stack))
         voxels = anisotropy_of(path, anisotropy)
-        result = segment_stack(chosen, stack, threshold, method=method, anisotropy=voxels)
-        run.written.append(write_stack_files(out, path.stem, stack, result, chosen.normalizer))
-        run.entries.append({"id": image_id, "file_name": str(path), "depth": stack.shape[0],
-                            "height": stack.shape[1], "width": stack.shape[2], "nuclei": int(result.labels.max()),
-                            "anisotropy": round(voxels, 4),
-                            **result.scaling.to_dict(), **({"model": model} if model else {})})
+        result = segment_stack(chosen, stack, threshold, method=method, anisotropy=voxels, spill=out)
+        try:
+            run.written.append(write_stack_files(out, path.stem, stack, result, chosen.normalizer))
+            run.entries.append({"id": image_id, "file_name": str(path), "depth": stack.shape[0],
+                                "height": stack.shape[1], "width": stack.shape[2], "nuclei": int(result.labels.max()),
+                                "anisotropy": round(voxels, 4), "labels_on_disk": isinstance(result.labels, PlaneStore),
+                                **result.scaling.to_dict(), **({"model": model} if model else {})})
+        finally:
+            if isinstance(result.labels, PlaneStore):
+                result.labels.close()
     atomic_write_text(out / IMAGES_JSON, json.dumps(run.entries, indent=1))
     failed = out / FAILED_TXT
     if run.failed:
@@ -87,17 +77,27 @@ def predict_stacks(predictor, paths: list[Path], out_dir: str | Path, planes: Pl
 
 def write_stack_files(out: Path, name: str, stack: np.ndarray, result: VolumeResult, normalizer) -> Path:
     """NAME_labels.tif, NAME_instances.csv and NAME_overlay.png of one stack; returns the label image."""
-    import tifffile
-
     labels = result.labels
     target = out / f"{name}_labels.tif"
-    buffer = io.BytesIO()
-    dtype = np.uint16 if labels.max() < 2**16 else np.uint32
-    tifffile.imwrite(buffer, labels.astype(dtype), metadata={"axes": "ZYX"}, compression="zlib")
-    atomic_write_bytes(target, buffer.getvalue())
+    write_label_volume(target, labels)
     write_csv(out / f"{name}_instances.csv", volume_table(labels), TABLE_FIELDS)
     write_png(out / f"{name}_overlay.png", projection_overlay(stack, labels, normalizer))
     return target
+
+
+def write_label_volume(path: Path, labels) -> None:
+    """A (Z, H, W) label volume (an array or a PlaneStore) as a zlib-compressed ZYX TIFF (16-bit, or
+    32-bit past 65535 ids; BigTIFF past 4 GB), written a plane at a time (each plane one tile) and
+    atomically."""
+    import tifffile
+
+    depth, height, width = labels.shape
+    dtype = np.dtype(np.uint16 if labels.max() < 2**16 else np.uint32)
+    tile = (-(-height // 16) * 16, -(-width // 16) * 16)  # TIFF tiles are multiples of 16: one covers a plane
+    with atomic_output(path) as tmp:
+        tifffile.imwrite(tmp, data=(np.asarray(plane).astype(dtype) for plane in labels), shape=labels.shape,
+                         dtype=dtype, tile=tile, metadata={"axes": "ZYX"}, compression="zlib",
+                         bigtiff=depth * height * width * dtype.itemsize > 2**32 - 2**25)
 
 
 def projection_overlay(stack: np.ndarray, labels: np.ndarray, normalizer) -> np.ndarray:

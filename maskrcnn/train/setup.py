@@ -10,7 +10,7 @@ it (loading.py). ``--skip-bad`` leaves bad samples out instead and lists them in
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from ..data.augment import Augment
 from ..data.datasets import InstanceReader, open_dataset
 from ..data.normalize import Normalizer
 from ..data.planes import Planes
+from ..data.stack_reader import StackPlanesReader, stack_pairs
 from ..data.torch_dataset import InstanceDataset, split_train_val
 from ..data.views import RegionReader, SubsetReader
 from ..errors import DataError, UserError
@@ -73,6 +74,9 @@ class TrainOptions:
     reader: InstanceReader | None = None
     init: str | None = None  # start from this checkpoint's weights (a path or a built-in name)
     planes: Planes | None = None  # --channel / --z / --t of multi-dimensional images (data and --val)
+    three_d: bool = False  # data (and --val) are Z-stacks with 3-D labels, learnt from as 2-D slices
+    side_views: bool = False  # three_d: also ZX and ZY slices (maskrcnn.data.stack_reader)
+    anisotropy: float | None = None  # side views: z step / pixel size (None: each file's own, else 1)
 
     def __post_init__(self) -> None:
         # A pretrained start needs a smaller step than random weights: on the real band (benchmarks/
@@ -105,11 +109,15 @@ def build_data(opts: TrainOptions, dist: DistContext, run_dir: Path) -> TrainDat
     if not opts.resume and dist.is_main:  # the listings are this run's (a resumed run adds to them)
         for path in {listing, val_listing}:
             path.unlink(missing_ok=True)
-    reader = opts.reader or checked(open_dataset(opts.data, opts.format, image_dir=opts.image_dir,
-                                                 skip_bad=opts.skip_bad, planes=opts.planes), opts, dist, listing)
-    cfg = (opts.config or nuclei_config()).replace(num_classes=len(reader.class_names), class_names=list(reader.class_names))
+    if opts.three_d and opts.reader is None:
+        train_reader, val_reader = split_stacks(opts, dist, listing, val_listing)
+    else:
+        reader = opts.reader or checked(open_dataset(opts.data, opts.format, image_dir=opts.image_dir,
+                                                     skip_bad=opts.skip_bad, planes=opts.planes), opts, dist, listing)
+        train_reader, val_reader = split(reader, opts, dist, val_listing)
+    classes = list(train_reader.class_names)
+    cfg = (opts.config or nuclei_config()).replace(num_classes=len(classes), class_names=classes)
     normalizer = opts.normalizer or Normalizer(channels=cfg.in_channels)
-    train_reader, val_reader = split(reader, opts, dist, val_listing)
     crop = opts.crop or (128 if cfg.rpn_scales[0] == 2 else 256)  # the same cost per step either way
     # Not for a recipe's own reader (pretrain: scenes drawn once each, a real image repeated under
     # many indices and cached by the reader itself), nor with --workers: their processes are new
@@ -191,6 +199,27 @@ def split(reader: InstanceReader, opts: TrainOptions, dist: DistContext,
         return SubsetReader(reader, train_idx), SubsetReader(reader, val_idx)
     cut = 1.0 - opts.val_fraction  # too few images to hold one out: hold out a band of each
     return RegionReader(reader, 0.0, cut), RegionReader(reader, cut, 1.0)
+
+
+def split_stacks(opts: TrainOptions, dist: DistContext, listing: Path,
+                 val_listing: Path) -> tuple[InstanceReader, InstanceReader]:
+    """(train, validation) readers of Z-stacks' slices, split by stack so that no validation nucleus
+    was seen in another view: --val's stacks (their z-planes), else held-out stacks, else the right
+    band of each stack; the side views train only."""
+    def slices(root: str, side: bool, **part) -> InstanceReader:
+        return StackPlanesReader(root, opts.planes, side and opts.side_views, opts.anisotropy, **part)
+
+    if opts.val:
+        return (checked(slices(opts.data, True), opts, dist, listing),
+                checked(slices(opts.val, False), opts, dist, val_listing, validation=True))
+    count = len(stack_pairs(opts.data))
+    train_idx, val_idx = split_train_val(count, opts.val_fraction, opts.seed)
+    if val_idx or opts.val_fraction == 0:
+        train = checked(slices(opts.data, True, stacks=train_idx), opts, dist, listing)
+        return train, (slices(opts.data, False, stacks=val_idx) if val_idx else SubsetReader(train, []))
+    cut = 1.0 - opts.val_fraction  # one stack: hold out a band of it
+    return (checked(slices(opts.data, True, columns=(0.0, cut)), opts, dist, listing),
+            slices(opts.data, False, columns=(cut, 1.0)))
 
 
 def build_model(cfg: Config, device: torch.device) -> MaskRCNN:
