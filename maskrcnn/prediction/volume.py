@@ -60,8 +60,8 @@ def segment_stack(predictor, stack: np.ndarray, threshold: float = STITCH_THRESH
     scaling = stack_scaling(predictor.scale, stack, lambda plane: normalizer(plane, intensity))
     cfg, budget = predictor.model.cfg, predictor.max_memory
     in_memory = spill is None or method == "ortho" or labels_fit(stack.shape[:3], cfg, scaling.scale, budget)
-    labels = np.zeros(stack.shape[:3], np.int32) if in_memory else PlaneStore(stack.shape[:3], spill)
-    held = resident_bytes() + (labels.nbytes if in_memory else 0)  # np.zeros takes its pages as written
+    stitched_bytes = 4 * stack.shape[0] * stack.shape[1] * stack.shape[2] if method == "stitch" and in_memory else 0
+    held = resident_bytes() + stitched_bytes  # the label volume, whose pages are taken as planes are written
     plan = plan_inference(cfg, stack.shape[1:3], budget, scale=scaling.scale, in_memory=True, resident=held)
 
     def predict(image: torch.Tensor) -> np.ndarray:
@@ -78,6 +78,7 @@ def segment_stack(predictor, stack: np.ndarray, threshold: float = STITCH_THRESH
                             scaling, counts)
     if not in_memory:
         bound_heap()  # each plane's tensors go back to the OS when freed, as streamed tiles' do
+    labels = np.zeros(stack.shape[:3], np.int32) if in_memory else PlaneStore(stack.shape[:3], spill)
     stitcher, counts = Stitcher(threshold), []
     for z, plane in enumerate(stack):
         found = predict(normalizer(plane, intensity))
@@ -161,10 +162,7 @@ class Stitcher:
         """The stitched ``labels`` (an array, renumbered in place, or a PlaneStore, renumbered on
         reading) with the instances in fewer than ``min_planes`` planes dropped (not in a stack of
         fewer planes) and the rest numbered 1..N."""
-        keep = self.planes_of >= (min_planes if self.depth >= min_planes > 1 else 1)
-        keep[0] = False
-        lut = np.zeros(len(keep), np.int32)
-        lut[keep] = np.arange(1, int(keep.sum()) + 1)
+        lut = _numbering(self.planes_of, min_planes if self.depth >= min_planes > 1 else 1)
         if isinstance(labels, PlaneStore):
             labels.lut = lut
         else:
@@ -186,17 +184,23 @@ def stitch_planes(planes: np.ndarray, threshold: float = STITCH_THRESHOLD, min_p
 def _drop_thin(labels: np.ndarray, min_planes: int) -> np.ndarray:
     """Remove the instances present in fewer than ``min_planes`` planes and renumber the rest 1..N
     (in place, a plane at a time)."""
-    count = int(labels.max()) + 1
-    present = np.zeros(count, np.int64)
+    present = np.zeros(int(labels.max()) + 1, np.int64)
     for plane in labels:
         present[np.unique(plane)] += 1
-    keep = present >= min_planes
-    keep[0] = False
-    lut = np.zeros(count, np.int32)
-    lut[keep] = np.arange(1, int(keep.sum()) + 1)
+    lut = _numbering(present, min_planes)
     for plane in labels:
         plane[...] = lut[plane]
     return labels.astype(np.int32, copy=False)
+
+
+def _numbering(planes_of: np.ndarray, min_planes: int) -> np.ndarray:
+    """A lookup table id -> new id: 1..N, in id order, for the ids present in at least ``min_planes``
+    planes (``planes_of[id]``), 0 for the others and the background."""
+    keep = planes_of >= min_planes
+    keep[0] = False
+    lut = np.zeros(len(keep), np.int32)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1)
+    return lut
 
 
 def _continued(overlaps: Overlaps, threshold: float) -> dict[int, int]:
