@@ -53,7 +53,7 @@ def test_volume_table_reads_a_plane_at_a_time_and_matches_a_hand_count():
 def test_a_killed_runs_label_store_is_removed_by_the_next_run(tmp_path):
     store = PlaneStore((2, 8, 8), tmp_path)
     store.path.rename(tmp_path / ".labels.999999999.abcd.tmp")  # as if its process were gone
-    store._file.close()
+    store.blocks.file.close()
     assert [p.name for p in remove_stale_temporaries(tmp_path)] == [".labels.999999999.abcd.tmp"]
 
 

@@ -19,6 +19,35 @@ import numpy as np
 DTYPE = np.dtype(np.int32)
 
 
+class BlockFile:
+    """``count`` int32 blocks of ``shape`` in one hidden sparse temporary file of ``folder`` (see the
+    module): ``read(i)``, ``write(i, block)``, ``close()`` (which deletes the file)."""
+
+    def __init__(self, count: int, shape: tuple[int, int], folder: str | Path, name: str) -> None:
+        self.block_shape = (int(shape[0]), int(shape[1]))
+        self._bytes = self.block_shape[0] * self.block_shape[1] * DTYPE.itemsize
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=folder)
+        self.path = Path(tmp)
+        self.file = os.fdopen(fd, "r+b")
+        self.file.truncate(count * self._bytes)
+
+    def read(self, index: int) -> np.ndarray:
+        out = np.empty(self.block_shape, DTYPE)
+        self.file.seek(index * self._bytes)
+        if self.file.readinto(memoryview(out).cast("B")) != out.nbytes:
+            raise OSError(f"{self.path}: label store truncated")
+        return out
+
+    def write(self, index: int, block: np.ndarray) -> None:
+        self.file.seek(index * self._bytes)
+        self.file.write(np.ascontiguousarray(block, DTYPE).tobytes())
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
 class LabelStore:
     """(H, W) int32 labels on disk in ``chunk`` x ``chunk`` blocks (row-major, edge blocks padded)."""
 
@@ -26,16 +55,12 @@ class LabelStore:
         self.shape = (int(shape[0]), int(shape[1]))
         self.chunk = chunk
         self.grid = (-(-self.shape[0] // chunk), -(-self.shape[1] // chunk))
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=folder)
-        self.path = Path(tmp)
-        self.file = os.fdopen(fd, "r+b")
-        self.file.truncate(self.grid[0] * self.grid[1] * chunk * chunk * DTYPE.itemsize)
+        self.blocks = BlockFile(self.grid[0] * self.grid[1], (chunk, chunk), folder, name)
+        self.path = self.blocks.path
 
     def close(self) -> None:
         """Close and delete the store's file."""
-        if not self.file.closed:
-            self.file.close()
-        self.path.unlink(missing_ok=True)
+        self.blocks.close()
 
     def __enter__(self) -> LabelStore:
         return self
@@ -43,20 +68,12 @@ class LabelStore:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def _offset(self, cy: int, cx: int) -> int:
-        return (cy * self.grid[1] + cx) * self.chunk * self.chunk * DTYPE.itemsize
-
     def read_chunk(self, cy: int, cx: int) -> np.ndarray:
         """Chunk (cy, cx) -> (chunk, chunk) int32 (zeros beyond the image's edge)."""
-        out = np.empty((self.chunk, self.chunk), DTYPE)
-        self.file.seek(self._offset(cy, cx))
-        if self.file.readinto(memoryview(out).cast("B")) != out.nbytes:
-            raise OSError(f"{self.path}: label store truncated")
-        return out
+        return self.blocks.read(cy * self.grid[1] + cx)
 
     def _write_chunk(self, cy: int, cx: int, block: np.ndarray) -> None:
-        self.file.seek(self._offset(cy, cx))
-        self.file.write(np.ascontiguousarray(block, DTYPE).tobytes())
+        self.blocks.write(cy * self.grid[1] + cx, block)
 
     def _spans(self, y0: int, y1: int, x0: int, x1: int) -> Iterator[tuple[int, int, slice, slice, slice, slice]]:
         """For the chunks meeting [y0, y1) x [x0, x1): (cy, cx, rows and columns in the chunk,

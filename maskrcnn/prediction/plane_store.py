@@ -11,29 +11,24 @@ run in the folder, maskrcnn.runtime.atomic.remove_stale_temporaries).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from ..runtime.memory import SAFETY_BYTES, model_bytes, resident_bytes
-
-LABEL_DTYPE = np.dtype(np.int32)
+from .labelstore import DTYPE as LABEL_DTYPE, BlockFile
 
 
 class PlaneStore:
-    """(Z, H, W) int32 labels on disk; ``store[z] = plane`` writes a plane, ``store[z]`` reads it
-    (renumbered by ``lut`` when set), iteration yields the planes in order."""
+    """(Z, H, W) int32 labels on disk, one plane per block of a BlockFile (maskrcnn.prediction.labelstore);
+    ``store[z] = plane`` writes a plane, ``store[z]`` reads it (renumbered by ``lut`` when set),
+    iteration yields the planes in order."""
 
     def __init__(self, shape: tuple[int, int, int], folder: str | Path):
         self.shape = tuple(int(s) for s in shape)
-        self._plane_bytes = self.shape[1] * self.shape[2] * LABEL_DTYPE.itemsize
-        fd, name = tempfile.mkstemp(prefix=f".labels.{os.getpid()}.", suffix=".tmp", dir=folder)
-        self.path = Path(name)
-        self._file = os.fdopen(fd, "w+b")
-        self._file.truncate(self._plane_bytes * self.shape[0])  # sparse: unwritten planes read as 0
+        self.blocks = BlockFile(self.shape[0], self.shape[1:], folder, "labels")
+        self.path = self.blocks.path
         self.lut: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -42,13 +37,11 @@ class PlaneStore:
     def __setitem__(self, z: int, plane: np.ndarray) -> None:
         if plane.shape != self.shape[1:]:
             raise ValueError(f"plane of shape {plane.shape} for a store of planes {self.shape[1:]}")
-        self._file.seek(z * self._plane_bytes)
-        self._file.write(np.ascontiguousarray(plane, LABEL_DTYPE).tobytes())
+        self.blocks.write(z, plane)
 
     def __getitem__(self, z: int) -> np.ndarray:
-        self._file.seek(z * self._plane_bytes)
-        plane = np.frombuffer(self._file.read(self._plane_bytes), LABEL_DTYPE).reshape(self.shape[1:])
-        return self.lut[plane] if self.lut is not None else plane.copy()
+        plane = self.blocks.read(z)
+        return self.lut[plane] if self.lut is not None else plane
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return (self[z] for z in range(len(self)))
@@ -60,8 +53,7 @@ class PlaneStore:
         return max((int(plane.max(initial=0)) for plane in self), default=0)
 
     def close(self) -> None:
-        self._file.close()
-        self.path.unlink(missing_ok=True)
+        self.blocks.close()
 
 
 def labels_fit(shape: tuple[int, int, int], cfg, scale: float, max_memory: int) -> bool:
