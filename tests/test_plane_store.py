@@ -9,7 +9,7 @@ import tifffile
 from maskrcnn.data.synthetic_3d import Stack, synth_stack
 from maskrcnn.prediction.plane_store import PlaneStore
 from maskrcnn.prediction.stacks import write_label_volume
-from maskrcnn.prediction.volume import Stitcher, segment_stack, stitch_planes, volume_table
+from maskrcnn.prediction.volume import Stitcher, relabel_volume, segment_stack, stitch_planes, volume_table
 from maskrcnn.runtime.atomic import remove_stale_temporaries
 
 
@@ -24,14 +24,16 @@ def random_planes(seed: int = 0) -> np.ndarray:
     return planes
 
 
-def test_the_store_renumbers_on_reading_as_stitching_in_memory_does(tmp_path):
+def test_the_store_relabels_on_reading_as_stitching_in_memory_does(tmp_path):
     planes = random_planes()
+    images = np.where(planes > 0, 0.2 + 0.1 * (planes % 5), 0.0)  # the boxes' brightness differs along z
     stitcher = Stitcher()
     store = PlaneStore(planes.shape, tmp_path)
     for z, plane in enumerate(planes):
-        store[z] = stitcher.add(plane)
-    stitcher.renumber(store)
-    expected = stitch_planes(planes)
+        store[z] = stitcher.add(plane, images[z])
+    relabel_volume(store, stitcher.profiles)
+    expected = stitch_planes(planes, images=images)
+    assert expected.max() >= 2
     assert np.array_equal(np.stack(list(store)), expected) and store.max() == expected.max()
     assert volume_table(store) == volume_table(expected)
     write_label_volume(tmp_path / "labels.tif", store)
@@ -94,3 +96,30 @@ def test_orthogonal_views_past_the_budget_say_so():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _check_views_fit(stack, 2.0, budget=1 << 50)
+
+
+def test_label_volumes_are_written_as_ome_zarr_that_reads_back_with_its_voxel_size(tmp_path):
+    pytest.importorskip("zarr")
+    from maskrcnn.data.stack_reader import anisotropy_of, read_stack
+    from maskrcnn.prediction.stacks import write_label_zarr
+
+    planes = random_planes()
+    stitcher = Stitcher()
+    store = PlaneStore(planes.shape, tmp_path)
+    for z, plane in enumerate(planes):
+        store[z] = stitcher.add(plane)
+    relabel_volume(store, stitcher.profiles)
+    target = tmp_path / "stack_labels.ome.zarr"
+    write_label_zarr(target, store, anisotropy=2.5)
+    assert np.array_equal(read_stack(target), stitch_planes(planes)) and anisotropy_of(target, None) == 2.5
+    write_label_zarr(target, np.zeros(planes.shape, np.int32))  # a rerun replaces the folder whole
+    assert read_stack(target).max() == 0 and anisotropy_of(target, None) == 1.0
+    store.close()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(tmp_path):
+    stale = tmp_path / ".stack_labels.ome.zarr.999999999.abcd.tmp"
+    (stale / "0").mkdir(parents=True)
+    (stale / "0" / "c").write_bytes(b"half a chunk")
+    assert remove_stale_temporaries(tmp_path) == [stale] and not stale.exists()

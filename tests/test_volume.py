@@ -117,13 +117,16 @@ def test_predict_3d_writes_a_3d_label_image_that_evaluates_against_the_truth(tmp
     assert stats.tp.sum() > 0
     code, _, err = cli(capsys, "predict", tmp_path / "stack.tif", "--3d", "--z", "2", "--out", tmp_path / "z")
     assert code == 2 and "--z" in err
+    code, _, err = cli(capsys, "predict", tmp_path / "stack.tif", "--zarr", "--out", tmp_path / "z")
+    assert code == 2 and "--zarr is for --3d" in err and err.count("\n") == 1
 
 
 @pytest.mark.slow
 def test_evaluate_3d_scores_the_predicted_labels_as_truth_perfectly_and_counts_a_missed_nucleus(tmp_path, capsys):
-    """predict --3d's label image round-trips through evaluate --3d: as the truth it scores 1.0; with
-    one nucleus added to the truth that nothing predicts, acc@0.5 is n / (n + 1) by hand."""
+    """predict --3d's label image (its OME-Zarr) round-trips through evaluate --3d: as the truth it
+    scores 1.0; with one nucleus added to the truth that nothing predicts, acc@0.5 is n / (n + 1) by hand."""
     import json
+    import shutil
 
     import tifffile
 
@@ -137,15 +140,16 @@ def test_evaluate_3d_scores_the_predicted_labels_as_truth_perfectly_and_counts_a
         (data / sub).mkdir(parents=True)
     tifffile.imwrite(data / "images" / "s.tif", image, metadata={"axes": "ZYX"})
     flags = ["--weights", "nuclei", "--device", "cpu", "--no-progress"]
-    assert cli(capsys, "predict", data / "images" / "s.tif", "--3d", "--out", tmp_path / "o", *flags)[0] == 0
+    assert cli(capsys, "predict", data / "images" / "s.tif", "--3d", "--zarr", "--out", tmp_path / "o", *flags)[0] == 0
     predicted = tifffile.imread(tmp_path / "o" / "s_labels.tif")
     n = int(predicted.max())
     assert n >= 2 and not predicted[:, :, 82:].any()
-    tifffile.imwrite(data / "masks" / "s.tif", predicted, metadata={"axes": "ZYX"})
+    shutil.copytree(tmp_path / "o" / "s_labels.ome.zarr", data / "masks" / "s.ome.zarr")  # the OME-Zarr labels as truth
     code, out, err = cli(capsys, "evaluate", "--3d", "--data", data, "--out", tmp_path / "r.json", *flags)
     assert code == 0, err
     overall = json.loads((tmp_path / "r.json").read_text())["overall"]
     assert (overall["accuracy_50"], overall["dsb_score"], overall["tp"], overall["fp"]) == (1.0, 1.0, n, 0)
+    shutil.rmtree(data / "masks" / "s.ome.zarr")
 
     truth = predicted.astype(np.int32)
     truth[2:6, 30:38, 90:98] = n + 1  # a nucleus in the dark band, 4 planes deep

@@ -7,6 +7,7 @@ Each ``cmd_*`` calls library functions and returns the exit code; a user error r
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shlex
 import statistics
@@ -144,11 +145,14 @@ def cmd_predict_3d(args: argparse.Namespace) -> int:
     from ..prediction.stacks import predict_stacks
 
     _check_3d(args)
+    if args.zarr and importlib.util.find_spec("zarr") is None:
+        raise UserError("--zarr writes OME-Zarr with zarr: pip install 'maskrcnn[slides]'")
     paths = expand_inputs(args.inputs)
     if not paths:
         raise UserError(f"no images found in {' '.join(args.inputs)}")
     run = predict_stacks(_predictor(args), paths, args.out, _planes(args), args.stitch_threshold,
-                         progress=not args.no_progress, method=args.method_3d, anisotropy=args.anisotropy)
+                         progress=not args.no_progress, method=args.method_3d, anisotropy=args.anisotropy,
+                         zarr=args.zarr)
     for path, why in run.failed:
         print(f"maskrcnn: skipped {path}: {why}", file=sys.stderr)
     nuclei = sum(e["nuclei"] for e in run.entries)
@@ -160,6 +164,8 @@ def cmd_predict_3d(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     if args.three_d:
         return cmd_predict_3d(args)
+    if args.zarr:
+        raise UserError("--zarr is for --3d label volumes (2-D labels are TIFF; large images stream to tiled BigTIFF)")
     from ..prediction.predict import predict_files
     from ..prediction.ranks import share_threads
     from ..runtime.distributed import DistContext

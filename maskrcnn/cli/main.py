@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--3d", dest="three_d", action="store_true",
                          help="Z-stacks: segment every z-slice and join the planes' nuclei into 3-D ones; writes "
                               "NAME_labels.tif (ZYX), a CSV of volumes and 3-D centroids, a projection overlay")
+    predict.add_argument("--zarr", action="store_true",
+                         help="--3d: also write the labels as NAME_labels.ome.zarr (OME-Zarr, chunks of one "
+                              "plane, written a plane at a time; needs pip install 'maskrcnn[slides]')")
     _stack_flags(predict)
     _inference_flags(predict)
     _plane_flags(predict)

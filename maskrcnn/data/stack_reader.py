@@ -29,9 +29,19 @@ VIEW_NAMES = ("z", "y", "x")  # a sample's name ends with the axis it cuts and t
 
 
 def read_stack(path: Path, planes: Planes | None = None) -> np.ndarray:
-    """(Z, H, W) or (Z, H, W, C) of a file: every z-slice of the channel and time point chosen."""
-    planes = planes or Planes()
-    stack = read_image(path, Planes(planes.channel, STACK, planes.t))
+    """(Z, H, W) or (Z, H, W, C) of a file or an OME-Zarr folder: every z-slice of the channel and
+    time point chosen."""
+    planes = Planes(*(planes.channel, STACK, planes.t) if planes else (None, STACK, None))
+    if Path(path).is_dir():  # OME-Zarr (or a zarr array): read through maskrcnn.data.lazy, whole
+        from .lazy import open_regions
+
+        source = open_regions(Path(path), planes)
+        try:
+            stack = source.read(0, source.shape[0], 0, source.shape[1])
+        finally:
+            source.close()
+    else:
+        stack = read_image(path, planes)
     flat = stack.ndim == 2 or (stack.ndim == 3 and stack.shape[-1] <= 4)  # no Z axis: one plane
     return stack[None] if flat else stack
 
@@ -47,18 +57,32 @@ def read_label_stack(path: Path, shape: tuple[int, ...] | None = None) -> np.nda
 
 
 def stack_pairs(root: str | Path) -> list[tuple[str, Path, Path]]:
-    """(name, stack file, 3-D label file) of a labels-layout folder, paired by file stem."""
+    """(name, stack file, 3-D label file) of a labels-layout folder, paired by file stem (OME-Zarr
+    folders, ``NAME.zarr`` or ``NAME.ome.zarr``, count as files)."""
     root = Path(root)
     for sub in ("images", "masks"):
         if not (root / sub).is_dir():
             raise DataError(root / sub, "missing folder (3-D data are ROOT/images stacks and ROOT/masks labels)")
-    images, masks = files_by_stem(root / "images"), files_by_stem(root / "masks")
+    images, masks = _stacks_by_stem(root / "images"), _stacks_by_stem(root / "masks")
     if not images:
         raise DataError(root / "images", "no image files found")
     missing = sorted(set(images) - set(masks))
     if missing:
         raise DataError(root / "masks", f"no 3-D label image for {len(missing)} stack(s), e.g. '{missing[0]}'")
     return [(name, images[name], masks[name]) for name in sorted(images)]
+
+
+def _stacks_by_stem(folder: Path) -> dict[str, Path]:
+    """files_by_stem with the zarr folders of ``folder`` too."""
+    found = files_by_stem(folder)
+    for path in sorted(folder.glob("*.zarr")):
+        stem = path.name[:-len(".ome.zarr")] if path.name.lower().endswith(".ome.zarr") else path.stem
+        if not path.is_dir():
+            continue
+        if stem in found:
+            raise DataError(path, f"two stacks named '{stem}' ({found[stem].name} and {path.name}); keep one")
+        found[stem] = path
+    return found
 
 
 def anisotropy_of(path: Path, given: float | None) -> float:

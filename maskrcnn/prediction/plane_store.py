@@ -4,8 +4,8 @@ A stack whose label volume would not fit the memory budget beside the model (``-
 1024 x 1024 x 100 int32 labels are 400 MB) keeps them in a hidden temporary file of the output
 folder, written and read with plain file reads and writes: no memory map, so planes on disk are
 not part of the process's resident memory (the page cache is the system's). The ids are stored as
-stitched; ``lut`` renumbers them on reading (the instances kept after stitching, 1..N), so the
-volume is never rewritten. The file is removed by ``close`` (a killed run's is removed by the next
+stitched; ``relabel`` (maskrcnn.prediction.zprofile.Relabel) maps them on reading to the final
+instances 1..N, so the volume is never rewritten. The file is removed by ``close`` (a killed run's is removed by the next
 run in the folder, maskrcnn.runtime.atomic.remove_stale_temporaries).
 """
 
@@ -22,14 +22,14 @@ from .labelstore import DTYPE as LABEL_DTYPE, BlockFile
 
 class PlaneStore:
     """(Z, H, W) int32 labels on disk, one plane per block of a BlockFile (maskrcnn.prediction.labelstore);
-    ``store[z] = plane`` writes a plane, ``store[z]`` reads it (renumbered by ``lut`` when set),
+    ``store[z] = plane`` writes a plane, ``store[z]`` reads it (mapped by ``relabel`` when set),
     iteration yields the planes in order."""
 
     def __init__(self, shape: tuple[int, int, int], folder: str | Path):
         self.shape = tuple(int(s) for s in shape)
         self.blocks = BlockFile(self.shape[0], self.shape[1:], folder, "labels")
         self.path = self.blocks.path
-        self.lut: np.ndarray | None = None
+        self.relabel = None  # (z, plane) -> plane in final ids
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -41,15 +41,15 @@ class PlaneStore:
 
     def __getitem__(self, z: int) -> np.ndarray:
         plane = self.blocks.read(z)
-        return self.lut[plane] if self.lut is not None else plane
+        return self.relabel(z, plane) if self.relabel is not None else plane
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return (self[z] for z in range(len(self)))
 
     def max(self) -> int:
-        """The largest id (after ``lut``)."""
-        if self.lut is not None:
-            return int(self.lut.max(initial=0))
+        """The largest id (after ``relabel``)."""
+        if self.relabel is not None:
+            return self.relabel.count
         return max((int(plane.max(initial=0)) for plane in self), default=0)
 
     def close(self) -> None:

@@ -6,8 +6,10 @@ dim planes and planes between nuclei are not stretched into noise), and :func:`s
 joins the planes' instances into 3-D ones as Cellpose's ``stitch_threshold`` does: each instance of
 plane z takes the id of the instance of plane z - 1 it overlaps most (mask IoU at least the
 threshold; one-to-one, best pairs first, so two nuclei touching in one plane keep two ids), or a
-new id. :func:`volume_table` measures the 3-D instances, :func:`volume_overlaps` matches them
-against 3-D truth (the metrics of ``maskrcnn.metrics`` on voxels).
+new id. The stitched instances are then refined along z by their profiles (maskrcnn.prediction.zprofile:
+trimmed to the half-maximum of their contrast, split at waists, faint ones dropped).
+:func:`volume_table` measures the 3-D instances, :func:`volume_overlaps` matches them against 3-D
+truth (the metrics of ``maskrcnn.metrics`` on voxels).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..runtime.memory import bound_heap, plan_inference, release_free_memory, re
 from .diameter import AutoScale, Scaling
 from .orthoviews import combine_views, view_labels
 from .plane_store import PlaneStore, labels_fit
+from .zprofile import Profiles
 
 SCALE_PLANES = 5  # planes a stack's nucleus diameter is estimated on (stack_scaling)
 METHODS = ("stitch", "ortho")  # plane by plane, stitched; or the three orthogonal views combined
@@ -45,18 +48,19 @@ class VolumeResult:
 
 def segment_stack(predictor, stack: np.ndarray, threshold: float = STITCH_THRESHOLD,
                   min_planes: int = MIN_PLANES, method: str = "stitch", anisotropy: float = 1.0,
-                  spill: Path | None = None) -> VolumeResult:
+                  spill: Path | None = None, refine: bool = True) -> VolumeResult:
     """(Z, H, W) or (Z, H, W, C) raw stack -> its 3-D instances (see the module); ``method``
     "ortho": from the YX, ZX and ZY views instead (maskrcnn.prediction.orthoviews; ``anisotropy``:
     z step / pixel size). Each plane is segmented whole or in tiles, as the predictor's memory
     budget allows; ``spill``: a folder where stitched labels that would not fit that budget are
-    kept on disk (the result's labels are then a PlaneStore, which the caller closes)."""
+    kept on disk (the result's labels are then a PlaneStore, which the caller closes).
+    ``refine=False``: no refinement along z (maskrcnn.prediction.zprofile), only the thin rule."""
     if stack.ndim not in (3, 4):
         raise ValueError(f"expected a (Z, H, W) or (Z, H, W, C) stack, got shape {stack.shape}")
     if method not in METHODS:
         raise ValueError(f"unknown 3-D method {method!r}: expected one of {', '.join(METHODS)}")
     normalizer = predictor.normalizer
-    intensity = normalizer.intensity_range(_sample_planes(stack))
+    intensity = stack_intensity(normalizer, stack)
     scaling = stack_scaling(predictor.scale, stack, lambda plane: normalizer(plane, intensity))
     cfg, budget = predictor.model.cfg, predictor.max_memory
     in_memory = spill is None or method == "ortho" or labels_fit(stack.shape[:3], cfg, scaling.scale, budget)
@@ -73,19 +77,45 @@ def segment_stack(predictor, stack: np.ndarray, threshold: float = STITCH_THRESH
         normalised = torch.stack([normalizer(plane, intensity) for plane in stack], dim=1)  # (C, Z, H, W)
         views = view_labels(predict, normalised, anisotropy)
         counts = [int(len(np.unique(p)) - 1) for p in views[0]]
-        combined = combine_views(views)
-        return VolumeResult(_drop_thin(combined, min_planes) if len(stack) >= min_planes > 1 else combined,
-                            scaling, counts)
+        images = normalised.mean(0).numpy() if refine else None
+        return VolumeResult(refine_volume(combine_views(views), images, min_planes), scaling, counts)
     if not in_memory:
         bound_heap()  # each plane's tensors go back to the OS when freed, as streamed tiles' do
     labels = np.zeros(stack.shape[:3], np.int32) if in_memory else PlaneStore(stack.shape[:3], spill)
     stitcher, counts = Stitcher(threshold), []
     for z, plane in enumerate(stack):
-        found = predict(normalizer(plane, intensity))
+        image = normalizer(plane, intensity)
+        found = predict(image)
         counts.append(int(len(np.unique(found)) - 1))
-        labels[z] = stitcher.add(found)
+        labels[z] = stitcher.add(found, image.mean(0).numpy() if refine else None)
         release_free_memory()  # without it a 100-plane stack's heap fragments grew its peak by 0.3 GB
-    return VolumeResult(stitcher.renumber(labels, min_planes), scaling, counts)
+    return VolumeResult(relabel_volume(labels, stitcher.profiles, min_planes), scaling, counts)
+
+
+def stack_intensity(normalizer, stack: np.ndarray) -> tuple[float, float]:
+    """The intensity range all of a stack's planes are normalised with (from a sample of its rows)."""
+    return normalizer.intensity_range(_sample_planes(stack))
+
+
+def refine_volume(labels: np.ndarray, images: np.ndarray | None, min_planes: int = MIN_PLANES) -> np.ndarray:
+    """(Z, H, W) 3-D instances (any integer ids) refined along z by their profiles in the (Z, H, W)
+    normalised ``images`` (None: only the thin rule), relabelled 1..N in place; int32."""
+    profiles = Profiles()
+    for z, plane in enumerate(labels):
+        profiles.add(plane, None if images is None else images[z])
+    return relabel_volume(labels, profiles, min_planes).astype(np.int32, copy=False)
+
+
+def relabel_volume(labels, profiles: Profiles, min_planes: int = MIN_PLANES):
+    """``labels`` (Z, H, W) as labelled, an array (relabelled in place, a plane at a time) or a
+    PlaneStore (relabelled on reading), given the final instances by their ``profiles``."""
+    relabel = profiles.relabel(min_planes)
+    if isinstance(labels, PlaneStore):
+        labels.relabel = relabel
+    else:
+        for z, plane in enumerate(labels):
+            plane[...] = relabel(z, plane)
+    return labels
 
 
 def choice_plane(stack: np.ndarray) -> np.ndarray:
@@ -122,10 +152,15 @@ def _check_views_fit(stack: np.ndarray, anisotropy: float, budget: int) -> None:
                       f"the memory budget of {budget / 1e9:.1f} GB: stitching (the default) keeps to it")
 
 
-def _sample_planes(stack: np.ndarray, values: int = 1 << 24) -> np.ndarray:
+def _sample_planes(stack, values: int = 1 << 24) -> np.ndarray:
     """The rows of all of ``stack``'s planes as one image, for its intensity range: every row when
     the stack is small, else evenly spaced rows of about ``values`` pixels in all (percentiles over
-    a large stack's every voxel would copy the whole stack)."""
+    a large stack's every voxel would copy the whole stack). A stack read a plane at a time
+    (maskrcnn.data.lazy_stack) gives the rows of evenly spaced planes."""
+    if not isinstance(stack, np.ndarray):
+        depth, height, width = stack.shape[:3]
+        count = max(1, min(depth, values // (height * width)))
+        stack = np.stack([stack[int(z)] for z in np.linspace(0, depth - 1, count).round()])
     rows = stack.reshape(-1, *stack.shape[2:])  # (Z * H, W[, C]): every row of every plane
     step = max(1, rows.shape[0] * rows.shape[1] // values)
     return rows[::step] if step > 1 else rows
@@ -136,11 +171,11 @@ class Stitcher:
 
     def __init__(self, threshold: float = STITCH_THRESHOLD):
         self.threshold, self.next_id, self.previous = threshold, 1, None
-        self.planes_of = np.zeros(1, np.int64)  # planes in which each 3-D id appears (index 0: background)
-        self.depth = 0
+        self.profiles = Profiles()  # each plane's instances: area and contrast (maskrcnn.prediction.zprofile)
 
-    def add(self, plane: np.ndarray) -> np.ndarray:
-        """One plane's label image (its own ids) -> the same plane in 3-D ids (int32)."""
+    def add(self, plane: np.ndarray, image: np.ndarray | None = None) -> np.ndarray:
+        """One plane's label image (its own ids) and the (H, W) normalised image it was found in
+        (None: no refinement along z) -> the same plane in stitched 3-D ids (int32)."""
         ids = np.unique(plane[plane > 0])
         mapping = {}
         if self.previous is not None and len(ids) and self.previous.any():
@@ -152,55 +187,21 @@ class Stitcher:
             else:
                 lut[i], self.next_id = self.next_id, self.next_id + 1
         out = lut[plane]
-        if len(self.planes_of) < self.next_id:
-            self.planes_of = np.concatenate([self.planes_of, np.zeros(self.next_id - len(self.planes_of), np.int64)])
-        self.planes_of[np.unique(out)] += 1
-        self.previous, self.depth = out, self.depth + 1
+        self.profiles.add(out, image)
+        self.previous = out
         return out
 
-    def renumber(self, labels, min_planes: int = MIN_PLANES):
-        """The stitched ``labels`` (an array, renumbered in place, or a PlaneStore, renumbered on
-        reading) with the instances in fewer than ``min_planes`` planes dropped (not in a stack of
-        fewer planes) and the rest numbered 1..N."""
-        lut = _numbering(self.planes_of, min_planes if self.depth >= min_planes > 1 else 1)
-        if isinstance(labels, PlaneStore):
-            labels.lut = lut
-        else:
-            for plane in labels:
-                plane[...] = lut[plane]
-        return labels
 
-
-def stitch_planes(planes: np.ndarray, threshold: float = STITCH_THRESHOLD, min_planes: int = MIN_PLANES) -> np.ndarray:
+def stitch_planes(planes: np.ndarray, threshold: float = STITCH_THRESHOLD, min_planes: int = MIN_PLANES,
+                  images: np.ndarray | None = None) -> np.ndarray:
     """(Z, H, W) per-plane label images (ids per plane) -> (Z, H, W) int32 3-D labels, ids 1..N;
-    instances in fewer than ``min_planes`` planes are dropped (not in a stack of fewer planes)."""
+    instances in fewer than ``min_planes`` planes are dropped (not in a stack of fewer planes).
+    ``images``: the (Z, H, W) normalised planes, to refine the instances along z (see the module)."""
     stitcher = Stitcher(threshold)
     out = np.zeros(planes.shape, np.int32)
     for z, plane in enumerate(planes):
-        out[z] = stitcher.add(plane)
-    return stitcher.renumber(out, min_planes)
-
-
-def _drop_thin(labels: np.ndarray, min_planes: int) -> np.ndarray:
-    """Remove the instances present in fewer than ``min_planes`` planes and renumber the rest 1..N
-    (in place, a plane at a time)."""
-    present = np.zeros(int(labels.max()) + 1, np.int64)
-    for plane in labels:
-        present[np.unique(plane)] += 1
-    lut = _numbering(present, min_planes)
-    for plane in labels:
-        plane[...] = lut[plane]
-    return labels.astype(np.int32, copy=False)
-
-
-def _numbering(planes_of: np.ndarray, min_planes: int) -> np.ndarray:
-    """A lookup table id -> new id: 1..N, in id order, for the ids present in at least ``min_planes``
-    planes (``planes_of[id]``), 0 for the others and the background."""
-    keep = planes_of >= min_planes
-    keep[0] = False
-    lut = np.zeros(len(keep), np.int32)
-    lut[keep] = np.arange(1, int(keep.sum()) + 1)
-    return lut
+        out[z] = stitcher.add(plane, None if images is None else images[z])
+    return relabel_volume(out, stitcher.profiles, min_planes)
 
 
 def _continued(overlaps: Overlaps, threshold: float) -> dict[int, int]:

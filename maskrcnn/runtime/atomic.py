@@ -1,8 +1,8 @@
 """Atomic file writes: a temporary file beside the target, flushed to disk, then renamed over it.
 
 A reader, or a kill at any moment, sees the old file or the new one, never half of one. A kill
-can leave the hidden temporary file behind (``.NAME.PID.XXXX.tmp``); the next run in the folder
-removes those whose process is gone (:func:`remove_stale_temporaries`).
+can leave the hidden temporary file (or folder, :func:`atomic_folder`) behind (``.NAME.PID.XXXX.tmp``);
+the next run in the folder removes those whose process is gone (:func:`remove_stale_temporaries`).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,12 +68,35 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     _sync_folder(path.parent)
 
 
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """For writers of folders (zarr): yields an empty temporary folder beside ``path``; on a clean
+    exit it takes the place of ``path`` (a folder there before is moved aside first and then
+    deleted), on any exception it is removed, so ``path`` is never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():  # a folder cannot be renamed over a full one: the old one steps aside
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    _sync_folder(path.parent)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete the temporary files in ``folder`` that killed processes left; returns them.
+    """Delete the temporary files and folders in ``folder`` that killed processes left; returns them.
 
     Those of processes still running (another run writing to the same folder) are kept.
     """
@@ -80,7 +104,10 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     for path in Path(folder).glob(".*.tmp"):
         match = _TEMPORARY.fullmatch(path.name)
         if match and not process_alive(int(match["pid"])):
-            path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
             removed.append(path)
     return removed
 

@@ -1,0 +1,90 @@
+"""3-D instances refined along z by their profiles: contrast against the ring around a mask, the
+half-maximum trim of out-of-focus planes, faint instances dropped, nuclei stacked in z split at a
+waist, and the same relabelling on planes kept on disk."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from maskrcnn.prediction import zprofile
+from maskrcnn.prediction.volume import stitch_planes
+from maskrcnn.prediction.zprofile import Profiles, plane_profile
+
+
+def disc(shape, cy, cx, r):
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def test_contrast_is_the_mask_mean_against_its_own_ring_of_background():
+    labels = np.zeros((30, 40), np.int32)
+    labels[disc(labels.shape, 10, 10, 4)] = 3
+    labels[disc(labels.shape, 20, 30, 4)] = 8
+    image = np.full(labels.shape, 0.1)
+    image[labels == 3] = 0.9  # bright on 0.1
+    image[labels == 8] = 0.2  # faint: the ring around 8 is raised to 0.15
+    ring8 = disc(labels.shape, 20, 30, 9) & (labels == 0)
+    image[ring8] = 0.15
+    profile = plane_profile(labels, image)
+    assert profile.ids.tolist() == [3, 8]
+    assert profile.area.tolist() == [int((labels == 3).sum()), int((labels == 8).sum())]
+    assert profile.contrast == pytest.approx([0.8, 0.05])
+    dark = plane_profile(labels, 1.0 - image)  # dark nuclei on a light ground: the same contrast
+    assert dark.contrast == pytest.approx(profile.contrast)
+
+
+def test_out_of_focus_planes_are_trimmed_to_the_half_maximum():
+    shape = (24, 24)
+    contrast = [0.1, 0.3, 0.8, 1.0, 0.9, 0.45, 0.2]  # a nucleus in planes 2-4, its blur beyond
+    planes = np.zeros((len(contrast), *shape), np.int32)
+    images = np.zeros(planes.shape)
+    for z, c in enumerate(contrast):
+        planes[z][disc(shape, 12, 12, 5)] = z + 1  # the 2-D model outlines every plane alike
+        images[z][disc(shape, 12, 12, 5)] = c
+    out = stitch_planes(planes, images=images)
+    assert [bool(p.any()) for p in out] == [False, False, True, True, True, False, False]
+    assert int(out.max()) == 1
+    untrimmed = stitch_planes(planes)  # without the images: stitching alone keeps all seven
+    assert all(p.any() for p in untrimmed)
+
+
+def test_instances_that_never_stand_out_are_dropped_and_the_rest_renumbered():
+    shape = (24, 40)
+    planes = np.zeros((3, *shape), np.int32)
+    images = np.full(planes.shape, 0.02)
+    for z in range(3):
+        planes[z][disc(shape, 12, 10, 5)] = 1  # noise outlined as a nucleus
+        planes[z][disc(shape, 12, 30, 5)] = 2
+        images[z][disc(shape, 12, 10, 5)] = 0.02 + zprofile.MIN_CONTRAST / 2
+        images[z][disc(shape, 12, 30, 5)] = 0.5
+    out = stitch_planes(planes, images=images)
+    assert int(out.max()) == 1 and int(out[1, 12, 30]) == 1 and int(out[1, 12, 10]) == 0
+
+
+def test_two_nuclei_stacked_in_z_are_split_at_their_waist():
+    shape = (40, 40)
+    radii = [5, 8, 10, 8, 6, 7, 9, 6]  # two nuclei one on the other, narrowing at plane 4 (stitched as one)
+    planes = np.stack([np.where(disc(shape, 20, 20, r), 1, 0) for r in radii]).astype(np.int32)
+    images = planes * 0.6
+    assert int(stitch_planes(planes).max()) == 1  # stitching alone joins them
+    out = stitch_planes(planes, images=images)
+    first, second = int(out[2, 20, 20]), int(out[6, 20, 20])
+    assert {first, second} == {1, 2}
+    assert [int(out[z, 20, 20]) for z in range(8)] == [first] * 4 + [second] * 4  # the waist joins its smaller neighbour
+    planes = np.stack([np.where(disc(shape, 20, 20, r), 1, 0) for r in [4, 8, 10, 9, 8, 9, 6]]).astype(np.int32)
+    assert int(stitch_planes(planes, images=planes * 0.6).max()) == 1  # narrowing to 0.79 of both sides: one
+
+
+def test_relabelling_is_per_plane_and_covers_gaps():
+    profiles = Profiles()
+    shape = (10, 10)
+    for z, present in enumerate([True, True, False, True, True]):  # one id, absent from plane 2
+        plane = np.zeros(shape, np.int32)
+        if present:
+            plane[2:7, 2:7] = 5
+        profiles.add(plane, np.where(plane > 0, 0.7, 0.0))
+    relabel = profiles.relabel(min_planes=2)
+    assert relabel.count == 2  # the two runs of planes are two instances
+    mapped = [int(relabel(z, np.full(shape, 5, np.int32))[0, 0]) for z in (0, 1, 3, 4)]
+    assert mapped == [1, 1, 2, 2]
