@@ -222,7 +222,7 @@ def test_predict_channel_by_name_segments_that_channel(weights, tmp_path, capsys
     assert "1 image(s) segmented" in out
     code, _, err = cli(capsys, "predict", tmp_path / "gfp.tif", "--out", tmp_path / "plain", *common)
     assert code == 0, err
-    by_name = read_label_image(tmp_path / "ome" / "cells.ome_labels.png")
+    by_name = read_label_image(tmp_path / "ome" / "cells_labels.png")
     assert by_name.max() > 0
     np.testing.assert_array_equal(by_name, read_label_image(tmp_path / "plain" / "gfp_labels.png"))
 
@@ -276,6 +276,13 @@ def test_predict_reads_an_ome_zarr_folder_as_one_image(weights, tmp_path, capsys
     assert code == 0, err
     assert "1 image(s) segmented" in out
     assert cli(capsys, "predict", tmp_path / "gfp.tif", "--out", tmp_path / "plain", *common)[0] == 0
-    labels = read_label_image(tmp_path / "zarr" / "cells.ome_labels.png")
+    labels = read_label_image(tmp_path / "zarr" / "cells_labels.png")
     assert labels.max() > 0
     np.testing.assert_array_equal(labels, read_label_image(tmp_path / "plain" / "gfp_labels.png"))
+
+
+def test_outputs_and_pairings_name_an_ome_file_without_its_double_extension():
+    from maskrcnn.data.io import image_stem
+
+    assert [image_stem(p) for p in ("a/cells.ome.tif", "b/Cells.OME.TIFF", "c/stack.ome.zarr", "d/plain.png",
+                                    "e/plain.zarr", "f/home.tif")] == ["cells", "Cells", "stack", "plain", "plain", "home"]

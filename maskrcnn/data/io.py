@@ -35,6 +35,13 @@ MAX_CHANNELS = 4  # an axis this small is taken as channels, a larger one as pag
 _PIL_CONVERSIONS = {"1": "L", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB"}
 
 
+def image_stem(path: str | Path) -> str:
+    """The name outputs and pairings use for an image file or zarr folder: its name without the
+    extension, OME's double extension counted as one (``cells.ome.tif`` and ``cells.ome.zarr`` are
+    ``cells``)."""
+    stem = Path(path).stem
+    return stem[:-4] if stem.lower().endswith(".ome") else stem
+
 def read_image(path: str | Path, planes: Planes | None = None) -> np.ndarray:
     """Read an image as (H, W) or (H, W, C) in the file's dtype (C <= 4).
 

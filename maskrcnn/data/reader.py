@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .io import IMAGE_EXTENSIONS
+from .io import IMAGE_EXTENSIONS, image_stem
 
 DEFAULT_CLASS_NAMES = ["background", "nucleus"]
 
@@ -94,7 +94,7 @@ def files_by_stem(folder: Path) -> dict[str, Path]:
     extension counts as one (``cells.ome.tif`` pairs with ``cells.png``)."""
     by_stem: dict[str, Path] = {}
     for file in image_files(folder):
-        stem = file.stem[:-4] if file.stem.lower().endswith(".ome") else file.stem
+        stem = image_stem(file)
         if stem in by_stem:
             raise DataError(file, f"two files named '{stem}' ({by_stem[stem].name} and {file.name}); keep one")
         by_stem[stem] = file

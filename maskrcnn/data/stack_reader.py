@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError
-from .io import read_image
+from .io import image_stem, read_image
 from .planes import STACK, Planes
 from .labels import label_masks
 from .reader import DEFAULT_CLASS_NAMES, InstanceReader, Sample, files_by_stem
@@ -76,7 +76,7 @@ def _stacks_by_stem(folder: Path) -> dict[str, Path]:
     """files_by_stem with the zarr folders of ``folder`` too."""
     found = files_by_stem(folder)
     for path in sorted(folder.glob("*.zarr")):
-        stem = path.name[:-len(".ome.zarr")] if path.name.lower().endswith(".ome.zarr") else path.stem
+        stem = image_stem(path)
         if not path.is_dir():
             continue
         if stem in found:

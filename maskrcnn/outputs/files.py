@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.io import read_label_image
+from ..data.io import image_stem, read_label_image
 from ..data.writers import write_label_image
 from ..errors import DataError
 from ..metrics import PredictionRecord, detection_records, prediction_record
@@ -219,7 +219,7 @@ class RunOutputs:
         self.images.append({"id": image_id, "file_name": str(path), "height": height, "width": width,
                             **(scaling or {})})
         if self.kaggle:
-            self.kaggle_table += label_kaggle_rows(path.stem, prediction.label_image)
+            self.kaggle_table += label_kaggle_rows(image_stem(path), prediction.label_image)
 
     def add_streamed(self, image_id: int, path: Path, image_size: tuple[int, int], scaling: dict | None = None) -> None:
         """Record an image streamed by maskrcnn.prediction.large: its image entry (``"streamed": true``) only;

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.io import IMAGE_EXTENSIONS, read_image, read_image_size
+from ..data.io import IMAGE_EXTENSIONS, image_stem, read_image, read_image_size
 from ..data.lazy import is_lazy_candidate, open_regions
 from ..data.normalize import Normalizer
 from ..data.planes import Planes
@@ -249,7 +249,7 @@ def _predict_one(predictor: Predictor, run: RunOutputs, image_id: int, path: Pat
             skipped = [name for name, asked in (("ROIs", rois), ("GeoJSON", geojson), ("Kaggle rows", run.kaggle),
                                                 ("COCO records", True)) if asked]
             warnings.warn(f"{path}: larger than --max-memory allows in memory: streamed in tiles of {plan.tile} to "
-                          f"{path.stem}_labels.tif (tiled BigTIFF), without {', '.join(skipped)}")
+                          f"{image_stem(path)}_labels.tif (tiled BigTIFF), without {', '.join(skipped)}")
             return _predict_streamed(predictor, run, image_id, path, plan.tile, overlap, planes, signals, progress,
                                      folder)
         image = folder.read(0, folder.shape[0], 0, folder.shape[1]) if folder else read_image(path, planes)
@@ -263,7 +263,7 @@ def _predict_one(predictor: Predictor, run: RunOutputs, image_id: int, path: Pat
         return None
     finally:
         getattr(folder, "close", lambda: None)()
-    files = write_prediction(run.out_dir, path.stem, image, normalized, result, predictor.class_names,
+    files = write_prediction(run.out_dir, image_stem(path), image, normalized, result, predictor.class_names,
                              rois=rois, geojson=geojson)
     run.add(image_id, path, image.shape[:2], result, _entry(scaling, model))
     return files
@@ -298,7 +298,7 @@ def _predict_streamed(predictor: Predictor, run: RunOutputs, image_id: int, path
             bar.update(done - bar.n)
 
         stop = (lambda: signals.received is not None) if signals is not None else None
-        done = predict_streamed(predictor, source, run.out_dir, path.stem, tile, overlap, scale=scaling.scale,
+        done = predict_streamed(predictor, source, run.out_dir, image_stem(path), tile, overlap, scale=scaling.scale,
                                 should_stop=stop, progress=advance)
     finally:
         bar.close()
@@ -318,7 +318,7 @@ def _kept_prediction(out: Path, path: Path, class_names: list[str], rois: bool,
                      geojson: bool) -> PredictionRecord | tuple[int, int] | None:
     """The prediction of ``path`` an earlier run left in ``out`` (with the outline files asked for),
     or None to predict it (again); for a streamed image (maskrcnn.prediction.large) its (H, W)."""
-    files = existing_prediction(out, path.stem, rois=rois, geojson=geojson)
+    files = existing_prediction(out, image_stem(path), rois=rois, geojson=geojson)
     if files is not None and streamed_shape(files.label_image) is not None:
         return None if rois or geojson else streamed_shape(files.label_image)  # not read: slide-sized
     return read_prediction(files, class_names) if files else None
@@ -338,6 +338,7 @@ def _check_unique_stems(paths: list[Path]) -> None:
     """Outputs are named by stem: two inputs with one stem would overwrite each other's files."""
     by_stem: dict[str, Path] = {}
     for path in paths:
-        if by_stem.setdefault(path.stem, path) != path:
-            raise UserError(f"{path}: same name as {by_stem[path.stem]}; their outputs "
-                            f"({path.stem}_labels.png, ...) would overwrite each other")
+        stem = image_stem(path)
+        if by_stem.setdefault(stem, path) != path:
+            raise UserError(f"{path}: same name as {by_stem[stem]}; their outputs "
+                            f"({stem}_labels.png, ...) would overwrite each other")

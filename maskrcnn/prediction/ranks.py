@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.io import image_stem
 from ..outputs.files import RunOutputs
 from ..runtime.distributed import DistContext
 
@@ -59,7 +60,7 @@ def merge_ranks(run: RunOutputs, mine: RankResult, dist: DistContext, paths: lis
     if not dist.is_main:
         return mine
     order = {path: i for i, path in enumerate(paths)}
-    stems = {path.stem: i for i, path in enumerate(paths)}
+    stems = {image_stem(path): i for i, path in enumerate(paths)}
     run.images = sorted((e for p in parts for e in p.images), key=lambda e: e["id"])
     run.coco = sorted((r for p in parts for r in p.coco), key=lambda r: r["image_id"])  # stable: per image as made
     run.kaggle_table = sorted((r for p in parts for r in p.kaggle), key=lambda r: stems[r["ImageId"]])

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.planes import Planes
+from ..data.io import image_stem
 from ..data.lazy_stack import LazyStack, max_projection, open_stack
 from ..data.stack_reader import anisotropy_of
 from ..errors import DataError
@@ -90,9 +91,9 @@ def _predict_stack(predictor, path: Path, stack, out: Path, image_id: int, *, th
     voxels = anisotropy_of(path, anisotropy)
     result = segment_stack(chosen, stack, threshold, method=method, anisotropy=voxels, spill=out)
     try:
-        target = write_stack_files(out, path.stem, stack, result, chosen.normalizer)
+        target = write_stack_files(out, image_stem(path), stack, result, chosen.normalizer)
         if zarr:
-            write_label_zarr(out / f"{path.stem}_labels.ome.zarr", result.labels, voxels)
+            write_label_zarr(out / f"{image_stem(path)}_labels.ome.zarr", result.labels, voxels)
         return target, {"id": image_id, "file_name": str(path), "depth": stack.shape[0], "height": stack.shape[1],
                         "width": stack.shape[2], "nuclei": int(result.labels.max()), "anisotropy": round(voxels, 4),
                         "labels_on_disk": isinstance(result.labels, PlaneStore), "read_by_plane": isinstance(stack, LazyStack),
