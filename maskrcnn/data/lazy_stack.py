@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .lazy import is_lazy_candidate, open_regions
 from .planes import STACK, Planes
 from .stack_reader import read_stack
 
@@ -62,8 +63,6 @@ def open_stack(path: Path, planes: Planes | None = None, lazy_from: int = 1 << 3
     """``path``'s stack (as :func:`maskrcnn.data.stack_reader.read_stack` reads it): a LazyStack when
     it holds more than ``lazy_from`` bytes and maskrcnn.data.lazy can read it a plane at a time
     (a TIFF or zarr with a Z axis, zarr installed), else an array. The caller closes a LazyStack."""
-    from .lazy import is_lazy_candidate, open_regions
-
     if importlib.util.find_spec("zarr") is None or not is_lazy_candidate(path):
         return read_stack(path, planes)
     chosen = Planes(*(planes.channel, STACK, planes.t) if planes else (None, STACK, None))

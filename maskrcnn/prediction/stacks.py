@@ -91,9 +91,10 @@ def _predict_stack(predictor, path: Path, stack, out: Path, image_id: int, *, th
     voxels = anisotropy_of(path, anisotropy)
     result = segment_stack(chosen, stack, threshold, method=method, anisotropy=voxels, spill=out)
     try:
-        target = write_stack_files(out, image_stem(path), stack, result, chosen.normalizer)
+        name = image_stem(path)
+        target = write_stack_files(out, name, stack, result, chosen.normalizer)
         if zarr:
-            write_label_zarr(out / f"{image_stem(path)}_labels.ome.zarr", result.labels, voxels)
+            write_label_zarr(out / f"{name}_labels.ome.zarr", result.labels, voxels)
         return target, {"id": image_id, "file_name": str(path), "depth": stack.shape[0], "height": stack.shape[1],
                         "width": stack.shape[2], "nuclei": int(result.labels.max()), "anisotropy": round(voxels, 4),
                         "labels_on_disk": isinstance(result.labels, PlaneStore), "read_by_plane": isinstance(stack, LazyStack),
