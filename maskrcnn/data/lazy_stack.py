@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from .lazy import is_lazy_candidate, open_regions
-from .planes import STACK, Planes
-from .stack_reader import read_stack
+from .planes import Planes
+from .stack_reader import read_stack, read_whole, stack_planes
 
 
 class LazyStack:
@@ -65,12 +65,13 @@ def open_stack(path: Path, planes: Planes | None = None, lazy_from: int = 1 << 3
     (a TIFF or zarr with a Z axis, zarr installed), else an array. The caller closes a LazyStack."""
     if importlib.util.find_spec("zarr") is None or not is_lazy_candidate(path):
         return read_stack(path, planes)
-    chosen = Planes(*(planes.channel, STACK, planes.t) if planes else (None, STACK, None))
-    source = open_regions(Path(path), chosen)
+    source = open_regions(Path(path), stack_planes(planes))
     selection = source.selection
     in_z = "Z" in selection.axes and selection.picks[selection.axes.index("Z")] is None
     size = int(np.prod([n for n, p in zip(selection.shape, selection.picks) if p is None])) * source.dtype.itemsize
     if in_z and size > lazy_from:
         return LazyStack(source)
-    source.close()
+    if Path(path).is_dir():  # read_stack would open the zarr folder again
+        return read_whole(source)
+    source.close()  # a TIFF read whole goes through read_image, as everywhere else
     return read_stack(path, planes)

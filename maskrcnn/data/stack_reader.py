@@ -31,18 +31,30 @@ VIEW_NAMES = ("z", "y", "x")  # a sample's name ends with the axis it cuts and t
 def read_stack(path: Path, planes: Planes | None = None) -> np.ndarray:
     """(Z, H, W) or (Z, H, W, C) of a file or an OME-Zarr folder: every z-slice of the channel and
     time point chosen."""
-    planes = Planes(*(planes.channel, STACK, planes.t) if planes else (None, STACK, None))
     if Path(path).is_dir():  # OME-Zarr (or a zarr array): read through maskrcnn.data.lazy, whole
         from .lazy import open_regions
 
-        source = open_regions(Path(path), planes)
-        try:
-            stack = source.read(0, source.shape[0], 0, source.shape[1])
-        finally:
-            source.close()
-    else:
-        stack = read_image(path, planes)
-    flat = stack.ndim == 2 or (stack.ndim == 3 and stack.shape[-1] <= 4)  # no Z axis: one plane
+        return read_whole(open_regions(Path(path), stack_planes(planes)))
+    return _with_z(read_image(path, stack_planes(planes)))
+
+
+def stack_planes(planes: Planes | None) -> Planes:
+    """``planes`` (the user's --channel and --t) with every z-slice kept."""
+    return Planes(planes.channel, STACK, planes.t) if planes else Planes(z=STACK)
+
+
+def read_whole(source) -> np.ndarray:
+    """All of a region source opened with every z-slice (maskrcnn.data.lazy), as read_stack gives
+    it; the source is closed."""
+    try:
+        return _with_z(source.read(0, source.shape[0], 0, source.shape[1]))
+    finally:
+        source.close()
+
+
+def _with_z(stack: np.ndarray) -> np.ndarray:
+    """A stack read with every z-slice -> (Z, H, W[, C]): an image with no Z axis is one plane."""
+    flat = stack.ndim == 2 or (stack.ndim == 3 and stack.shape[-1] <= 4)
     return stack[None] if flat else stack
 
 
