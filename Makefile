@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# everything (what CI runs); test-fast leaves out the tests marked slow (training, child processes).
+# everything (what CI runs); test-fast leaves out the tests marked slow (training, child processes,
+# commands and widgets run end to end): units and one-line errors, under a minute on 2 cores.
 # -n auto: one pytest-xdist worker per core, at most 4 (on 2 cores: 6-14 minutes, 12-15 one at a time;
 # the tests wait on child processes and files as much as they compute)
 TESTS_PARALLEL := -n auto --maxprocesses 4

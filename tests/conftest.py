@@ -11,6 +11,7 @@ import os
 import subprocess
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -41,6 +42,27 @@ def tiny_config(width: int = 32, **changes) -> dict:
 TINY_RUN = tiny_config(16, **OPEN, rpn_test_post_nms_top_k=50, rcnn_test_max_detections=10)
 """16 channels, open thresholds and few detections: the command-line and engine runs (faults,
 engine, bad inputs, signals) that build and train many models."""
+
+
+def write_untrained_checkpoint(path: Path, **config) -> Path:
+    """An untrained model (seed 0) of ``nuclei_config(**config)`` saved as a checkpoint at ``path``:
+    with :data:`OPEN` thresholds it still finds (random) instances, enough to run a command end to end."""
+    from maskrcnn.data.normalize import Normalizer
+    from maskrcnn.modeling.checkpoint import Checkpoint, save_checkpoint
+    from maskrcnn.modeling.model import MaskRCNN
+    from maskrcnn.presets import nuclei_config
+
+    cfg = nuclei_config(**config)
+    torch.manual_seed(0)
+    save_checkpoint(path, Checkpoint(config=cfg, model_state=MaskRCNN(cfg).state_dict(),
+                                     normalizer=Normalizer(channels=cfg.in_channels).to_dict()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def untrained_weights(tmp_path_factory) -> Path:
+    """:func:`write_untrained_checkpoint` of :data:`TINY_RUN`, once per module."""
+    return write_untrained_checkpoint(tmp_path_factory.mktemp("weights") / "tiny.pt", **TINY_RUN)
 
 
 # --- training ---------------------------------------------------------------------------------------

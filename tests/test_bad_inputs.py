@@ -26,14 +26,11 @@ import torch
 import yaml
 from PIL import Image
 
-from maskrcnn.modeling.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from maskrcnn.modeling.checkpoint import load_checkpoint
 from maskrcnn.cli.main import main
-from maskrcnn.presets import nuclei_config
 from maskrcnn.data.io import read_label_image
 from maskrcnn.data.writers import write_image, write_label_image
-from maskrcnn.data.normalize import Normalizer
 from maskrcnn.data.synthetic import synth_nuclei
-from maskrcnn.modeling.model import MaskRCNN
 
 from cli_helpers import cli
 from conftest import TINY_RUN as TINY  # open thresholds: an untrained model's outputs are not all empty
@@ -649,26 +646,17 @@ def test_train_skip_bad_leaves_out_coco_annotations_of_unknown_categories_and_li
 
 
 # --- predict on every image case -----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    """An untrained tiny model as a checkpoint: enough to run predict end to end."""
-    torch.manual_seed(0)
-    cfg = nuclei_config(**TINY)
-    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
-    save_checkpoint(path, Checkpoint(config=cfg, model_state=MaskRCNN(cfg).state_dict(),
-                                     normalizer=Normalizer(channels=cfg.in_channels).to_dict()))
-    return path
-
-
-PREDICT = ["--device", "cpu", "--no-progress"]
+# torch runs the model: what these tests check (reading, skipping, one-line errors) comes before the
+# engine, and a graph engine's compilation would cost each test seconds (engines: test_engines.py)
+PREDICT = ["--device", "cpu", "--no-progress", "--engine", "torch"]
 
 
 @pytest.mark.parametrize("name", IMAGE_CASES)
-def test_predict_on_corpus_image(name, tiny_weights, tmp_path, capsys):
+def test_predict_on_corpus_image(name, untrained_weights, tmp_path, capsys):
     case = IMAGE_CASES[name]
     image, _ = case.write(tmp_path / "in" / name)
     out = tmp_path / "out"
-    code, stdout, err = cli(capsys, "predict", image, "--weights", tiny_weights, "--out", out, *PREDICT)
+    code, stdout, err = cli(capsys, "predict", image, "--weights", untrained_weights, "--out", out, *PREDICT)
     assert not (tmp_path / "in" / "CODE_WAS_RUN").exists()
     if case.problem is None:
         assert code == 0, err
@@ -683,10 +671,10 @@ def test_predict_on_corpus_image(name, tiny_weights, tmp_path, capsys):
         assert not list(out.glob(f"{name}_*"))
 
 
-def test_predict_folder_with_the_whole_corpus_writes_the_good_and_lists_the_bad(tiny_weights, tmp_path, capsys):
+def test_predict_folder_with_the_whole_corpus_writes_the_good_and_lists_the_bad(untrained_weights, tmp_path, capsys):
     folder = tmp_path / "in"
     images = {name: case.write(folder / name)[0] for name, case in IMAGE_CASES.items()}
-    code, stdout, err = cli(capsys, "predict", folder, "--weights", tiny_weights, "--out", tmp_path / "out", *PREDICT)
+    code, stdout, err = cli(capsys, "predict", folder, "--weights", untrained_weights, "--out", tmp_path / "out", *PREDICT)
     assert code == 2 and "Traceback" not in err
     good = [name for name in IMAGE_CASES if name not in BAD_IMAGES]
     assert f"{len(good)} image(s) segmented" in stdout
@@ -760,8 +748,8 @@ def test_bad_flags_are_one_line_errors(flags, named, problem, tmp_path, capsys):
     assert "maskrcnn train --help" in err
 
 
-def test_an_output_folder_that_cannot_be_created_is_a_one_line_error(tiny_weights, tmp_path, capsys):
+def test_an_output_folder_that_cannot_be_created_is_a_one_line_error(untrained_weights, tmp_path, capsys):
     blocker = _write(tmp_path / "taken", b"a file, not a folder")
     image = _write(tmp_path / "a.png", png_bytes(nuclei()[0]))
-    code, _, err = cli(capsys, "predict", image, "--weights", tiny_weights, "--out", blocker / "out", *PREDICT)
+    code, _, err = cli(capsys, "predict", image, "--weights", untrained_weights, "--out", blocker / "out", *PREDICT)
     check_one_line_error(code, err, blocker, "Not a directory")

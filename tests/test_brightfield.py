@@ -150,6 +150,7 @@ def test_real_fluorescence_images_choose_nuclei():
 
 
 # --- predict with no --weights ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_predict_without_weights_picks_he_for_brightfield_and_nuclei_for_fluorescence(tmp_path, capsys):
     from cli_helpers import cli
 
@@ -170,6 +171,7 @@ def test_predict_without_weights_picks_he_for_brightfield_and_nuclei_for_fluores
     assert "model" not in json.loads((tmp_path / "w" / "images.json").read_text())[0]  # --weights decides
 
 
+@pytest.mark.slow
 def test_napari_auto_model_segments_each_image_with_the_model_it_needs():
     core = pytest.importorskip("maskrcnn.napari._core")
     choice = core.load_predictor(core.AUTO_MODEL, device="cpu")

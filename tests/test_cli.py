@@ -123,6 +123,7 @@ def weights(trained) -> Path:
 
 
 # --- train --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_train_writes_checkpoints_log_and_curves(trained):
     run, stdout = trained
     assert "trained 4 steps (stopped by iterations)" in stdout
@@ -150,6 +151,7 @@ def test_train_writes_checkpoints_log_and_curves(trained):
     assert last.metrics.keys() == {k[4:] for k in val_rows[-1] if k.startswith("val_")}
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_config_classes_normalizer_and_version(weights):
     payload = torch.load(weights, map_location="cpu", weights_only=True)  # plain data only
     assert payload["format"] == "maskrcnn-checkpoint/1"
@@ -168,6 +170,7 @@ def test_checkpoint_holds_config_classes_normalizer_and_version(weights):
     assert result.label_image.shape == (64, 64)
 
 
+@pytest.mark.slow
 def test_predict_does_not_need_the_imagenet_file_training_started_from(weights, synth, tmp_path, capsys):
     payload = torch.load(weights, map_location="cpu", weights_only=True)
     payload["config"]["backbone_weights"] = str(tmp_path / "elsewhere" / "resnet18-imagenet.pth")
@@ -179,6 +182,7 @@ def test_predict_does_not_need_the_imagenet_file_training_started_from(weights, 
     assert (tmp_path / "out" / "synth_0000_labels.png").is_file()
 
 
+@pytest.mark.slow
 def test_train_resume_continues_from_last(trained, synth, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
@@ -284,6 +288,7 @@ def check_image_outputs(out: Path, image: Path) -> np.ndarray:
     return labels
 
 
+@pytest.mark.slow
 def test_predict_files_write_labels_overlay_and_table(predicted):
     out, images, stdout = predicted
     assert f"{len(images)} image(s) segmented" in stdout
@@ -292,6 +297,7 @@ def test_predict_files_write_labels_overlay_and_table(predicted):
     assert (out / "results_coco.json").is_file() and (out / "submission.csv").is_file()
 
 
+@pytest.mark.slow
 def test_predict_coco_results_load_and_decode_to_the_label_images(predicted):
     out, images, _ = predicted
     meta = json.loads((out / "images.json").read_text())
@@ -317,6 +323,7 @@ def test_predict_coco_results_load_and_decode_to_the_label_images(predicted):
     assert results, "no instance in any image: nothing checked"
 
 
+@pytest.mark.slow
 def test_predict_kaggle_submission_decodes_to_the_label_images(predicted):
     out, images, _ = predicted
     rows = read_csv(out / "submission.csv")
@@ -335,6 +342,7 @@ def test_predict_kaggle_submission_decodes_to_the_label_images(predicted):
             assert np.array_equal(mask, truth[k])
 
 
+@pytest.mark.slow
 def test_predict_folder_and_glob(synth, weights, tmp_path, capsys):
     code, out, err = cli(capsys, "predict", synth / "images", "--weights", weights, "--out", tmp_path / "folder",
                          "--device", "cpu", "--no-progress")
@@ -354,6 +362,7 @@ def test_predict_folder_and_glob(synth, weights, tmp_path, capsys):
     assert not (tmp_path / "glob" / "submission.csv").exists()  # only with --kaggle
 
 
+@pytest.mark.slow
 def test_predict_tiled(synth, weights, tmp_path, capsys):
     image = synth / "images" / "synth_0001.png"
     out_dir = tmp_path / "tiled"
@@ -365,6 +374,7 @@ def test_predict_tiled(synth, weights, tmp_path, capsys):
     assert read_csv(out_dir / "submission.csv")[0]["ImageId"] == image.stem
 
 
+@pytest.mark.slow
 def test_predict_skips_an_unreadable_image_and_exits_2(synth, weights, tmp_path, capsys):
     folder = tmp_path / "mixed"
     folder.mkdir()
@@ -380,6 +390,7 @@ def test_predict_skips_an_unreadable_image_and_exits_2(synth, weights, tmp_path,
 
 
 # --- evaluate -------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_evaluate_prints_tables_and_writes_json(synth, weights, tmp_path, capsys):
     report_path = tmp_path / "report.json"
     code, out, err = cli(capsys, "evaluate", "--weights", weights, "--data", synth, "--out", report_path,
@@ -506,9 +517,9 @@ def test_error_missing_data_folder(tmp_path, capsys):
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
-def test_error_missing_data_for_evaluate(weights, tmp_path, capsys):
+def test_error_missing_data_for_evaluate(untrained_weights, tmp_path, capsys):
     missing = tmp_path / "no_such_data"
-    code, _, err = cli(capsys, "evaluate", "--weights", weights, "--data", missing, "--device", "cpu")
+    code, _, err = cli(capsys, "evaluate", "--weights", untrained_weights, "--data", missing, "--device", "cpu")
     check_user_error(code, err, missing)
 
 
@@ -527,28 +538,29 @@ def test_error_corrupt_checkpoint(synth, corrupt_weights, tmp_path, capsys):
     check_user_error(code, err, corrupt_weights, "corrupt or truncated checkpoint")
 
 
-def test_error_truncated_checkpoint(weights, synth, tmp_path, capsys):
+def test_error_truncated_checkpoint(untrained_weights, synth, tmp_path, capsys):
     truncated = tmp_path / "truncated.pt"
-    with open(weights, "rb") as f:
+    with open(untrained_weights, "rb") as f:
         truncated.write_bytes(f.read(4096))
     code, _, err = cli(capsys, "evaluate", "--weights", truncated, "--data", synth, "--device", "cpu")
     check_user_error(code, err, truncated, "corrupt or truncated")
 
 
-def test_error_predict_folder_without_images(weights, tmp_path, capsys):
+def test_error_predict_folder_without_images(untrained_weights, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("no images here")
-    code, _, err = cli(capsys, "predict", empty, "--weights", weights, "--out", tmp_path / "out", "--device", "cpu")
+    code, _, err = cli(capsys, "predict", empty, "--weights", untrained_weights, "--out", tmp_path / "out",
+                       "--device", "cpu")
     check_user_error(code, err, empty, "no images found")
 
 
-def test_error_predict_inputs_that_share_a_name(synth, weights, tmp_path, capsys):
+def test_error_predict_inputs_that_share_a_name(synth, untrained_weights, tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()
     shutil.copy(synth / "images" / "synth_0000.png", other / "synth_0000.png")
     code, _, err = cli(capsys, "predict", synth / "images" / "synth_0000.png", other / "synth_0000.png",
-                       "--weights", weights, "--out", tmp_path / "out", "--device", "cpu")
+                       "--weights", untrained_weights, "--out", tmp_path / "out", "--device", "cpu")
     check_user_error(code, err, other / "synth_0000.png", "overwrite")
 
 
@@ -564,9 +576,9 @@ def test_error_resume_without_checkpoint(synth, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", ["predict", "evaluate"])
-def test_error_overlap_not_below_tile(command, synth, weights, tmp_path, capsys):
+def test_error_overlap_not_below_tile(command, synth, untrained_weights, tmp_path, capsys):
     target = [synth / "images", "--out", tmp_path / "out"] if command == "predict" else ["--data", synth]
-    code, _, err = cli(capsys, command, *target, "--weights", weights, "--tile", "64", "--device", "cpu")
+    code, _, err = cli(capsys, command, *target, "--weights", untrained_weights, "--tile", "64", "--device", "cpu")
     check_user_error(code, err, "--overlap", "--tile 64")  # the default overlap, 128, is too large
 
 

@@ -206,6 +206,7 @@ def weights(tmp_path_factory) -> Path:
     return folder / "m.pt"
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_torch_thread")
 def test_predict_channel_by_name_segments_that_channel(weights, tmp_path, capsys):
     stack = np.zeros((3, 64, 64), np.uint16)
@@ -259,6 +260,7 @@ def test_train_and_evaluate_read_the_chosen_channel(tmp_path, capsys):
                                  "range: the Z axis has 3 plane(s) (0..2)\n")
 
 
+@pytest.mark.slow
 def test_predict_reads_an_ome_zarr_folder_as_one_image(weights, tmp_path, capsys):
     zarr = pytest.importorskip("zarr")
     ome_writer = pytest.importorskip("ome_zarr.writer")

@@ -57,6 +57,7 @@ def images() -> dict[str, np.ndarray]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["openvino", "onnxruntime"])
 def test_engines_give_eagers_instances_on_synthetic_and_real_images(predictors, engine):
     assert predictors[engine].engine == engine and predictors["torch"].engine == "torch"
@@ -64,6 +65,7 @@ def test_engines_give_eagers_instances_on_synthetic_and_real_images(predictors, 
         assert_same_instances(predictors[engine](image), predictors["torch"](image), f"{engine}, {name}")
 
 
+@pytest.mark.slow
 def test_engine_result_is_the_same_with_tiles(predictors):
     image = SceneReader.draw(300, np.random.default_rng(7))[0]
     want = predictors["torch"](image, tile=192, overlap=64)
@@ -123,6 +125,7 @@ def test_auto_leaves_bfloat16_to_torch_and_openvino_computes_float32(monkeypatch
     assert resolve_engine("auto", "cpu", precision="auto") == "openvino"  # one without
 
 
+@pytest.mark.slow
 def test_cli_predict_with_each_engine_writes_the_same_labels(tmp_path):
     from PIL import Image
 
@@ -139,6 +142,7 @@ def test_cli_predict_with_each_engine_writes_the_same_labels(tmp_path):
         assert len(overlaps.true_ids) > 10 and (overlaps.iou >= 0.99).sum() >= 0.99 * len(overlaps.true_ids)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm, engine", [("batch", "openvino"), ("group", "torch")])
 def test_auto_runs_batchnorm_models_by_openvino_and_groupnorm_ones_by_torch(tmp_path, norm, engine):
     model = MaskRCNN(Config(**TINY, norm=norm))

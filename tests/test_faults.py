@@ -24,17 +24,15 @@ import yaml
 from PIL import Image
 
 from maskrcnn.runtime.atomic import remove_stale_temporaries
-from maskrcnn.modeling.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from maskrcnn.modeling.checkpoint import load_checkpoint
 from maskrcnn.presets import nuclei_config
-from maskrcnn.data.normalize import Normalizer
 from maskrcnn.data.synthetic import write_synthetic_dataset
 from maskrcnn.errors import UserError
-from maskrcnn.modeling.model import MaskRCNN
 from maskrcnn.train import MAX_BAD_STEPS, TrainOptions, Trainer
 
 from cli_helpers import cli
 from conftest import TINY_RUN as TINY  # test_engine, test_signals and test_run_lock import it from here
-from conftest import finish, wait_for
+from conftest import finish, wait_for, write_untrained_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,9 +122,7 @@ def test_resume_from_a_truncated_checkpoint_is_a_clear_error(data, tmp_path, cap
     images, config = data
     run = tmp_path / "run"
     run.mkdir()
-    cfg = nuclei_config(**TINY)
-    save_checkpoint(run / "last.pt", Checkpoint(config=cfg, model_state=MaskRCNN(cfg).state_dict(),
-                                                normalizer=Normalizer().to_dict()))
+    write_untrained_checkpoint(run / "last.pt", **TINY)
     content = (run / "last.pt").read_bytes()
     (run / "last.pt").write_bytes(content[: len(content) // 3])
     code, out, err = cli(capsys, *train_args(images, config, run), "--resume")
@@ -176,11 +172,7 @@ def test_a_killed_predict_leaves_only_whole_files_and_a_rerun_completes(data, tm
     folder.mkdir()
     for i in range(N_PREDICT):
         (folder / f"img{i:02d}.png").write_bytes((images / "images" / f"synth_{i % 5:04d}.png").read_bytes())
-    cfg = nuclei_config(**TINY)
-    weights = tmp_path / "tiny.pt"
-    torch.manual_seed(0)
-    save_checkpoint(weights, Checkpoint(config=cfg, model_state=MaskRCNN(cfg).state_dict(),
-                                        normalizer=Normalizer().to_dict()))
+    weights = write_untrained_checkpoint(tmp_path / "tiny.pt", **TINY)
     out = tmp_path / "out"
     args = ["predict", folder, "--weights", weights, "--out", out, "--device", "cpu", "--no-progress"]
     proc = maskrcnn_process(*args, cwd=tmp_path)

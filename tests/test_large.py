@@ -150,6 +150,7 @@ def test_streamed_labels_and_table_equal_predict_tiled(tmp_path):
                                                           "discs_overlay.png"]
 
 
+@pytest.mark.slow
 def test_streaming_reads_regions_and_holds_no_full_size_array(tmp_path, monkeypatch):
     monkeypatch.setattr(maskrcnn.prediction.large, "THUMBNAIL_SIDE", 64)
     monkeypatch.setattr(maskrcnn.prediction.large, "SAMPLE_PIXELS", 4096)  # statistics of a bounded sample
@@ -263,6 +264,7 @@ def smallest_budget(cfg: Config, shape: tuple[int, int], mode: str) -> tuple[int
     raise AssertionError(f"no budget gives {mode}")
 
 
+@pytest.mark.slow
 def test_predict_tiles_automatically_like_an_explicit_tile(tiny_weights, tiles_used, tmp_path, capsys):
     image = noise_png(tmp_path / "noise.png", 384)
     cfg = Predictor.from_weights(tiny_weights, "cpu").model.cfg
@@ -281,6 +283,7 @@ def test_predict_tiles_automatically_like_an_explicit_tile(tiny_weights, tiles_u
         (tmp_path / "forced" / "noise_instances.csv").read_text()
 
 
+@pytest.mark.slow
 def test_predict_streams_an_image_over_the_budget(tiny_weights, tiles_used, tmp_path, capsys):
     image = noise_png(tmp_path / "big.png", 640)
     budget, plan = smallest_budget(Predictor.from_weights(tiny_weights, "cpu").model.cfg, (640, 640), "stream")
@@ -322,6 +325,7 @@ def test_a_signal_stops_a_streamed_image_between_tiles_leaving_no_file(tmp_path,
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["images.json", "results_coco.json"]
 
 
+@pytest.mark.slow
 def test_evaluate_tiles_to_fit_its_budget_and_scores_as_an_explicit_tile(tiny_weights, tiles_used):
     from maskrcnn.data.synthetic_scenes import SceneReader
     from maskrcnn.prediction.evaluate import evaluate_model

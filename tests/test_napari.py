@@ -128,6 +128,7 @@ def _plugin_registered() -> None:
         manager.register(PluginManifest.from_file(MANIFEST))
 
 
+@pytest.mark.slow
 def test_sample_data_opens_through_the_manifest(viewer):
     _plugin_registered()
     layers = viewer.open_sample("maskrcnn", "nuclei")
@@ -138,6 +139,7 @@ def test_sample_data_opens_through_the_manifest(viewer):
     np.testing.assert_array_equal(image.data, _sample.synthetic_nuclei()[0][0])  # a fixed seed: the same every time
 
 
+@pytest.mark.slow
 def test_dock_widget_opens_from_the_manifest_in_a_real_viewer(qtbot):
     _plugin_registered()
     real = napari.Viewer(show=False)  # builds headless: OpenGL is only needed to draw layers
@@ -157,6 +159,7 @@ def test_automatic_tiling_above_2048_pixels():
     assert tile_count((2048, 2048), 1024, 128) == 9 and tile_count((100, 100), None, 128) == 1
 
 
+@pytest.mark.slow
 def test_widget_segments_in_a_worker_thread_like_predict(qtbot, widget, viewer, tiny_model, capsys, tmp_path):
     image, _ = nuclei(96)
     viewer.add_image(image, name="cells")
@@ -187,6 +190,7 @@ def test_widget_segments_in_a_worker_thread_like_predict(qtbot, widget, viewer, 
     assert sum(text.startswith("loading") for text in progress) == 1
 
 
+@pytest.mark.slow
 def test_widget_segments_in_tiles_like_predict_tile(qtbot, widget, viewer, tiny_model, capsys, tmp_path):
     image, _ = nuclei((150, 170), seed=1)
     viewer.add_image(image, name="big")
@@ -203,6 +207,7 @@ def test_widget_segments_in_tiles_like_predict_tile(qtbot, widget, viewer, tiny_
     assert_features_match(layer, rows)
 
 
+@pytest.mark.slow
 def test_widget_segments_the_plane_in_view_of_a_stack(qtbot, widget, viewer, tiny_model, capsys, tmp_path):
     planes = [nuclei(64, seed=s)[0] for s in range(3)]
     stack = viewer.add_image(np.stack(planes), name="stack", scale=(2.0, 0.5, 0.5))
@@ -217,6 +222,7 @@ def test_widget_segments_the_plane_in_view_of_a_stack(qtbot, widget, viewer, tin
     assert layer.metadata["maskrcnn"]["plane"] == (1,)
 
 
+@pytest.mark.slow
 def test_widget_segments_a_stack_in_3d_like_predict_3d(qtbot, widget, viewer, tiny_model, capsys, tmp_path):
     """The 3-D switch: every plane, joined into 3-D instances; the labels, table and a row click as
     ``maskrcnn predict --3d`` writes them (NAME_labels.tif, NAME_instances.csv)."""
@@ -254,6 +260,7 @@ def test_widget_segments_a_stack_in_3d_like_predict_3d(qtbot, widget, viewer, ti
     assert widget.segment() is None and "one z axis" in widget.status.text()
 
 
+@pytest.mark.slow
 def test_widget_segments_an_rgb_image_like_predict(qtbot, widget, viewer, tiny_model, capsys, tmp_path):
     gray, _ = nuclei(80, seed=3)
     rgb = np.stack([gray, gray // 2, 255 - gray], axis=-1)

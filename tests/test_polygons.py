@@ -258,6 +258,7 @@ def predicted(weights, tmp_path_factory):
     return folder, folder / "out"
 
 
+@pytest.mark.slow
 def test_predict_writes_an_roi_per_instance_that_is_the_instance(predicted):
     _, out = predicted
     labels = read_label_image(out / "cells_labels.png")
@@ -272,6 +273,7 @@ def test_predict_writes_an_roi_per_instance_that_is_the_instance(predicted):
         np.testing.assert_array_equal(mask, filled(instance))
 
 
+@pytest.mark.slow
 def test_predict_writes_geojson_qupath_detections_with_the_table_measurements(predicted, weights):
     _, out = predicted
     labels = read_label_image(out / "cells_labels.png")
@@ -297,6 +299,7 @@ def test_predict_writes_geojson_qupath_detections_with_the_table_measurements(pr
         np.testing.assert_array_equal(inside, filled(instance))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag, missing", [("--rois", "cells_rois.zip"), ("--geojson", "cells.geojson")])
 def test_skip_existing_predicts_again_an_image_whose_outline_file_is_missing(predicted, weights, tmp_path, capsys,
                                                                              flag, missing):

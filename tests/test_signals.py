@@ -30,17 +30,16 @@ import yaml
 from PIL import Image
 
 import maskrcnn.runtime.signals as signals_module
-from maskrcnn.modeling.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from maskrcnn.modeling.checkpoint import load_checkpoint
 from maskrcnn.cli.main import EXIT_INTERRUPTED, EXIT_STOPPED
 from maskrcnn.presets import nuclei_config
-from maskrcnn.data.normalize import Normalizer
 from maskrcnn.data.synthetic import write_synthetic_dataset
-from maskrcnn.modeling.model import MaskRCNN
 from maskrcnn.runtime.signals import STOP_SIGNALS, StopSignals
 from maskrcnn.train import HookBase, TrainOptions, Trainer
 
 from cli_helpers import cli
 from conftest import TINY_RUN as TINY
+from conftest import write_untrained_checkpoint
 from conftest import finish, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -383,12 +382,7 @@ N_IMAGES = 24  # enough that the signal lands mid-run
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
     """An untrained tiny model: with the test thresholds at 0 it still finds (random) instances."""
-    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
-    cfg = nuclei_config(**TINY)
-    torch.manual_seed(0)
-    save_checkpoint(path, Checkpoint(config=cfg, model_state=MaskRCNN(cfg).state_dict(),
-                                     normalizer=Normalizer().to_dict()))
-    return path
+    return write_untrained_checkpoint(tmp_path_factory.mktemp("weights") / "tiny.pt", **TINY)
 
 
 def image_folder(data: tuple[Path, Path], folder: Path, count: int) -> list[str]:
@@ -456,6 +450,7 @@ def test_a_signal_stops_predict_after_an_image_and_skip_existing_completes_the_r
     assert_same_run_files(out, tmp_path / "fresh")
 
 
+@pytest.mark.slow
 def test_skip_existing_keeps_whole_outputs_and_predicts_the_rest_again(data, weights, tmp_path, capsys,
                                                                        one_thread):
     names = image_folder(data, tmp_path / "in", 5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torchvision.ops import roi_align
 
@@ -85,6 +86,7 @@ def test_tiles_shrink_to_the_fewest_that_cover():
         assert starts[-1] + fitted == length and all(b - a <= fitted - overlap for a, b in zip(starts, starts[1:]))
 
 
+@pytest.mark.slow
 def test_tiled_prediction_matches_untiled_across_seams():
     tile, overlap = 128, 48
     truth = discs_across_seams(400, tile, overlap)

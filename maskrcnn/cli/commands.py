@@ -108,16 +108,18 @@ def _predictor(args: argparse.Namespace):
     _check_tiling(args)
     if args.weights is None:  # the built-in nuclei or he model, per image
         return _model_choice(args)
+    trained = None
+    if not args.scale and args.diameter != "auto":  # checked before the model loads
+        trained = trained_diameter(args.weights)
+        if trained is None:
+            raise UserError(f"{args.weights}: this model does not state the nucleus diameter it was trained "
+                            "on; use --scale (e.g. 0.5 to halve the image) instead of --diameter")
     predictor = Predictor.from_weights(args.weights, args.device, args.precision, args.engine)
     predictor.tta = args.tta
     predictor.max_memory = args.max_memory or predictor.max_memory  # unset: $MASKRCNN_MAX_MEMORY or 2 GB
     if args.scale:
         predictor.scale = args.scale
-    elif args.diameter != "auto":  # auto: the predictor's own (AutoScale for a built-in model, else 1)
-        trained = trained_diameter(args.weights)
-        if trained is None:
-            raise UserError(f"{args.weights}: this model does not state the nucleus diameter it was trained "
-                            "on; use --scale (e.g. 0.5 to halve the image) instead of --diameter")
+    elif trained is not None:  # else auto: the predictor's own (AutoScale for a built-in model, else 1)
         predictor.scale = trained / args.diameter
     return predictor
 
@@ -166,17 +168,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return cmd_predict_3d(args)
     if args.zarr:
         raise UserError("--zarr is for --3d label volumes (2-D labels are TIFF; large images stream to tiled BigTIFF)")
-    from ..prediction.predict import predict_files
+    from ..prediction.predict import input_images, predict_files
     from ..prediction.ranks import share_threads
     from ..runtime.distributed import DistContext
 
+    images = input_images(args.inputs)  # checked before the model loads (seconds): its errors come at once
     # under torchrun: this rank's share of the images (the device is checked where the model loads)
     dist = DistContext.from_environment(args.device) if "RANK" in os.environ else DistContext.single()
     try:
         if dist.active:
             share_threads(dist)
         predictor = _predictor(args)
-        run = predict_files(predictor, args.inputs, args.out, tile=args.tile, overlap=args.overlap,
+        run = predict_files(predictor, images, args.out, tile=args.tile, overlap=args.overlap,
                             kaggle=args.kaggle, progress=not args.no_progress, skip_existing=args.skip_existing,
                             rois=args.rois, geojson=args.geojson, planes=_planes(args), dist=dist)
     except BaseException:
@@ -215,11 +218,13 @@ def _check_3d(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate_3d(args: argparse.Namespace) -> int:
+    from ..data.stack_reader import stack_pairs
     from ..prediction.evaluate_3d import evaluate_stacks
 
     _check_3d(args)
+    pairs = stack_pairs(args.data)  # before the model loads
     report = evaluate_stacks(_predictor(args), args.data, _planes(args), args.stitch_threshold,
-                             method=args.method_3d, anisotropy=args.anisotropy)
+                             method=args.method_3d, anisotropy=args.anisotropy, pairs=pairs)
     print(report.format_table())
     if args.out:
         report.to_json(args.out)
@@ -233,8 +238,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.three_d:
         return cmd_evaluate_3d(args)
+    reader = open_dataset(args.data, args.format, image_dir=args.images, planes=_planes(args))  # before the model
     predictor = _predictor(args)
-    reader = open_dataset(args.data, args.format, image_dir=args.images, planes=_planes(args))
     report = evaluate_model(predictor.model, predictor.normalizer, reader, device=predictor.device,
                             progress=not args.no_progress, tile=args.tile, overlap=args.overlap,
                             precision=predictor.precision, scale=predictor.scale, tta=predictor.tta,

@@ -64,11 +64,11 @@ def score(name: str, stats: MatchStats, truth: int, predicted: int, dsb: float) 
 
 def evaluate_stacks(predictor, root: str | Path, planes: Planes | None = None,
                     threshold: float = STITCH_THRESHOLD, method: str = "stitch",
-                    anisotropy: float | None = None) -> VolumeReport:
+                    anisotropy: float | None = None, pairs: list[tuple[str, Path, Path]] | None = None) -> VolumeReport:
     """Segment every stack of ``root`` in 3-D (as segment_stack with ``method`` and ``anisotropy``)
-    and score it against its 3-D labels."""
+    and score it against its 3-D labels. ``pairs``: root's stack_pairs when the caller has them."""
     rows, pooled = [], None
-    for name, image_path, mask_path in stack_pairs(root):
+    for name, image_path, mask_path in pairs if pairs is not None else stack_pairs(root):
         stack = read_stack(image_path, planes)
         truth = read_label_stack(mask_path, stack.shape[:3])
         labels = segment_stack(predictor, stack, threshold, method=method,

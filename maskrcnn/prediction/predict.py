@@ -148,6 +148,16 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return list(dict.fromkeys(paths))
 
 
+def input_images(inputs: list[str] | list[Path]) -> list[Path]:
+    """The images ``inputs`` name (see expand_inputs), checked: at least one, and no two whose outputs
+    would share a name. The CLI calls it before loading a model, so that these errors come at once."""
+    paths = expand_inputs([str(item) for item in inputs])
+    if not paths:
+        raise UserError(f"no images found in {' '.join(map(str, inputs))}")
+    _check_unique_stems(paths)
+    return paths
+
+
 @dataclass
 class PredictRun:
     """What ``predict_files`` did: the files of each image written, the images that failed and
@@ -189,10 +199,7 @@ def predict_files(predictor: Predictor | Any, inputs: list[str], out_dir: str | 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)  # left by a run killed while writing
-    paths = expand_inputs(inputs)
-    if not paths:
-        raise UserError(f"no images found in {' '.join(inputs)}")
-    _check_unique_stems(paths)
+    paths = input_images(inputs)
     dist = dist or DistContext.single()
     mine = my_images(len(paths), dist)
     run, written, skipped = RunOutputs(out, kaggle), [], []
