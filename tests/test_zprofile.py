@@ -1,6 +1,7 @@
 """3-D instances refined along z by their profiles: contrast against the ring around a mask, the
 half-maximum trim of out-of-focus planes, faint instances dropped, nuclei stacked in z split at a
-waist, and the same relabelling on planes kept on disk."""
+waist, nuclei stacked at a slant split where the centre drifts, and the same relabelling on planes
+kept on disk."""
 
 from __future__ import annotations
 
@@ -74,6 +75,54 @@ def test_two_nuclei_stacked_in_z_are_split_at_their_waist():
     assert [int(out[z, 20, 20]) for z in range(8)] == [first] * 4 + [second] * 4  # the waist joins its smaller neighbour
     planes = np.stack([np.where(disc(shape, 20, 20, r), 1, 0) for r in [4, 8, 10, 9, 8, 9, 6]]).astype(np.int32)
     assert int(stitch_planes(planes, images=planes * 0.6).max()) == 1  # narrowing to 0.79 of both sides: one
+
+
+@pytest.mark.parametrize("block", [zprofile.CENTRE_ROWS, 7])  # the plane in one block of rows, or five
+def test_centres_are_the_mean_row_and_column_of_each_mask(block, monkeypatch):
+    monkeypatch.setattr(zprofile, "CENTRE_ROWS", block)
+    labels = np.zeros((30, 40), np.int32)
+    labels[disc(labels.shape, 10, 12, 4)] = 2
+    labels[5:9, 30:36] = 7  # rows 5-8, columns 30-35
+    profile = plane_profile(labels, np.where(labels > 0, 0.8, 0.1))
+    assert profile.centre == pytest.approx(np.array([[10.0, 12.0], [6.5, 32.5]]))
+
+
+def test_nuclei_stacked_at_a_slant_are_split_where_the_centre_passes_halfway():
+    shape = (40, 60)
+    planes = np.zeros((10, *shape), np.int32)
+    for z in range(10):  # one nucleus in planes 0-5, another beside it in planes 4-9: one blob in 4-5
+        planes[z][disc(shape, 20, 22, 8) if z <= 5 else np.zeros(shape, bool)] = 1
+        planes[z][disc(shape, 20, 36, 8) if z >= 4 else np.zeros(shape, bool)] = 1
+    images = planes * 0.6
+    assert int(stitch_planes(planes).max()) == 1  # stitching alone joins them
+    out = stitch_planes(planes, images=images)
+    left, right = int(out[0, 20, 22]), int(out[9, 20, 36])
+    assert {left, right} == {1, 2}
+    # the blob planes have their centre exactly halfway (29): the second nucleus begins there
+    assert [int(out[z].max()) for z in range(10)] == [left] * 4 + [right] * 6
+    assert (out[:4] > 0).sum() == 4 * disc(shape, 20, 22, 8).sum()
+
+
+def test_a_nucleus_leaning_less_than_the_drift_limit_stays_whole():
+    shape, radius = (40, 60), 8
+    shift = 0.95 * zprofile.DRIFT * radius / 9  # per plane: the ends' centres 0.95 DRIFT radii apart
+    planes = np.stack([np.where(disc(shape, 20, 24 + z * shift, radius), 1, 0) for z in range(10)]).astype(np.int32)
+    assert int(stitch_planes(planes, images=planes * 0.6).max()) == 1
+    further = 1.2 * zprofile.DRIFT * radius / 9  # 1.2 DRIFT radii: split in two
+    planes = np.stack([np.where(disc(shape, 20, 24 + z * further, radius), 1, 0) for z in range(10)]).astype(np.int32)
+    assert int(stitch_planes(planes, images=planes * 0.6).max()) == 2
+
+
+def test_a_small_section_before_the_first_large_one_does_not_move_the_cut():
+    shape = (40, 60)
+    profiles = Profiles()  # one id throughout, as stitching could leave it
+    sections = [(36, 3)] + [(22, 8)] * 3 + [(36, 8)] * 3  # a speck on the right, then left, then right
+    for cx, r in sections:
+        plane = np.where(disc(shape, 20, cx, r), 1, 0).astype(np.int32)
+        profiles.add(plane, plane * 0.6)
+    relabel = profiles.relabel(min_planes=2)
+    assert relabel.count == 2
+    assert [int(relabel.planes[z][1][0]) for z in range(7)] == [1, 1, 1, 1, 2, 2, 2]
 
 
 def test_relabelling_is_per_plane_and_covers_gaps():
