@@ -674,7 +674,8 @@ def test_predict_on_corpus_image(name, untrained_weights, tmp_path, capsys):
 def test_predict_folder_with_the_whole_corpus_writes_the_good_and_lists_the_bad(untrained_weights, tmp_path, capsys):
     folder = tmp_path / "in"
     images = {name: case.write(folder / name)[0] for name, case in IMAGE_CASES.items()}
-    code, stdout, err = cli(capsys, "predict", folder, "--weights", untrained_weights, "--out", tmp_path / "out", *PREDICT)
+    code, stdout, err = cli(capsys, "predict", folder, "--weights", untrained_weights, "--out", tmp_path / "out",
+                            *PREDICT)
     assert code == 2 and "Traceback" not in err
     good = [name for name in IMAGE_CASES if name not in BAD_IMAGES]
     assert f"{len(good)} image(s) segmented" in stdout

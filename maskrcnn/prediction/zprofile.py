@@ -1,6 +1,6 @@
 """What a 3-D instance's profile along z says about it, for instances built from 2-D planes.
 
-A 2-D model segments each plane of a stack alone, and three things are only visible along z:
+A 2-D model segments each plane of a stack alone, and four things are only visible along z:
 
 - **Out-of-focus light.** The microscope's blur is longer in z than in the plane, so the planes
   beyond a nucleus's caps show a dim, wide copy of it, which the 2-D model outlines as more of the
@@ -20,10 +20,10 @@ A 2-D model segments each plane of a stack alone, and three things are only visi
   other. An instance whose first and last large sections (at least ``SECTION`` of its largest)
   lie more than ``DRIFT`` of its largest radius apart is split where its centre passes halfway.
 
-:class:`Profiles` collects each plane's per-instance area and contrast as planes are labelled (one
-plane in memory at a time) and returns a :class:`Relabel` that maps every plane's ids to the final
-instances 1..N. Measured on synthetic stacks (benchmarks/volume.py; the thresholds were chosen on
-other seeds): see docs/benchmarks.md#z-stacks.
+:class:`Profiles` collects each plane's per-instance area, contrast and centre as planes are
+labelled (one plane in memory at a time) and returns a :class:`Relabel` that maps every plane's
+ids to the final instances 1..N. Measured on synthetic stacks (benchmarks/volume.py; the
+thresholds were chosen on other seeds): see docs/benchmarks.md#z-stacks.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ class PlaneProfile:
 
 def plane_profile(labels: np.ndarray, image: np.ndarray) -> PlaneProfile:
     """(H, W) integer ids and the (H, W) image the model saw -> each instance's area, contrast and
-    centre. The ring of an instance: background pixels within RING of it (where two instances share one,
-    the larger id takes it; an instance with none is compared to all rings of the plane)."""
+    centre. The ring of an instance: background pixels within RING of it (where two instances share
+    one, the larger id takes it; an instance with none is compared to all rings of the plane)."""
     flat = labels.reshape(-1).astype(np.int64)
     values = image.reshape(-1).astype(np.float64)
     size = int(flat.max(initial=0)) + 1
@@ -128,9 +128,9 @@ class Profiles:
             self.planes.append(plane_profile(labels, image))
 
     def relabel(self, min_planes: int) -> Relabel:
-        """Split where the centre drifts and at waists, trim to the half-maximum, drop the faint and those in fewer than
-        ``min_planes`` planes (not in a stack of fewer planes); number the rest 1..N in order of
-        their first appearance."""
+        """Split where the centre drifts and at waists, trim to the half-maximum, drop the faint and
+        those in fewer than ``min_planes`` planes (not in a stack of fewer planes); number the rest
+        1..N in order of their first appearance."""
         min_planes = min_planes if len(self.planes) >= min_planes > 1 else 1
         z = np.concatenate([np.full(len(p.ids), k) for k, p in enumerate(self.planes)] + [np.zeros(0, int)])
         ids = np.concatenate([p.ids for p in self.planes] + [np.zeros(0, np.int64)])
