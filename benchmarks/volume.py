@@ -107,9 +107,9 @@ def main() -> None:
         tp, fp, fn = (sum(r[k] for r in mine) for k in ("tp", "fp", "fn"))
         by_aniso = " / ".join(f"{np.mean([r['acc50'] for r in mine if r['anisotropy'] == a]):.3f}"
                               for a in ANISOTROPIES)
-        name = {"ortho": "orthogonal views, refined", "ortho unrefined": "orthogonal views, not refined",
-                "unrefined": f"stitched, threshold {STITCH_THRESHOLD}, not refined"}.get(threshold,
-                                                                                    f"stitched, threshold {threshold}, refined")
+        names = {"ortho": "orthogonal views, refined", "ortho unrefined": "orthogonal views, not refined",
+                 "unrefined": f"stitched, threshold {STITCH_THRESHOLD}, not refined"}
+        name = names.get(threshold, f"stitched, threshold {threshold}, refined")
         lines.append(f"| {name} | {tp / (tp + fp + fn):.3f} | {2 * tp / (2 * tp + fp + fn):.3f} | "
                      f"{np.mean([r['dsb'] for r in mine]):.3f} | {by_aniso} | "
                      f"{np.mean([r['seconds'] for r in mine]):.2f} |")

@@ -42,6 +42,7 @@ def image_stem(path: str | Path) -> str:
     stem = Path(path).stem
     return stem[:-4] if stem.lower().endswith(".ome") else stem
 
+
 def read_image(path: str | Path, planes: Planes | None = None) -> np.ndarray:
     """Read an image as (H, W) or (H, W, C) in the file's dtype (C <= 4).
 

@@ -88,9 +88,9 @@ def _stacks_by_stem(folder: Path) -> dict[str, Path]:
     """files_by_stem with the zarr folders of ``folder`` too."""
     found = files_by_stem(folder)
     for path in sorted(folder.glob("*.zarr")):
-        stem = image_stem(path)
         if not path.is_dir():
             continue
+        stem = image_stem(path)
         if stem in found:
             raise DataError(path, f"two stacks named '{stem}' ({found[stem].name} and {path.name}); keep one")
         found[stem] = path

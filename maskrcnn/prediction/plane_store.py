@@ -5,8 +5,8 @@ A stack whose label volume would not fit the memory budget beside the model (``-
 folder, written and read with plain file reads and writes: no memory map, so planes on disk are
 not part of the process's resident memory (the page cache is the system's). The ids are stored as
 stitched; ``relabel`` (maskrcnn.prediction.zprofile.Relabel) maps them on reading to the final
-instances 1..N, so the volume is never rewritten. The file is removed by ``close`` (a killed run's is removed by the next
-run in the folder, maskrcnn.runtime.atomic.remove_stale_temporaries).
+instances 1..N, so the volume is never rewritten. The file is removed by ``close`` (a killed run's
+is removed by the next run in the folder, maskrcnn.runtime.atomic.remove_stale_temporaries).
 """
 
 from __future__ import annotations

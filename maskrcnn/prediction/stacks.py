@@ -97,7 +97,8 @@ def _predict_stack(predictor, path: Path, stack, out: Path, image_id: int, *, th
             write_label_zarr(out / f"{name}_labels.ome.zarr", result.labels, voxels)
         return target, {"id": image_id, "file_name": str(path), "depth": stack.shape[0], "height": stack.shape[1],
                         "width": stack.shape[2], "nuclei": int(result.labels.max()), "anisotropy": round(voxels, 4),
-                        "labels_on_disk": isinstance(result.labels, PlaneStore), "read_by_plane": isinstance(stack, LazyStack),
+                        "labels_on_disk": isinstance(result.labels, PlaneStore),
+                        "read_by_plane": isinstance(stack, LazyStack),
                         **result.scaling.to_dict(), **({"model": model} if model else {})}
     finally:
         if isinstance(result.labels, PlaneStore):

@@ -7,7 +7,8 @@ joins the planes' instances into 3-D ones as Cellpose's ``stitch_threshold`` doe
 plane z takes the id of the instance of plane z - 1 it overlaps most (mask IoU at least the
 threshold; one-to-one, best pairs first, so two nuclei touching in one plane keep two ids), or a
 new id. The stitched instances are then refined along z by their profiles (maskrcnn.prediction.zprofile:
-trimmed to the half-maximum of their contrast, split at waists, faint ones dropped).
+split where their centre drifts and at waists, trimmed to the half-maximum of their contrast, faint
+ones dropped).
 :func:`volume_table` measures the 3-D instances, :func:`volume_overlaps` matches them against 3-D
 truth (the metrics of ``maskrcnn.metrics`` on voxels).
 """
@@ -171,7 +172,7 @@ class Stitcher:
 
     def __init__(self, threshold: float = STITCH_THRESHOLD):
         self.threshold, self.next_id, self.previous = threshold, 1, None
-        self.profiles = Profiles()  # each plane's instances: area and contrast (maskrcnn.prediction.zprofile)
+        self.profiles = Profiles()  # each plane's instances: area, contrast, centre (maskrcnn.prediction.zprofile)
 
     def add(self, plane: np.ndarray, image: np.ndarray | None = None) -> np.ndarray:
         """One plane's label image (its own ids) and the (H, W) normalised image it was found in
