@@ -15,6 +15,11 @@ lazily, tile by tile, from a tiled TIFF or OME-Zarr, or an in-memory array (``Ar
    found across a seam, and is dropped. Nothing of the size of the image is held in memory.
 4. Ids are renumbered by descending score (ties: tile order), as ``predict_tiled`` numbers them.
 
+Under torchrun (``dist``) every rank takes part in each streamed image: the ranks segment the tiles
+in rounds (rank k takes tile r * world_size + k of round r) and send each tile's kept instances to
+rank 0, which alone holds the label store and paints them in grid order, as one process does: the
+same files, byte for byte. Painting is cheap next to the model, so N ranks segment ~N times as fast.
+
 Equivalence with ``predict_tiled`` (tested): when no instance kept by one tile overlaps an
 instance kept by another (the core rule gives this for objects narrower than half the overlap),
 both give the same label image, pixel for pixel and id for id, and the same boxes, scores and
@@ -32,9 +37,7 @@ the run's images.json lists the image with ``"streamed": true``.
 
 from __future__ import annotations
 
-import csv
 import importlib.util
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,17 +50,19 @@ from torch import Tensor
 from ..data.io import read_image
 from ..data.normalize import MAX_STAT_SAMPLES
 from ..data.regions import ArraySource, RegionSource
+from ..errors import DataError
 from ..modeling.mask.paste import paste_chunks
-from ..outputs.files import TABLE_FIELDS, write_png
-from ..outputs.plots import display_image, overlay_image
-from ..runtime.atomic import atomic_output
+from ..outputs.files import write_png
+from ..outputs.plots import overlay_image
+from ..outputs.streamed import (Thumbnail, table_rows, thumbnail_sample, thumbnail_step, write_label_tiff,
+                                write_table)
+from ..runtime.distributed import DistContext
 from ..runtime.memory import bound_heap, release_free_memory
 from .labelstore import LabelStore
 from .tiling import Tile, core_instances, tile_grid
 
 CHUNK = 512  # label store chunk and TIFF tile side
 THUMBNAIL_SIDE = 2048
-TABLE_BLOCK = 1 << 14  # instance table rows made at a time
 SAMPLE_PIXELS = MAX_STAT_SAMPLES  # the reduced image the intensity range comes from (as Normalizer samples)
 
 
@@ -116,36 +121,44 @@ def streamed_shape(path: Path) -> tuple[int, int] | None:
 
 def predict_streamed(predictor, source: RegionSource, out_dir: str | Path, name: str, tile: int, overlap: int,
                      *, scale: float | None = None, should_stop: Callable[[], bool] | None = None,
-                     progress: Callable[[int, int], None] | None = None) -> StreamedPrediction:
+                     progress: Callable[[int, int], None] | None = None,
+                     dist: DistContext | None = None) -> StreamedPrediction | None:
     """Segment ``source`` tile by tile with ``predictor`` (maskrcnn.prediction.predict.Predictor) and write
     NAME_labels.tif, NAME_instances.csv and NAME_overlay.png into ``out_dir``.
 
-    ``scale``: what each tile is resized by (None: the predictor's fixed scale). ``should_stop`` is asked before each tile: True raises :class:`StreamStopped` (no file is left).
-    ``progress(done, total)`` is called after each tile.
+    ``scale``: what each tile is resized by (None: the predictor's fixed scale). ``should_stop`` is
+    asked before each tile (each round of tiles): True raises :class:`StreamStopped` (no file is left).
+    ``progress(done, total)`` is called after each tile. ``dist``: every rank calls this together; the
+    tiles are segmented across the ranks (see :func:`segmented_tiles`) and rank 0 paints them and
+    writes the files (other ranks return None): the same files as one process writes.
     """
+    dist = dist or DistContext.single()
     out = Path(out_dir)
     cfg = predictor.model.cfg
     shape = source.shape
-    intensity = predictor.normalizer.intensity_range(source.sample(SAMPLE_PIXELS))
+    # one intensity range for all tiles, from rank 0's sample
+    intensity = dist.all_gather_objects(
+        predictor.normalizer.intensity_range(source.sample(SAMPLE_PIXELS)) if dist.is_main else None)[0]
     grid = tile_grid(*shape, tile, overlap)
     bound_heap()  # tiles' tensors are freed back to the OS, not kept as heap fragments
-    thumbnail = Thumbnail(shape, THUMBNAIL_SIDE)  # read here: tests shrink it
+    step = thumbnail_step(shape, THUMBNAIL_SIDE)  # read here: tests shrink it
+    tiles = segmented_tiles(predictor, source, grid, intensity, overlap, scale, step, should_stop, dist)
+    if not dist.is_main:
+        for _ in tiles:  # this rank's share of the rounds; rank 0 paints
+            pass
+        return None
+    thumbnail = Thumbnail(shape, step)
     painted: list[TileInstances] = []
     next_id = 1
     with LabelStore(shape, out, f"{name}_labels.store", CHUNK) as store:
-        for done, part in enumerate(grid, start=1):
-            if should_stop is not None and should_stop():
-                raise StreamStopped(name)
-            raw = source.read(part.y0, part.y1, part.x0, part.x1)
-            normalized = predictor.normalizer(raw, intensity)
-            found = predictor.predict_planned(normalized, None, overlap, scale)  # the tile whole: sized to fit
-            kept = paint_tile(store, part, core_instances(found, part), shape, cfg.mask_test_mask_threshold,
-                              cfg.mask_test_nms_overlap_threshold, next_id, _gray(raw))
+        for done, found in enumerate(tiles, start=1):
+            part = grid[found.index]
+            kept = paint_tile(store, part, found.kept, shape, cfg.mask_test_mask_threshold,
+                              cfg.mask_test_nms_overlap_threshold, next_id, _gray(found.raw))
             painted.append(kept)
             next_id += len(kept.scores)
-            thumbnail.add_image(part, normalized)
-            del raw, normalized, found
-            release_free_memory()
+            thumbnail.place(part, found.display)
+            del found
             if progress is not None:
                 progress(done, len(grid))
         instances = _joined(painted)
@@ -159,6 +172,58 @@ def predict_streamed(predictor, source: RegionSource, out_dir: str | Path, name:
     write_table(files.table, table_rows(instances, order, predictor.class_names))
     write_png(files.overlay, overlay_image(thumbnail.display, thumbnail.labels))
     return files
+
+
+@dataclass
+class TileFound:
+    """One segmented tile, as its painter needs it: its index in the grid, its kept instances
+    (``tiling.core_instances``: boxes (n, 4) in the image's frame, scores, labels, (n, M, M) mask
+    probabilities), its raw pixels (h, w[, C]) for mean intensities, and its thumbnail sample."""
+
+    index: int
+    kept: tuple[Tensor, Tensor, Tensor, Tensor]
+    raw: np.ndarray
+    display: np.ndarray
+
+
+def segmented_tiles(predictor, source: RegionSource, grid: list[Tile], intensity, overlap: int,
+                    scale: float | None, step: int, should_stop: Callable[[], bool] | None,
+                    dist: DistContext) -> Iterator[TileFound]:
+    """Every tile of ``grid`` segmented, yielded in grid order on rank 0 (other ranks yield nothing).
+
+    In round r, rank k segments tile r * world_size + k; the round's tiles are gathered to rank 0.
+    A stop asked on any rank before a round stops every rank (StreamStopped), and a tile that
+    cannot be read fails the image on every rank (DataError), so that no rank waits for another
+    that has left. In one process: tile by tile.
+    """
+    for start in range(0, len(grid), dist.world_size):
+        stop = should_stop is not None and should_stop()
+        index, found, problem = start + dist.rank, None, None
+        if not stop and index < len(grid):
+            try:
+                found = _segment_tile(predictor, source, grid[index], index, intensity, overlap, scale, step)
+            except DataError as err:
+                if not dist.active:
+                    raise
+                problem = (err.path, err.problem)
+        parts = dist.all_gather_objects((stop, problem, found))
+        if any(part[0] for part in parts):
+            raise StreamStopped(str(source))
+        for _, problem, _ in parts:
+            if problem is not None:
+                raise DataError(*problem)
+        if dist.is_main:
+            yield from (part[2] for part in parts if part[2] is not None)
+        del parts, found
+        release_free_memory()
+
+
+def _segment_tile(predictor, source: RegionSource, part: Tile, index: int, intensity, overlap: int,
+                  scale: float | None, step: int) -> TileFound:
+    raw = source.read(part.y0, part.y1, part.x0, part.x1)
+    normalized = predictor.normalizer(raw, intensity)
+    found = predictor.predict_planned(normalized, None, overlap, scale)  # the tile whole: sized to fit
+    return TileFound(index, core_instances(found, part), raw, thumbnail_sample(step, part, normalized))
 
 
 def paint_tile(store: LabelStore, tile: Tile, kept: tuple[Tensor, Tensor, Tensor, Tensor],
@@ -221,73 +286,3 @@ def _joined(parts: list[TileInstances]) -> TileInstances:
     """The tiles' instances in paint order (id k is row k - 1)."""
     return TileInstances(*(torch.cat([getattr(p, f) for p in parts])
                            for f in TileInstances.__dataclass_fields__))
-
-
-def table_rows(instances: TileInstances, order: Tensor, class_names: list[str]) -> Iterator[list]:
-    """The rows of NAME_instances.csv (``outputs.TABLE_FIELDS``), id k + 1 for ``order[k]``, made
-    ``TABLE_BLOCK`` at a time: a slide has hundreds of thousands of instances, and Python rows of
-    all of them at once would take more memory than the model."""
-    top = int(instances.labels.max()) if len(instances.labels) else 0
-    # a class index beyond the names is written as its number, as outputs.instance_table does
-    names = np.array(list(class_names) + [str(i) for i in range(len(class_names), top + 1)], dtype=object)
-    for start in range(0, len(order), TABLE_BLOCK):
-        rows = order[start:start + TABLE_BLOCK]
-        area = instances.area[rows].double()
-        columns = [np.arange(start + 1, start + len(rows) + 1), names[instances.labels[rows].numpy()],
-                   instances.scores[rows].double().numpy().round(4), area.long().numpy(),
-                   *instances.boxes[rows].double().numpy().round(1).T,
-                   (instances.sum_x[rows] / area).numpy().round(2), (instances.sum_y[rows] / area).numpy().round(2),
-                   (instances.sum_gray[rows] / area).numpy().round(3)]
-        yield from zip(*(c.tolist() for c in columns))
-
-
-def write_table(path: Path, rows: Iterator[list]) -> None:
-    """NAME_instances.csv, written row block by row block into a temporary file renamed at the end."""
-    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(TABLE_FIELDS)
-        writer.writerows(rows)
-
-
-def write_label_tiff(path: Path, store: LabelStore, lut: np.ndarray, thumbnail: Thumbnail) -> None:
-    """The store's labels, renumbered by ``lut``, as a tiled BigTIFF (uint16 when the ids fit, else
-    uint32), written tile by tile from the store; the thumbnail's labels are sampled on the way."""
-    dtype = np.uint16 if len(lut) - 1 <= np.iinfo(np.uint16).max else np.uint32
-    lut = lut.astype(dtype)  # mapped straight into the file's dtype: one small array per tile
-
-    def tiles():
-        for cy, cx, chunk in store.chunks():
-            mapped = lut[chunk]
-            thumbnail.add_labels(cy * store.chunk, cx * store.chunk, mapped)
-            yield mapped
-
-    with atomic_output(path) as tmp:
-        tifffile.imwrite(tmp, tiles(), shape=store.shape, dtype=dtype, tile=(store.chunk, store.chunk),
-                         bigtiff=True, compression="zlib", photometric="minisblack", metadata=None)
-
-
-class Thumbnail:
-    """The overlay's picture and labels at 1 / ``step`` resolution: every step-th row and column."""
-
-    def __init__(self, shape: tuple[int, int], side: int) -> None:
-        self.step = max(1, math.ceil(max(shape) / side))
-        self.shape = shape
-        size = (-(-shape[0] // self.step), -(-shape[1] // self.step))
-        self.display = np.zeros(size + (3,), np.uint8)
-        self.labels = np.zeros(size, np.int64)
-
-    def _picks(self, start: int, stop: int) -> np.ndarray:
-        """Positions in [start, stop) that are multiples of the step."""
-        return np.arange(-(-start // self.step) * self.step, stop, self.step)
-
-    def add_image(self, tile: Tile, normalized: Tensor) -> None:
-        """Sample a tile's normalised (C, h, w) pixels."""
-        ys, xs = self._picks(tile.y0, tile.y1), self._picks(tile.x0, tile.x1)
-        sampled = normalized[:, torch.from_numpy(ys - tile.y0)][:, :, torch.from_numpy(xs - tile.x0)]
-        self.display[np.ix_(ys // self.step, xs // self.step)] = display_image(sampled)
-
-    def add_labels(self, y0: int, x0: int, block: np.ndarray) -> None:
-        """Sample a (chunk, chunk) block of labels at rows y0.., columns x0.. (padding ignored)."""
-        ys = self._picks(y0, min(y0 + block.shape[0], self.shape[0]))
-        xs = self._picks(x0, min(x0 + block.shape[1], self.shape[1]))
-        self.labels[np.ix_(ys // self.step, xs // self.step)] = block[np.ix_(ys - y0, xs - x0)]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import glob
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,6 @@ from ..data.io import IMAGE_EXTENSIONS, image_stem, read_image, read_image_size
 from ..data.lazy import is_lazy_candidate, open_regions
 from ..data.normalize import Normalizer
 from ..data.planes import Planes
-from ..data.regions import RegionSource
 from ..errors import DataError, UserError
 from ..metrics import PredictionRecord
 from ..outputs.files import (IMAGES_JSON, PredictionFiles, RunOutputs, existing_prediction, read_prediction,
@@ -40,11 +38,12 @@ from ..runtime.distributed import DistContext
 from ..runtime.memory import Plan, default_max_memory, plan_inference
 from ..runtime.signals import StopSignals
 from ..structures import Detector, InstanceResult
-from .diameter import SCALING_KEYS, AutoScale, Scaling, central_box, scaling_for
+from .diameter import SCALING_KEYS, AutoScale, Scaling, scaling_for
 from .loading import LoadedModel, load_checkpoint_model, load_model
-from .large import SAMPLE_PIXELS, StreamStopped, predict_streamed, region_source, streamed_shape
+from .large import StreamStopped, streamed_shape
 from .ranks import RankResult, merge_ranks, my_images
 from .segment import segment
+from .streaming import image_entry, predict_streamed_image, predict_together, stream_warning, streamed_together
 from .tiling import TILE_OVERLAP
 
 
@@ -201,19 +200,36 @@ def predict_files(predictor: Predictor | Any, inputs: list[str], out_dir: str | 
     remove_stale_temporaries(out)  # left by a run killed while writing
     paths = input_images(inputs)
     dist = dist or DistContext.single()
-    mine = my_images(len(paths), dist)
+    together = streamed_together(predictor, paths, tile, overlap, planes, dist)  # streamed by every rank
+    mine = my_images(len(paths), dist, together)
     run, written, skipped = RunOutputs(out, kaggle), [], []
     stopped_by, done = None, 0
     earlier = _earlier_scalings(out) if skip_existing else {}
     with StopSignals(graceful=True, unit="image") as signals:
         for index in tqdm(mine, desc="predict", unit="img", disable=not (progress and dist.is_main)):
             image_id, path = index + 1, paths[index]
-            kept = _kept_prediction(out, path, predictor.class_names, rois, geojson) if skip_existing else None
-            if isinstance(kept, tuple):
-                run.add_streamed(image_id, path, kept, earlier.get(str(path)))
-                skipped.append(path)
-            elif kept is not None:
-                run.add_record(image_id, path, kept, earlier.get(str(path)))
+            check = skip_existing and (dist.is_main or index not in together)  # rank 0 decides for shared ones
+            if index in together:  # every rank comes here, and stops here when any rank was asked to
+                kept = _kept_prediction(out, path, predictor.class_names, rois, geojson) if check else None
+                if kept is None and dist.is_main:
+                    stream_warning(path, together[index], run, rois, geojson)
+                outcome = predict_together(predictor, run, image_id, path, together[index], overlap, planes, signals,
+                                           progress, dist, kept is not None)
+                if outcome is False:
+                    stopped_by = signals.received
+                    break
+                if outcome is True and dist.is_main:
+                    _add_kept(run, image_id, path, kept, earlier)
+                    skipped.append(path)
+                written += [outcome] if isinstance(outcome, PredictionFiles) else []
+                done += dist.is_main
+                continue
+            if signals.received:  # after the image in progress: the rest are not started
+                stopped_by = signals.received
+                continue  # (to the next image all ranks segment together, or the end)
+            kept = _kept_prediction(out, path, predictor.class_names, rois, geojson) if check else None
+            if kept is not None:
+                _add_kept(run, image_id, path, kept, earlier)
                 skipped.append(path)
             else:
                 try:
@@ -224,9 +240,6 @@ def predict_files(predictor: Predictor | Any, inputs: list[str], out_dir: str | 
                     break
                 written += [files] if files else []
             done += 1
-            if signals.received and done < len(mine):  # after the last image the run is whole anyway
-                stopped_by = signals.received
-                break
     segmented = len(written)
     if dist.active:
         merged = merge_ranks(run, RankResult(run.images, run.coco, run.kaggle_table, run.failed, segmented, skipped,
@@ -253,12 +266,9 @@ def _predict_one(predictor: Predictor, run: RunOutputs, image_id: int, path: Pat
         folder = open_regions(path, planes) if path.is_dir() else None
         plan = predictor.plan(folder.shape if folder else read_image_size(path, planes), tile, overlap)
         if plan.mode == "stream":
-            skipped = [name for name, asked in (("ROIs", rois), ("GeoJSON", geojson), ("Kaggle rows", run.kaggle),
-                                                ("COCO records", True)) if asked]
-            warnings.warn(f"{path}: larger than --max-memory allows in memory: streamed in tiles of {plan.tile} to "
-                          f"{image_stem(path)}_labels.tif (tiled BigTIFF), without {', '.join(skipped)}")
-            return _predict_streamed(predictor, run, image_id, path, plan.tile, overlap, planes, signals, progress,
-                                     folder)
+            stream_warning(path, plan.tile, run, rois, geojson)
+            return predict_streamed_image(predictor, run, image_id, path, plan.tile, overlap, planes, signals,
+                                          progress, folder)
         image = folder.read(0, folder.shape[0], 0, folder.shape[1]) if folder else read_image(path, planes)
         model, chosen = predictor.for_image(image)
         normalized = chosen.normalizer(image)
@@ -272,53 +282,17 @@ def _predict_one(predictor: Predictor, run: RunOutputs, image_id: int, path: Pat
         getattr(folder, "close", lambda: None)()
     files = write_prediction(run.out_dir, image_stem(path), image, normalized, result, predictor.class_names,
                              rois=rois, geojson=geojson)
-    run.add(image_id, path, image.shape[:2], result, _entry(scaling, model))
+    run.add(image_id, path, image.shape[:2], result, image_entry(scaling, model))
     return files
 
 
-def _entry(scaling: Scaling, model: str | None) -> dict:
-    """What images.json records of how an image was predicted: its scaling, and the built-in model
-    chosen for it when the run chose per image."""
-    return scaling.to_dict() | ({"model": model} if model else {})
-
-
-def _predict_streamed(predictor: Predictor, run: RunOutputs, image_id: int, path: Path, tile: int, overlap: int,
-                      planes: Planes | None, signals: StopSignals | None, progress: bool,
-                      source: RegionSource | None = None) -> PredictionFiles:
-    """Stream one image tile by tile and write its files (see maskrcnn.prediction.large): from ``source`` when
-    it is open already, else read lazily when maskrcnn.data.lazy can (a TIFF or zarr, with the
-    ``slides`` extra installed) or decoded whole. The caller closes a ``source`` it gave."""
-    from tqdm import tqdm
-
-    opened = source is None
-    source = region_source(path, planes) if opened else source
-    bar = tqdm(desc=f"{path.name} tiles", unit="tile", leave=False, disable=not progress)
-    try:
-        window = source.read(*central_box(source.shape))  # the model and the scale are judged by the centre
-        model, predictor = predictor.for_image(window)
-        auto = isinstance(predictor.scale, AutoScale)
-        scaling = predictor.scaling(_normalized_window(predictor, source, window)) if auto else Scaling(predictor.scale)
-        tile = predictor.plan(source.shape, tile, overlap, scale=scaling.scale).tile
-
-        def advance(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-        stop = (lambda: signals.received is not None) if signals is not None else None
-        done = predict_streamed(predictor, source, run.out_dir, image_stem(path), tile, overlap, scale=scaling.scale,
-                                should_stop=stop, progress=advance)
-    finally:
-        bar.close()
-        if opened:
-            getattr(source, "close", lambda: None)()
-    run.add_streamed(image_id, path, done.shape, _entry(scaling, model))
-    return PredictionFiles(done.label_image, done.overlay, done.table)
-
-
-def _normalized_window(predictor: Predictor, source: RegionSource, window: np.ndarray) -> torch.Tensor:
-    """The central window of a streamed image that AutoScale judges it by, normalised with the
-    whole image's intensity range (as its tiles are)."""
-    return predictor.normalizer(window, predictor.normalizer.intensity_range(source.sample(SAMPLE_PIXELS)))
+def _add_kept(run: RunOutputs, image_id: int, path: Path, kept: PredictionRecord | tuple[int, int],
+              earlier: dict[str, dict]) -> None:
+    """List an image an earlier run predicted (see _kept_prediction) as this run lists its own."""
+    if isinstance(kept, tuple):
+        run.add_streamed(image_id, path, kept, earlier.get(str(path)))
+    else:
+        run.add_record(image_id, path, kept, earlier.get(str(path)))
 
 
 def _kept_prediction(out: Path, path: Path, class_names: list[str], rois: bool,

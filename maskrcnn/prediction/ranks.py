@@ -2,7 +2,9 @@
 
 Input image i (in the order ``predict`` lists them) goes to rank i mod world_size, so each image is
 segmented by exactly one rank, which writes its files (their names differ by image: no two ranks
-write one file). The run-wide files (COCO results, images.json, the Kaggle submission, the failed
+write one file). Images streamed under ``--max-memory`` are the exception: all ranks segment each
+one's tiles together and rank 0 writes its files (maskrcnn.prediction.streaming); the others are
+shared out as above, in input order. The run-wide files (COCO results, images.json, the Kaggle submission, the failed
 list) are gathered and written by rank 0 in input order: the same bytes one process writes.
 ``--skip-existing`` works per image as in one process, and a signal stops each rank after its
 image in progress (the ranks then gather what they did).
@@ -34,9 +36,13 @@ def share_threads(dist: DistContext) -> int:
     return threads
 
 
-def my_images(count: int, dist: DistContext) -> range:
-    """The 0-based indices of the inputs this rank segments."""
-    return range(dist.rank, count, dist.world_size)
+def my_images(count: int, dist: DistContext, together=()) -> list[int]:
+    """The 0-based indices of the inputs this rank handles, in input order: its share of those each
+    segmented by one rank (every world_size-th), and every one in ``together`` (the images all ranks
+    stream together: maskrcnn.prediction.streaming)."""
+    alone = [i for i in range(count) if i not in together]
+    mine = set(alone[dist.rank::dist.world_size])
+    return [i for i in range(count) if i in mine or i in together]
 
 
 @dataclass
