@@ -165,6 +165,15 @@ def record_coco(image_id: int, prediction: PredictionRecord) -> list[dict]:
     return records
 
 
+def _same_records(earlier: list[dict], records: list[dict]) -> bool:
+    """Whether an earlier run's COCO records are those rebuilt from its files: the same masks and
+    classes, in order, with boxes and scores as the instance table rounds them (0.1 px, 4 decimals)."""
+    return len(earlier) == len(records) and all(
+        a.get("segmentation") == b["segmentation"] and a.get("category_id") == b["category_id"]
+        and abs(a.get("score", -1.0) - b["score"]) <= 6e-5 and len(a.get("bbox", ())) == 4
+        and all(abs(u - v) <= 0.11 for u, v in zip(a.get("bbox", ()), b["bbox"])) for a, b in zip(earlier, records))
+
+
 def kaggle_rows(name: str, result: InstanceResult) -> list[dict]:
     """DSB2018 submission rows of one image: one per instance, ids ascending."""
     return label_kaggle_rows(name, result.label_image.numpy())
@@ -212,10 +221,16 @@ class RunOutputs:
         scale it was segmented at and the nucleus diameter behind it) and its Kaggle rows."""
         self.add_record(image_id, path, prediction_record(f"image {image_id}", result), scaling)
 
-    def add_record(self, image_id: int, path: Path, prediction: PredictionRecord, scaling: dict | None = None) -> None:
-        """:meth:`add` for a prediction record (e.g. one read back by :func:`read_prediction`)."""
+    def add_record(self, image_id: int, path: Path, prediction: PredictionRecord, scaling: dict | None = None,
+                   coco: list[dict] | None = None) -> None:
+        """:meth:`add` for a prediction record (e.g. one read back by :func:`read_prediction`);
+        ``coco``: the image's records as an earlier run wrote them (its boxes and scores unrounded
+        by the instance table), used when they are the records of this prediction."""
         height, width = prediction.label_image.shape
-        self.coco += record_coco(image_id, prediction)
+        records = record_coco(image_id, prediction)
+        if coco and _same_records(coco, records):
+            records = [record | {"image_id": image_id} for record in coco]
+        self.coco += records
         self.images.append({"id": image_id, "file_name": str(path), "height": height, "width": width,
                             **(scaling or {})})
         if self.kaggle:

@@ -31,7 +31,7 @@ from ..data.normalize import Normalizer
 from ..data.planes import Planes
 from ..errors import DataError, UserError
 from ..metrics import PredictionRecord
-from ..outputs.files import (IMAGES_JSON, PredictionFiles, RunOutputs, existing_prediction, read_prediction,
+from ..outputs.files import (COCO_JSON, IMAGES_JSON, PredictionFiles, RunOutputs, existing_prediction, read_prediction,
                              write_prediction)
 from ..runtime.atomic import remove_stale_temporaries
 from ..runtime.distributed import DistContext
@@ -204,7 +204,7 @@ def predict_files(predictor: Predictor | Any, inputs: list[str], out_dir: str | 
     mine = my_images(len(paths), dist, together)
     run, written, skipped = RunOutputs(out, kaggle), [], []
     stopped_by, done = None, 0
-    earlier = _earlier_scalings(out) if skip_existing else {}
+    earlier = _earlier_run(out) if skip_existing else {}
     with StopSignals(graceful=True, unit="image") as signals:
         for index in tqdm(mine, desc="predict", unit="img", disable=not (progress and dist.is_main)):
             image_id, path = index + 1, paths[index]
@@ -289,10 +289,11 @@ def _predict_one(predictor: Predictor, run: RunOutputs, image_id: int, path: Pat
 def _add_kept(run: RunOutputs, image_id: int, path: Path, kept: PredictionRecord | tuple[int, int],
               earlier: dict[str, dict]) -> None:
     """List an image an earlier run predicted (see _kept_prediction) as this run lists its own."""
+    entry = earlier.get(str(path), {})
     if isinstance(kept, tuple):
-        run.add_streamed(image_id, path, kept, earlier.get(str(path)))
+        run.add_streamed(image_id, path, kept, entry.get("scaling"))
     else:
-        run.add_record(image_id, path, kept, earlier.get(str(path)))
+        run.add_record(image_id, path, kept, entry.get("scaling"), entry.get("coco"))
 
 
 def _kept_prediction(out: Path, path: Path, class_names: list[str], rois: bool,
@@ -305,14 +306,25 @@ def _kept_prediction(out: Path, path: Path, class_names: list[str], rois: bool,
     return read_prediction(files, class_names) if files else None
 
 
-def _earlier_scalings(out: Path) -> dict[str, dict]:
-    """How the images of an earlier run into ``out`` were resized (its images.json, by file name), so
-    that the images it kept are listed as a fresh run lists them; {} without a readable file."""
+def _earlier_run(out: Path) -> dict[str, dict]:
+    """What an earlier run into ``out`` recorded of each image, by file name: how it was resized
+    (images.json) and its COCO records (results_coco.json, as computed, where the instance tables
+    round boxes and scores), so that the images it kept are listed as a fresh run lists them; {}
+    without a readable images.json."""
     try:
         entries = json.loads((out / IMAGES_JSON).read_text())
-        return {e["file_name"]: {k: e[k] for k in (*SCALING_KEYS, "model") if k in e} for e in entries}
+        earlier = {e["file_name"]: {"scaling": {k: e[k] for k in (*SCALING_KEYS, "model") if k in e}, "coco": []}
+                   for e in entries}
+        names = {e["id"]: e["file_name"] for e in entries}
     except (OSError, ValueError, TypeError, KeyError):
         return {}
+    try:
+        for record in json.loads((out / COCO_JSON).read_text()):
+            earlier[names[record["image_id"]]]["coco"].append(record)
+    except (OSError, ValueError, TypeError, KeyError):  # none, or not that run's: rebuilt from the tables
+        for entry in earlier.values():
+            entry["coco"] = []
+    return earlier
 
 
 def _check_unique_stems(paths: list[Path]) -> None:
