@@ -130,3 +130,33 @@ def test_a_stop_asked_of_one_rank_between_tiles_stops_both_leaving_no_file(tmp_p
     assert [r.stdout.split() for r in done] == [["finished", "13"], ["finished", "13"]]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["discs_instances.csv", "discs_labels.tif",
                                                           "discs_overlay.png"]
+
+
+class RankZeroOfTwo(DistContext):
+    """Rank 0 of 2 in one process: the other rank's side of each gather is scripted."""
+
+    def __init__(self, other: list) -> None:
+        super().__init__(0, 2, None)
+        self.other = other
+
+    def all_gather_objects(self, value):
+        return [value, self.other.pop(0)]
+
+
+def test_an_image_streamed_together_stops_when_any_rank_was_asked_to_and_is_kept_as_rank_0_says(tmp_path):
+    from types import SimpleNamespace
+
+    from maskrcnn.outputs.files import RunOutputs
+    from maskrcnn.prediction.streaming import predict_together
+
+    calm = SimpleNamespace(received=None)
+    run = RunOutputs(tmp_path)
+    never = SimpleNamespace()  # no model: neither outcome below may segment anything
+    args = (never, run, 1, tmp_path / "slide.tif", 256, 64, None)
+    # the other rank was signalled: both stop before the image, nothing of it recorded or written
+    assert predict_together(*args, calm, False, RankZeroOfTwo([(True, False)]), False) is False
+    # rank 0 found its files from an earlier run: every rank keeps them, whatever the others found
+    assert predict_together(*args, calm, False, RankZeroOfTwo([(False, False)]), True) is True
+    assert predict_together(*args, SimpleNamespace(received="SIGTERM"), False, RankZeroOfTwo([(False, True)]),
+                            False) is False
+    assert run.images == [] and run.failed == [] and list(tmp_path.iterdir()) == []

@@ -18,7 +18,9 @@ lazily, tile by tile, from a tiled TIFF or OME-Zarr, or an in-memory array (``Ar
 Under torchrun (``dist``) every rank takes part in each streamed image: the ranks segment the tiles
 in rounds (rank k takes tile r * world_size + k of round r) and send each tile's kept instances to
 rank 0, which alone holds the label store and paints them in grid order, as one process does: the
-same files, byte for byte. Painting is cheap next to the model, so N ranks segment ~N times as fast.
+same files, byte for byte. Painting is cheap next to the model (3% of a 2048 x 2048 scene's time),
+so the ranks' time goes into segmenting; what that buys depends on whether one process's threads
+already keep the cores busy (docs/benchmarks.md#prediction-over-processes).
 
 Equivalence with ``predict_tiled`` (tested): when no instance kept by one tile overlaps an
 instance kept by another (the core rule gives this for objects narrower than half the overlap),
