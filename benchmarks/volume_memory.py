@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/volume_memory.py --out bench_out     # ~5 min on 2 cores
     .venv/bin/python benchmarks/volume_memory.py --out bench_out --depth 10 --side 256   # a quick look
+    .venv/bin/python benchmarks/volume_memory.py --out bench_out --evaluate   # evaluate --3d instead
 
 The stack is a mosaic of 4 x 4 synthetic stacks (maskrcnn.data.synthetic_3d, nuclei about 20 px
 across, anisotropy 2, written as an OME-TIFF with its voxel size) so that it is made in seconds.
@@ -57,7 +58,11 @@ def main() -> int:
     parser.add_argument("--out", default="bench_out")
     parser.add_argument("--depth", type=int, default=100)
     parser.add_argument("--side", type=int, default=1024)
+    parser.add_argument("--evaluate", action="store_true",
+                        help="measure `maskrcnn evaluate --3d` on the stack and its truth instead of predict")
     args = parser.parse_args()
+    if args.evaluate:
+        return evaluate_memory(args)
     from maskrcnn.metrics import match_instances
     from maskrcnn.prediction.volume import volume_overlaps
 
@@ -87,6 +92,34 @@ def main() -> int:
             f"{seconds:.0f} s, {report['nuclei']} nuclei found of {report['truth']} (acc@0.5 {report['acc50']:.3f}), "
             f"labels kept on disk: {report['labels_on_disk']}.\n")
     write_report(args.out, "volume_memory", report, text)
+    return 0
+
+
+def evaluate_memory(args) -> int:
+    """``maskrcnn evaluate --3d`` on the mosaic (stack and 3-D truth as TIFFs) in a child process with
+    the default budget: its peak RSS, time and scores."""
+    image, truth = mosaic(args.depth, args.side)
+    with tempfile.TemporaryDirectory() as tmp:
+        for sub, array in (("images", image), ("masks", truth)):
+            (Path(tmp) / sub).mkdir()
+            tifffile.imwrite(Path(tmp) / sub / "big.ome.tif", array, metadata={
+                "axes": "ZYX", "PhysicalSizeZ": 2.0, "PhysicalSizeX": 1.0, "PhysicalSizeY": 1.0})
+        count = int(len(np.unique(truth)) - 1)
+        del image, truth
+        env = {k: v for k, v in os.environ.items() if k != "MASKRCNN_MAX_MEMORY"}  # the default budget
+        begun = time.perf_counter()
+        subprocess.run(CLI + ["evaluate", "--3d", "--data", tmp, "--weights", "nuclei", "--no-progress",
+                              "--out", str(Path(tmp) / "report.json")], check=True, env=env)
+        seconds = time.perf_counter() - begun
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        overall = json.loads((Path(tmp) / "report.json").read_text())["overall"]
+    report = {"machine": machine(), "shape": [args.depth, args.side, args.side], "peak_rss_bytes": peak,
+              "budget_bytes": 2_000_000_000, "seconds": seconds, "truth": count, "overall": overall}
+    m = report["machine"]
+    text = (f"`maskrcnn evaluate --3d` on one {args.depth} x {args.side} x {args.side} synthetic stack and its "
+            f"truth ({m['date']}, {m['cpu']}, default budget 2 GB): peak RSS {peak / 1e9:.2f} GB, {seconds:.0f} s, "
+            f"{overall['predicted']} nuclei found of {count} (acc@0.5 {overall['accuracy_50']:.3f}).\n")
+    write_report(args.out, "volume_memory_evaluate", report, text)
     return 0
 
 

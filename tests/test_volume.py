@@ -121,6 +121,67 @@ def test_predict_3d_writes_a_3d_label_image_that_evaluates_against_the_truth(tmp
     assert code == 2 and "--zarr is for --3d" in err and err.count("\n") == 1
 
 
+def test_3d_overlaps_counted_plane_by_plane_equal_the_whole_volumes_joint_histogram(tmp_path):
+    from maskrcnn.metrics import label_overlaps
+    from maskrcnn.prediction.plane_store import PlaneStore
+
+    rng = np.random.default_rng(3)
+    truth = rng.integers(0, 7, (6, 20, 30)).astype(np.uint16)
+    pred = rng.integers(0, 9, (6, 20, 30)) * 1000  # sparse, large ids
+    pred[2] = 0  # a plane with nothing predicted
+    whole = label_overlaps(truth.reshape(-1, 30), pred.reshape(-1, 30))
+    store = PlaneStore(pred.shape, tmp_path)
+    try:
+        for z, plane in enumerate(pred):
+            store[z] = plane
+        planes = volume_overlaps(truth, store)  # read a plane at a time from disk
+    finally:
+        store.close()
+    assert np.array_equal(planes.true_ids, whole.true_ids) and np.array_equal(planes.pred_ids, whole.pred_ids)
+    assert np.allclose(planes.matrix(), whole.matrix()) and len(planes.iou) == len(whole.iou)
+    empty = volume_overlaps(np.zeros((2, 4, 4), np.int32), np.zeros((2, 4, 4), np.int32))
+    assert len(empty.true_ids) == len(empty.pred_ids) == len(empty.iou) == 0
+    with pytest.raises(ValueError, match="differ in size"):
+        volume_overlaps(truth, pred[:, :10])
+
+
+@pytest.mark.slow
+def test_evaluate_3d_reading_and_keeping_planes_one_at_a_time_scores_as_in_memory(tmp_path, monkeypatch):
+    import tifffile
+
+    import maskrcnn.prediction.evaluate_3d as evaluate_3d
+    import maskrcnn.prediction.volume as volume
+    from maskrcnn.data.lazy_stack import LazyStack
+    from maskrcnn.prediction.evaluate_3d import evaluate_stacks
+    from maskrcnn.prediction.plane_store import PlaneStore
+    from maskrcnn.prediction.predict import Predictor
+
+    image, truth = synth_stack((6, 64, 64), np.random.default_rng(2), Stack(count=5, diameter=18.0))
+    for sub, array in (("images", image), ("masks", truth.astype(np.uint16))):
+        (tmp_path / sub).mkdir()
+        tifffile.imwrite(tmp_path / sub / "s.tif", array, metadata={"axes": "ZYX"})
+    predictor = Predictor.from_weights("nuclei", "cpu", engine="torch")
+    whole = evaluate_stacks(predictor, tmp_path)
+    opened, kept = [], []
+    original_open, original_segment = evaluate_3d.open_stack, evaluate_3d.segment_stack
+
+    def spy_open(*args, **kwargs):
+        opened.append(original_open(*args, **kwargs))
+        return opened[-1]
+
+    def spy_segment(*args, **kwargs):
+        kept.append(original_segment(*args, **kwargs).labels)
+        return volume.VolumeResult(kept[-1], None, [])
+
+    monkeypatch.setattr(evaluate_3d, "open_stack", spy_open)
+    monkeypatch.setattr(evaluate_3d, "segment_stack", spy_segment)
+    monkeypatch.setattr(volume, "labels_fit", lambda *a, **k: False)  # as if the labels outgrew the budget
+    planes = evaluate_stacks(predictor, tmp_path, lazy_from=0)
+    assert [type(v) for v in opened] == [LazyStack, LazyStack] and isinstance(kept[0], PlaneStore)
+    assert planes == whole and whole.overall.tp > 0
+    assert not kept[0].path.exists()  # the temporary plane store is gone
+
+
 @pytest.mark.slow
 def test_evaluate_3d_scores_the_predicted_labels_as_truth_perfectly_and_counts_a_missed_nucleus(tmp_path, capsys):
     """predict --3d's label image (its OME-Zarr) round-trips through evaluate --3d: as the truth it

@@ -60,11 +60,16 @@ def _with_z(stack: np.ndarray) -> np.ndarray:
 
 def read_label_stack(path: Path, shape: tuple[int, ...] | None = None) -> np.ndarray:
     """(Z, H, W) integer ids of a 3-D label image; ``shape``: the (Z, H, W) of its stack, checked."""
-    labels = read_stack(path)
+    return check_label_stack(path, read_stack(path), shape)
+
+
+def check_label_stack(path: Path, labels, shape: tuple[int, ...] | None = None):
+    """``labels`` (an array, or a LazyStack: maskrcnn.data.lazy_stack) read from ``path``, checked as
+    a 3-D label image of the (Z, H, W) ``shape``; DataError naming the file otherwise."""
     if labels.ndim != 3 or labels.dtype.kind not in "iub":
-        raise DataError(path, f"not a 3-D label image (shape {labels.shape}, {labels.dtype})")
-    if shape is not None and labels.shape != tuple(shape):
-        raise DataError(path, f"labels of shape {labels.shape} for a stack of {tuple(shape)} (ZYX)")
+        raise DataError(path, f"not a 3-D label image (shape {tuple(labels.shape)}, {labels.dtype})")
+    if shape is not None and tuple(labels.shape) != tuple(shape):
+        raise DataError(path, f"labels of shape {tuple(labels.shape)} for a stack of {tuple(shape)} (ZYX)")
     return labels
 
 

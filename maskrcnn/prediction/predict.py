@@ -237,7 +237,7 @@ def predict_files(predictor: Predictor | Any, inputs: list[str], out_dir: str | 
                                          signals, progress)
                 except StreamStopped:  # a signal stopped a streamed image between tiles: none of its files
                     stopped_by = signals.received
-                    break
+                    continue  # (as above: the images all ranks segment together still meet the others)
                 written += [files] if files else []
             done += 1
     segmented = len(written)

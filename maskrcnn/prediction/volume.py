@@ -219,12 +219,38 @@ def _continued(overlaps: Overlaps, threshold: float) -> dict[int, int]:
     return mapping
 
 
-def volume_overlaps(truth: np.ndarray, pred: np.ndarray) -> Overlaps:
-    """Pairwise 3-D IoU (voxels) of the instances of two (Z, H, W) label volumes."""
-    if truth.shape != pred.shape:
-        raise ValueError(f"label volumes differ in size: truth {truth.shape}, prediction {pred.shape}")
-    width = truth.shape[-1]
-    return label_overlaps(truth.reshape(-1, width), pred.reshape(-1, width))  # a voxel is a pixel here
+def volume_overlaps(truth, pred) -> Overlaps:
+    """Pairwise 3-D IoU (voxels) of the instances of two (Z, H, W) label volumes: arrays, or
+    volumes read a plane at a time (LazyStack, PlaneStore). Counted plane by plane, so that a
+    100 x 1024 x 1024 pair needs memory for a plane's counts, not the volume's (a whole-volume
+    joint histogram would take several GB of index arrays)."""
+    if tuple(truth.shape[:3]) != tuple(pred.shape[:3]):
+        raise ValueError(f"label volumes differ in size: truth {tuple(truth.shape)}, prediction {tuple(pred.shape)}")
+    areas_t, areas_p, pairs = [], [], []
+    for z in range(truth.shape[0]):
+        t, p = np.asarray(truth[z]).astype(np.int64, copy=False), np.asarray(pred[z]).astype(np.int64, copy=False)
+        areas_t.append(np.unique(t[t > 0], return_counts=True))
+        areas_p.append(np.unique(p[p > 0], return_counts=True))
+        both = (t > 0) & (p > 0)
+        pairs.append(np.unique(t[both] * PAIR_STRIDE + p[both], return_counts=True))
+    true_ids, true_area = _summed(areas_t)
+    pred_ids, pred_area = _summed(areas_p)
+    keys, intersection = _summed(pairs)
+    t_index = np.searchsorted(true_ids, keys // PAIR_STRIDE)
+    p_index = np.searchsorted(pred_ids, keys % PAIR_STRIDE)
+    iou = intersection / (true_area[t_index] + pred_area[p_index] - intersection)
+    return Overlaps(true_ids, pred_ids, t_index, p_index, iou)
+
+
+PAIR_STRIDE = 1 << 32  # a (true id, predicted id) pair as one int64 key: ids below 2**32
+
+
+def _summed(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-plane (keys, counts) -> every key once, ascending, with its counts summed."""
+    keys = np.concatenate([k for k, _ in parts]) if parts else np.zeros(0, np.int64)
+    counts = np.concatenate([c for _, c in parts]) if parts else np.zeros(0, np.int64)
+    unique, inverse = np.unique(keys, return_inverse=True)
+    return unique, np.bincount(inverse.reshape(-1), counts, minlength=len(unique)).astype(np.int64)
 
 
 def volume_table(labels) -> list[dict]:
