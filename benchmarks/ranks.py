@@ -1,6 +1,6 @@
 """Benchmark: ``maskrcnn predict`` on a folder of images in one process against N processes.
 
-    .venv/bin/python benchmarks/ranks.py --out bench_out   # 16 images of 512 x 512, then one of 4096 x 4096; 2 processes
+    .venv/bin/python benchmarks/ranks.py --out bench_out   # 16 images of 512, one of 4096 streamed; 2 processes
 
 The same command (built-in ``nuclei`` model, ``--device cpu``) over one folder of synthetic
 fluorescence scenes: once in one process with every core as its threads, once as

@@ -25,7 +25,8 @@ from test_distributed import launch
 PLAIN_WORKER = "import sys; from maskrcnn.cli.main import main; sys.exit(main(sys.argv[1:]))"
 # predict with images over 500 px streamed in tiles of 256 whatever the ranks' memory (the memory
 # plan depends on each process's resident size; what is tested here is what the ranks do with it)
-STREAM_WORKER = ("import sys; from maskrcnn.prediction.predict import Predictor; from maskrcnn.runtime.memory import Plan; "
+STREAM_WORKER = ("import sys; from maskrcnn.prediction.predict import Predictor; "
+                 "from maskrcnn.runtime.memory import Plan; "
                  "Predictor.plan = lambda self, shape, *a, in_memory=False, **k: "
                  "Plan('stream', 256) if max(shape) > 500 and not in_memory else Plan('whole', None); "
                  "from maskrcnn.cli.main import main; sys.exit(main(sys.argv[1:]))")
@@ -50,8 +51,8 @@ for stop_at in (3, None):
                          should_stop=stop, dist=dist)
         print("finished", len(asked), end=" ")
     except StreamStopped:
+        dist.barrier()  # every rank has left the image (rank 0 has removed its label store)
         print("stopped", len(asked), len(os.listdir(sys.argv[1])), end=" ")
-    dist.barrier()
 dist.close()
 """
 

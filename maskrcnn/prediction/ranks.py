@@ -4,10 +4,11 @@ Input image i (in the order ``predict`` lists them) goes to rank i mod world_siz
 segmented by exactly one rank, which writes its files (their names differ by image: no two ranks
 write one file). Images streamed under ``--max-memory`` are the exception: all ranks segment each
 one's tiles together and rank 0 writes its files (maskrcnn.prediction.streaming); the others are
-shared out as above, in input order. The run-wide files (COCO results, images.json, the Kaggle submission, the failed
-list) are gathered and written by rank 0 in input order: the same bytes one process writes.
-``--skip-existing`` works per image as in one process, and a signal stops each rank after its
-image in progress (the ranks then gather what they did).
+shared out as above, in input order. The run-wide files (COCO results, images.json, the Kaggle
+submission, the failed list) are gathered and written by rank 0 in input order: the same bytes one
+process writes. ``--skip-existing`` works per image as in one process (rank 0 decides for the
+shared images), and a signal stops each rank after its image in progress; at a shared image, a
+stop asked of any rank stops them all (the ranks then gather what they did).
 
 Threads: torchrun starts every process with one thread; each rank instead takes its share of the
 cores it may run on (``os.sched_getaffinity``) among the ranks of its machine (torchrun's
@@ -17,6 +18,7 @@ cores it may run on (``os.sched_getaffinity``) among the ranks of its machine (t
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +38,7 @@ def share_threads(dist: DistContext) -> int:
     return threads
 
 
-def my_images(count: int, dist: DistContext, together=()) -> list[int]:
+def my_images(count: int, dist: DistContext, together: Collection[int] = ()) -> list[int]:
     """The 0-based indices of the inputs this rank handles, in input order: its share of those each
     segmented by one rank (every world_size-th), and every one in ``together`` (the images all ranks
     stream together: maskrcnn.prediction.streaming)."""
