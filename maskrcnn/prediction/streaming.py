@@ -124,7 +124,7 @@ def predict_streamed_image(predictor: Predictor, run: RunOutputs, image_id: int,
         setup, problem = None, None
         try:
             source = region_source(path, planes) if opened else source
-            setup = _setup(predictor, source, tile, overlap) if dist.is_main else None
+            setup = _setup(predictor, source) if dist.is_main else None
         except UserError as err:  # every rank must hear of it, or the others would wait for this one
             if not dist.active:
                 raise
@@ -133,7 +133,7 @@ def predict_streamed_image(predictor: Predictor, run: RunOutputs, image_id: int,
         for _, problem in parts:
             if problem is not None:
                 raise DataError(*problem) if isinstance(problem, tuple) else UserError(problem)
-        model, scaling, tile = parts[0][0]
+        model, scaling = parts[0][0]
         chosen = predictor if model is None else predictor.predictor(model)
 
         def advance(done: int, total: int) -> None:
@@ -153,16 +153,14 @@ def predict_streamed_image(predictor: Predictor, run: RunOutputs, image_id: int,
     return PredictionFiles(done.label_image, done.overlay, done.table)
 
 
-def _setup(predictor: Predictor, source: RegionSource, tile: int, overlap: int) -> tuple[str | None, Scaling, int]:
-    """The built-in model (None: ``predictor`` itself), the scaling and the tile for a streamed
-    image: the model and the scale are judged by its central window."""
+def _setup(predictor: Predictor, source: RegionSource) -> tuple[str | None, Scaling]:
+    """The built-in model (None: ``predictor`` itself) and the scaling of a streamed image, judged by
+    its central window. (Its tile is the one planned for it: a plan given a tile keeps it.)"""
     window = source.read(*central_box(source.shape))
     model, chosen = predictor.for_image(window)
     if isinstance(chosen.scale, AutoScale):
-        scaling = chosen.scaling(_normalized_window(chosen, source, window))
-    else:
-        scaling = Scaling(chosen.scale)
-    return model, scaling, chosen.plan(source.shape, tile, overlap, scale=scaling.scale).tile
+        return model, chosen.scaling(_normalized_window(chosen, source, window))
+    return model, Scaling(chosen.scale)
 
 
 def _normalized_window(predictor: Predictor, source: RegionSource, window: np.ndarray) -> torch.Tensor:
