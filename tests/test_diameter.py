@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from maskrcnn.prediction.diameter import (OBJECT_CALIBRATION, SCALE_LIMITS, TOLERANCE, AutoScale,
-                                          component_labels, object_diameter, otsu_threshold)
+                                          object_diameter, otsu_threshold)
 
 
 def blurred_discs(diameter: float, seed: int = 0) -> tuple[torch.Tensor, int]:
@@ -102,15 +102,3 @@ def test_objects_cut_by_the_border_are_left_out():
 def test_otsu_splits_two_populations():
     values = torch.cat([torch.full((300,), 0.2), torch.full((100,), 0.8)])
     assert 0.2 < otsu_threshold(values) < 0.8
-
-
-def test_component_labels_are_8_connected():
-    binary = torch.zeros(6, 7, dtype=torch.bool)
-    binary[0, 0] = binary[1, 1] = True  # diagonal neighbours: one component
-    binary[4:6, 3:7] = True
-    binary[0, 6] = True
-    labels = component_labels(binary)
-    assert labels[0, 0] == labels[1, 1] != 0
-    ids = labels[labels > 0].unique()
-    assert len(ids) == 3 and torch.equal(labels > 0, binary)
-    assert len(labels[4:6, 3:7].unique()) == 1

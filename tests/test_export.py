@@ -1,25 +1,29 @@
 """Export to TorchScript and ONNX: the exported files give the checkpoint's results on real inputs.
 
-One small model is trained per module (70 steps on 96 x 96 synthetic blobs, about 30 s) so that it
-returns real detections; ``maskrcnn export`` writes it in both formats (traced on a 96 x 96
-example), and every test compares the files, run through ``Predictor.from_weights`` exactly as
-``maskrcnn predict --weights`` runs them, against eager inference from the checkpoint in float32
-(``--precision fp32``: exported models run float32, and ``auto`` may pick bfloat16).
+One small model is trained once per test run (70 steps on 96 x 96 synthetic blobs, about 45 s;
+test_inference shares it) so that it returns real detections; ``maskrcnn export`` writes it in
+both formats (traced on a 96 x 96 example), and every test compares the files, run through
+``Predictor.from_weights`` exactly as ``maskrcnn predict --weights`` runs them, against eager
+inference from the checkpoint in float32 (``--precision fp32``: exported models run float32, and
+``auto`` may pick bfloat16).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 from PIL import Image
 
 from maskrcnn import Config, MaskRCNN, Target
-from maskrcnn.modeling.checkpoint import Checkpoint, save_checkpoint
+from maskrcnn.modeling.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from maskrcnn.cli.main import main
 from maskrcnn.data.io import read_label_image
 from maskrcnn.data.normalize import Normalizer
@@ -92,15 +96,34 @@ def train_tiny_model() -> tuple[MaskRCNN, Normalizer]:
     return model.eval(), normalizer
 
 
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """The checkpoint of :func:`train_tiny_model`, trained once per test run: pytest-xdist's workers
+    share it through their common temporary folder (the first to need it trains, the others wait
+    for it and load it), so that the modules using it do not each train it."""
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tiny_model.pt"
+    with FileLock(f"{path}.lock"):
+        if not path.exists():
+            model, normalizer = train_tiny_model()
+            save_checkpoint(path, Checkpoint(config=model.cfg, model_state=model.state_dict(),
+                                             normalizer=normalizer.to_dict()))
+    return path
+
+
+def tiny_trained_model(tmp_path_factory) -> tuple[MaskRCNN, Normalizer]:
+    """:func:`train_tiny_model`'s model (eval) and normaliser, from :func:`tiny_checkpoint`."""
+    ckpt = load_checkpoint(tiny_checkpoint(tmp_path_factory))
+    model = MaskRCNN(ckpt.config)
+    model.load_state_dict(ckpt.model_state)
+    return model.eval(), Normalizer.from_dict(ckpt.normalizer)
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """The trained checkpoint and its two exports, written by the ``maskrcnn export`` command.
     Training takes the most time of the suite: every test that uses it is marked ``slow``."""
     root = tmp_path_factory.mktemp("export")
-    model, normalizer = train_tiny_model()
-    checkpoint = root / "best.pt"
-    save_checkpoint(checkpoint, Checkpoint(config=model.cfg, model_state=model.state_dict(),
-                                           normalizer=normalizer.to_dict()))
+    checkpoint = tiny_checkpoint(tmp_path_factory)
     paths = {"checkpoint": checkpoint}
     for fmt, name in FORMATS.items():
         code = main(["export", "--weights", str(checkpoint), "--format", fmt, "--out", str(root / name),

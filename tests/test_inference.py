@@ -128,11 +128,10 @@ def test_tta_votes_over_passes_and_keeps_the_best_scored_mask():
 
 # --- a trained model ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def trained():
-    from test_export import train_tiny_model
+def trained(tmp_path_factory):
+    from test_export import tiny_trained_model  # trained once per test run, shared with test_export
 
-    model, normalizer = train_tiny_model()
-    return model.eval(), normalizer
+    return tiny_trained_model(tmp_path_factory)
 
 
 @pytest.mark.slow

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..modeling.components import component_labels
+
 SAMPLE_SIDE = 1024  # the central window the estimate looks at, pixels
 OBJECT_CALIBRATION = 0.90  # median (threshold-object diameter / annotated diameter), 30 training images
 MIN_OBJECTS = 3
@@ -103,7 +105,7 @@ def object_diameter(gray: Tensor, bright: bool = True) -> tuple[float, int] | No
     smooth = F.avg_pool2d(gray[None, None].float(), 3, stride=1, padding=1, count_include_pad=False)[0, 0]
     if not bright:
         smooth = 1.0 - smooth
-    labels = component_labels(smooth > otsu_threshold(smooth))
+    labels = component_labels((smooth > otsu_threshold(smooth))[None])[0]
     ids, areas = labels[labels > 0].unique(return_counts=True)
     border = torch.isin(ids, torch.cat([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
     keep = areas >= MIN_AREA
@@ -127,19 +129,3 @@ def otsu_threshold(values: Tensor, bins: int = 256) -> float:
     total, total_mass = weight[-1], mass[-1]
     between = (total_mass * weight - total * mass) ** 2 / (weight * (total - weight)).clamp(min=1e-12)
     return float(centres[int(between[:-1].argmax())] + 0.5 / bins)
-
-
-def component_labels(binary: Tensor) -> Tensor:
-    """(H, W) bool -> (H, W) int64 labels of its 8-connected components (0 = background; ids are
-    not consecutive). Ids spread by 3x3 max-pooling inside the mask until they stop changing."""
-    height, width = binary.shape
-    # float32 holds every pixel id exactly up to 2**24 pixels; float64 beyond
-    dtype = torch.float32 if height * width < 2**24 else torch.float64
-    inside = binary[None, None].to(dtype)
-    labels = torch.arange(1, height * width + 1, dtype=dtype).reshape(1, 1, height, width) * inside
-    while True:
-        previous = labels
-        for _ in range(8):  # compare every few steps: each comparison reads the whole image
-            labels = F.max_pool2d(labels, 3, stride=1, padding=1) * inside
-        if torch.equal(labels, previous):
-            return labels[0, 0].long()

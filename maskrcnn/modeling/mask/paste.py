@@ -12,31 +12,21 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import box_iou
 
+from ..components import component_labels
+
 # Pixels a pasting chunk may cover (chunk instances x window area): about 64 MB of float32.
 PASTE_CHUNK_PIXELS = 1 << 24
 PAIR_CHUNK = 8192
 
 
 def largest_component(binary: Tensor) -> Tensor:
-    """(D, M, M) bool -> the same with only each mask's largest 8-connected component.
-
-    Every pixel starts with its own id; ids spread by 3x3 max-pooling inside the mask until they
-    stop changing, so each component ends up labelled by its largest pixel id.
-    """
+    """(D, M, M) bool -> the same with only each mask's largest 8-connected component (of equal
+    sizes, the one whose largest pixel index is smaller)."""
     d, m, _ = binary.shape
     if d == 0:
         return binary
-    ids = torch.arange(1, m * m + 1, device=binary.device, dtype=torch.float32).reshape(1, 1, m, m)
-    inside = binary[:, None].float()
-    labels = ids * inside
-    while True:
-        previous = labels
-        for _ in range(4):  # check for convergence every few steps: each check syncs the device
-            labels = F.max_pool2d(labels, 3, stride=1, padding=1) * inside
-        if torch.equal(labels, previous):
-            break
-    flat = labels.reshape(d, -1).long()
-    sizes = torch.zeros(d, m * m + 1, device=binary.device).scatter_add_(1, flat, inside.reshape(d, -1))
+    flat = component_labels(binary).reshape(d, -1)
+    sizes = torch.zeros(d, m * m + 1, device=binary.device).scatter_add_(1, flat, binary.reshape(d, -1).float())
     sizes[:, 0] = 0
     return (flat == sizes.argmax(dim=1, keepdim=True)).reshape(d, m, m) & binary
 
