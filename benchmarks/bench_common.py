@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -181,17 +182,84 @@ def log(message: str) -> None:
 def alternate(runs: dict, warmup: int, repeats: int) -> dict[str, dict]:
     """runs: name -> zero-argument callable returning a value. The order reverses every round, so
     load drift from other processes hits every system alike; median of the rounds after warm-up."""
-    names = list(runs)
+    return _rounds(list(runs), lambda name: timed(runs[name]), warmup, repeats)
+
+
+def _rounds(names: list[str], call, warmup: int, repeats: int) -> dict[str, dict]:
+    """``call(name) -> (seconds, value)`` for every name, order reversed every round."""
     times: dict[str, list[float]] = {n: [] for n in names}
     values: dict[str, list] = {n: [] for n in names}
     for round_ in range(warmup + repeats):
         for name in names if round_ % 2 == 0 else names[::-1]:
-            elapsed, value = timed(runs[name])
+            elapsed, value = call(name)
             if round_ >= warmup:
                 times[name].append(elapsed)
                 values[name].append(value)
     return {n: {"median_s": statistics.median(times[n]), "times_s": times[n], "values": values[n]}
             for n in names}
+
+
+def alternate_processes(factories: dict[str, tuple], warmup: int, repeats: int, visits: int = 2) -> dict[str, dict]:
+    """Each system alone in a fresh process, as a user runs one engine: name -> (factory, args),
+    a module-level ``factory(*args) -> (zero-argument callable, info dict)`` built in a spawned
+    child with the parent's thread count. ``visits`` rounds, the order reversed every round (load
+    drift hits all alike); each visit starts a child, runs ``warmup`` untimed and ``repeats``
+    timed calls (timed inside the child) and ends it before the next system starts. Returns
+    ``alternate``'s dict (the median over all visits) plus each system's ``info``.
+
+    Why not one process, or all children alive at once: on the project's 2-core AMD EPYC
+    (2026-12-07) eager torch took 2.6 s per 1024 image alone, 3.2 s when OpenVINO ran in the same
+    process between its calls (3.2 s beside ONNX Runtime), and 2.5-4.6 s while an idle OpenVINO
+    child merely held its memory; two torch children alternating did not slow each other."""
+    names = list(factories)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    values: dict[str, list] = {n: [] for n in names}
+    infos: dict[str, dict] = {}
+    context = multiprocessing.get_context("spawn")
+    for visit in range(visits):
+        for name in names if visit % 2 == 0 else names[::-1]:
+            mine, theirs = context.Pipe()
+            factory, args = factories[name]
+            child = context.Process(target=_serve, args=(theirs, factory, args, torch.get_num_threads()), daemon=True)
+            child.start()
+            try:
+                infos[name] = _reply(mine, name)
+                for call in range(warmup + repeats):
+                    mine.send("run")
+                    elapsed, value = _reply(mine, name)
+                    if call >= warmup:
+                        times[name].append(elapsed)
+                        values[name].append(value)
+            finally:
+                mine.close()
+                child.join(timeout=60)
+                if child.is_alive():
+                    child.kill()
+    return {n: {"median_s": statistics.median(times[n]), "times_s": times[n], "values": values[n],
+                "info": infos[n]} for n in names}
+
+
+def _serve(conn, factory, args, threads: int) -> None:
+    """The child of alternate_processes: build once, then time one call per "run" until the pipe closes."""
+    torch.set_num_threads(threads)
+    try:
+        fn, info = factory(*args)
+        conn.send(("ok", info))
+        while True:
+            try:
+                conn.recv()
+            except EOFError:
+                return
+            conn.send(("ok", timed(fn)))
+    except Exception as err:  # the parent names the system and stops
+        conn.send(("error", f"{type(err).__name__}: {err}"))
+
+
+def _reply(conn, name: str):
+    status, payload = conn.recv()
+    if status != "ok":
+        raise RuntimeError(f"{name}: {payload}")
+    return payload
 
 
 def write_report(out: str, name: str, report: dict, markdown: str) -> None:

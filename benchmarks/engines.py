@@ -14,8 +14,11 @@ ONEDNN_MAX_CPU_ISA=AVX2``, which PyTorch's kernels, its oneDNN and OpenVINO's on
    runs it (``for_inference``: BatchNorm folded, channels_last) by each engine, beside
    torchvision's ``maskrcnn_resnet50_fpn`` at 512 (its own eager inference).
 
-Timed alternately, median of the repeats after a warm-up; instance counts recorded (the engines
-must agree). Output: a table on stdout, <out>/engines.json and <out>/engines.md.
+Each system runs alone in a fresh process, as a user runs one engine (``bench_common.
+alternate_processes``: engines sharing a process, or an idle engine process beside it, slowed
+eager torch by 20-70%), visited twice in alternating order, each visit one warm-up and the repeats;
+median of all timed calls, which are kept in the JSON; instance counts recorded (the engines must
+agree). Output: a table on stdout, <out>/engines.json and <out>/engines.md.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
@@ -42,33 +44,47 @@ ENGINES = ("torch", "openvino", "onnxruntime")
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
+def builtin_runner(engine: str, size: int):
+    """(one prediction of the built-in model by ``engine`` on the scene of ``size``, its precision)."""
+    predictor = Predictor.from_weights("nuclei", "cpu", "auto", engine)
+    image = predictor.normalizer(SceneReader.draw(size, np.random.default_rng(size))[0])
+    return (lambda: len(predictor.predict_planned(image, None, scale=1.0))), {"precision": predictor.precision}
+
+
 def builtin_rows(sizes: list[int], warmup: int, repeats: int) -> list[dict]:
-    predictors = {e: Predictor.from_weights("nuclei", "cpu", "auto", e) for e in ENGINES}
     rows = []
     for size in sizes:
-        image = predictors["torch"].normalizer(SceneReader.draw(size, np.random.default_rng(size))[0])
-        runs = {e: (lambda p=p: len(p.predict_planned(image, None, scale=1.0))) for e, p in predictors.items()}
         bc.log(f"built-in nuclei, {size}: {' / '.join(ENGINES)}")
-        res = bc.alternate(runs, warmup, repeats)
+        res = bc.alternate_processes({e: (builtin_runner, (e, size)) for e in ENGINES}, warmup, repeats)
         for e in ENGINES:
             rows.append({"part": "builtin", "system": e, "size": size, "ms": res[e]["median_s"] * 1e3,
                          "ratio_to_torch": res[e]["median_s"] / res["torch"]["median_s"],
-                         "instances": sorted(set(res[e]["values"])), "precision": predictors[e].precision})
+                         "instances": sorted(set(res[e]["values"])), "precision": res[e]["info"]["precision"],
+                         "times_ms": [round(t * 1e3, 1) for t in res[e]["times_s"]]})
     return rows
 
 
-def resnet50_rows(size: int, warmup: int, repeats: int) -> list[dict]:
-    eager = for_inference(bc.build_ours("resnet50"))
-    models = {"torch": eager, **{e: engine_model(eager, e) for e in ENGINES[1:]}}
-    torchvision = bc.build_torchvision(size).eval()
+def resnet50_runner(system: str, size: int):
+    """(one inference of run.py's ResNet-50-FPN model by ``system`` -- an engine, or "torchvision" --
+    at ``size``, no info)."""
     samples = bc.make_samples(size, 1, 5)
-    runs = {f"ours, {e}": (lambda m=m: bc.infer_ours(m, samples, "fp32")) for e, m in models.items()}
-    runs["torchvision"] = lambda: bc.infer_torchvision(torchvision, samples)
-    bc.log(f"ResNet-50-FPN, {size}: {' / '.join(runs)}")
-    res = bc.alternate(runs, warmup, repeats)
+    if system == "torchvision":
+        model = bc.build_torchvision(size).eval()
+        return (lambda: bc.infer_torchvision(model, samples)), {}
+    eager = for_inference(bc.build_ours("resnet50"))
+    model = eager if system == "torch" else engine_model(eager, system)
+    return (lambda: bc.infer_ours(model, samples, "fp32")), {}
+
+
+def resnet50_rows(size: int, warmup: int, repeats: int) -> list[dict]:
+    systems = {f"ours, {e}": (resnet50_runner, (e, size)) for e in ENGINES}
+    systems["torchvision"] = (resnet50_runner, ("torchvision", size))
+    bc.log(f"ResNet-50-FPN, {size}: {' / '.join(systems)}")
+    res = bc.alternate_processes(systems, warmup, repeats)
     tv = res["torchvision"]["median_s"]
     return [{"part": "resnet50", "system": name, "size": size, "ms": r["median_s"] * 1e3,
-             "ratio_to_torchvision": r["median_s"] / tv, "instances": sorted(set(r["values"]))}
+             "ratio_to_torchvision": r["median_s"] / tv, "instances": sorted(set(r["values"])),
+             "times_ms": [round(t * 1e3, 1) for t in r["times_s"]]}
             for name, r in res.items()]
 
 

@@ -1,6 +1,6 @@
 """Benchmark: inference latency of ours eager vs its TorchScript and ONNX Runtime exports (CPU).
 
-    .venv/bin/python benchmarks/export_bench.py --out bench_out            # ~2-3 min on 2 cores
+    .venv/bin/python benchmarks/export_bench.py --out bench_out            # ~4 min on 2 cores
     .venv/bin/python benchmarks/export_bench.py --out bench_out --quick    # 256 only, 1 repeat
 
 The model is run.py's "ours" ResNet-50-FPN (bench_common.build_ours: random weights, seed 0,
@@ -14,9 +14,10 @@ threshold, largest component, mask NMS, label image). Rows:
   ours-torchscript  the traced graph through torch.jit (same torch kernels)
   ours-onnxruntime  the ONNX graph through onnxruntime's CPU provider (its threads = torch's)
 
-Batch 1, square images of 256, 512 and 1024 (bench_common.make_samples, 5 blobs), timed
-alternately (order reversed every round) so that load drift from other processes hits all alike;
-median of the repeats after one warm-up. The detection counts of the three are recorded too.
+Batch 1, square images of 256, 512 and 1024 (bench_common.make_samples, 5 blobs). Each system
+runs alone in a fresh process (``bench_common.alternate_processes``: ONNX Runtime or OpenVINO in
+the same process slowed eager torch), visited twice in alternating order, each visit one warm-up
+and the repeats; median of all timed calls. The detection counts of the three are recorded too.
 
 Output: a table on stdout, <out>/export.json and <out>/export.md.
 """
@@ -38,31 +39,39 @@ from maskrcnn.export.deploy import load_exported  # noqa: E402
 from maskrcnn.export.graph import export_model  # noqa: E402
 
 SYSTEMS = ("ours", "ours-torchscript", "ours-onnxruntime")
+FILES = {"ours-torchscript": ("torchscript", "model.pt"), "ours-onnxruntime": ("onnx", "model.onnx")}
 EXPORT_SIZE = 256
 
 
 def export_both(model, folder: Path) -> tuple[dict, dict]:
     """Export ``model`` in both formats -> (name -> loaded ExportedModel, name -> export facts)."""
-    models, facts = {}, {}
-    for name, fmt, file in (("ours-torchscript", "torchscript", "model.pt"), ("ours-onnxruntime", "onnx", "model.onnx")):
+    facts = {}
+    for name, (fmt, file) in FILES.items():
         start = time.perf_counter()
         path = export_model(model, {"channels": 3}, fmt, folder / file, size=EXPORT_SIZE)
         facts[name] = {"export_s": time.perf_counter() - start, "file_mb": path.stat().st_size / 2**20}
-        models[name] = load_exported(path)[0]
         bc.log(f"exported {fmt}: {facts[name]['export_s']:.0f} s, {facts[name]['file_mb']:.0f} MB")
-    return models, facts
+    return facts
+
+
+def runner(system: str, folder: str, size: int):
+    """(one inference by ``system`` -- eager, or the export in ``folder`` as predict loads it -- at
+    ``size``, no info); built in alternate_processes' child."""
+    samples = bc.make_samples(size, 1, 5)
+    if system == "ours":
+        model = bc.build_ours("resnet50").eval()  # seed 0: the weights that were exported
+    else:
+        model = load_exported(Path(folder) / FILES[system][1])[0]
+    return (lambda: bc.infer_ours(model, samples)), {}
 
 
 def bench(sizes: list[int], warmup: int, repeats: int) -> dict:
-    eager = bc.build_ours("resnet50").eval()
     with tempfile.TemporaryDirectory() as tmp:
-        exported, facts = export_both(eager, Path(tmp))
-        models = {"ours": eager, **exported}
+        facts = export_both(bc.build_ours("resnet50").eval(), Path(tmp))
         rows = []
         for size in sizes:
-            samples = bc.make_samples(size, 1, 5)
-            bc.log(f"{size}: inference, {' / '.join(SYSTEMS)} (warm-up {warmup}, repeats {repeats})")
-            res = bc.alternate({n: (lambda m=models[n]: bc.infer_ours(m, samples)) for n in SYSTEMS}, warmup, repeats)
+            bc.log(f"{size}: inference, {' / '.join(SYSTEMS)} (warm-up {warmup}, repeats {repeats} per visit)")
+            res = bc.alternate_processes({n: (runner, (n, tmp, size)) for n in SYSTEMS}, warmup, repeats)
             for name in SYSTEMS:
                 rows.append({"model": name, "size": size, "metric": "inference_ms",
                              "value": res[name]["median_s"] * 1e3,
@@ -81,7 +90,8 @@ def markdown(report: dict) -> str:
              f"- machine: {m['cpu_model']}, {m['usable_cores']} usable cores, torch {m['torch_version']}, "
              f"{m['torch_threads']} threads (onnxruntime: the same), load average at start {m['load_average_at_start']}",
              f"- settings: ResNet-50-FPN, batch 1, random weights (seed {s['seed']}), {s['detections']} detections, "
-             f"median of {s['repeats']} after {s['warmup']} warm-up, full predict path (graph + post-processing)",
+             f"each system alone in a fresh process, 2 visits of {s['warmup']} warm-up + {s['repeats']} timed calls, median, "
+             f"full predict path (graph + post-processing)",
              "", "| system | " + " | ".join(f"{z} ms (x eager)" for z in sizes) + " | detections |",
              "|---|" + "---:|" * len(sizes) + "---|"]
     for name in SYSTEMS:
@@ -99,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench_out", help="output folder (export.json, export.md)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 256 only, 1 repeat, no warm-up")
     parser.add_argument("--sizes", type=int, nargs="+", help="image sizes (default 256 512 1024)")
-    parser.add_argument("--repeats", type=int, help="timed runs per system and size (default 3)")
+    parser.add_argument("--repeats", type=int, help="timed runs per system, size and visit (default 3)")
     parser.add_argument("--warmup", type=int, help="warm-up runs (default 1)")
     parser.add_argument("--threads", type=int, help="torch (and onnxruntime) threads (default: torch's)")
     args = parser.parse_args(argv)
