@@ -7,6 +7,7 @@ import torch
 
 from maskrcnn.config import Config
 from maskrcnn.modeling.model import MaskRCNN
+from maskrcnn.modeling.rcnn.detections import make_detections
 from maskrcnn.structures import InstanceResult, Losses
 
 import conftest
@@ -150,6 +151,28 @@ def test_eval_and_detect_agree_and_sizes_come_back_per_image():
     assert [r.label_image.shape for r in results] == [(64, 64), (48, 40)]
     for got, expected in zip(results, want):
         assert torch.equal(got.boxes, expected.boxes) and torch.equal(got.label_image, expected.label_image)
+
+
+def test_heads_on_level_ordered_crops_give_each_box_its_own_outputs():
+    """The RCNN and mask heads run on RoIAlign's crops in level order and put their outputs in the
+    boxes' order: the same as each head on the crops in the boxes' order."""
+    model = make_model(**OPEN).eval()
+    batch, sizes = model.prepare(two_images())
+    with torch.inference_mode():
+        features = model.backbone(batch)
+        proposals, _ = model.rpn(features, sizes)
+        detections, _ = model.rcnn(features, sizes, proposals)
+        probs, _ = model.mask(features, sizes, detections)
+        logits, deltas = model.rcnn.head(model.rcnn.crop.crop(features, proposals.boxes, proposals.image))
+        mask_logits = model.mask.head(model.mask.crop.crop(features, detections.boxes, detections.image))
+    for crop, boxes in ((model.rcnn.crop, proposals), (model.mask.crop, detections)):
+        order = crop.crop_level_order(features, boxes.boxes, boxes.image)[1]
+        assert not torch.equal(order, torch.arange(len(order)))  # the level order differs from the boxes'
+    expected = make_detections(proposals, logits, deltas, sizes, model.cfg.rcnn_box_weights, model.rcnn.test_nms)
+    torch.testing.assert_close(detections.boxes, expected.boxes, rtol=1e-5, atol=1e-4)
+    assert torch.equal(detections.labels, expected.labels)
+    own = mask_logits[torch.arange(len(detections)), detections.labels]
+    torch.testing.assert_close(probs, torch.sigmoid(own), rtol=1e-5, atol=1e-6)
 
 
 def test_padding_is_black_like_the_training_crops_beyond_an_edge():

@@ -48,6 +48,21 @@ def test_crops_come_back_in_input_order_from_their_own_image_and_level():
     assert torch.allclose(out[:, 1], expected[:, None, None].expand(-1, 3, 3) + 100)
 
 
+def test_level_order_crops_are_the_crops_reordered():
+    """crop_level_order: the same crops level by level, and ``order`` names each one's box."""
+    crop = MultiLevelRoiAlign(BASE_SIZES, STRIDES, output_size=3)
+    features = level_features(batch=2)
+    boxes = torch.tensor([[0.0, 0.0, 64.0, 64.0], [8.0, 8.0, 16.0, 16.0], [30.0, 30.0, 62.0, 62.0],
+                          [40.0, 40.0, 56.0, 56.0], [4.0, 4.0, 12.0, 12.0]])
+    image = torch.tensor([0, 0, 0, 1, 1])
+    crops, order = crop.crop_level_order(features, boxes, image)
+    assert sorted(order.tolist()) == [0, 1, 2, 3, 4]
+    levels = assign_levels(boxes, torch.tensor(BASE_SIZES))[order]
+    assert bool((levels[1:] >= levels[:-1]).all())  # level by level
+    assert torch.equal(crops[torch.argsort(order)], crop.crop(features, boxes, image))
+    assert torch.equal(crops, crop.crop(features, boxes, image)[order])
+
+
 def test_crop_of_a_constant_map_is_the_constant():
     crop = MultiLevelRoiAlign(BASE_SIZES, STRIDES, output_size=7)
     features = [torch.full((1, 4, 128 // s, 128 // s), 3.5) for s in STRIDES]

@@ -49,10 +49,21 @@ class MultiLevelRoiAlign:
     def crop(self, features: list[Tensor], boxes: Tensor, image: Tensor) -> Tensor:
         """features: L tensors (B, C, H_l, W_l); boxes (R, 4) of images ``image`` (R,) -> (R, C, S, S).
 
+        The crops come level by level and are put back in the boxes' order by one gather: not
+        ``out[index] = crops``, whose setitem drops leading size-1 dims, which a trace with exactly
+        one box on a level would record as a fixed reshape.
+        """
+        crops, order = self.crop_level_order(features, boxes, image)
+        return crops[torch.argsort(order)]
+
+    def crop_level_order(self, features: list[Tensor], boxes: Tensor, image: Tensor) -> tuple[Tensor, Tensor]:
+        """As ``crop``, without the gather -> (crops (R, C, S, S) level by level, order (R,)): crop
+        ``i`` is box ``order[i]``'s. A head that treats each crop alone runs on them as they are and
+        puts its much smaller outputs in the boxes' order (``[torch.argsort(order)]``): the gather of
+        the crops themselves took 80 ms of OpenVINO's 1.5 s on 1252 mask crops.
+
         Every level runs, with no boxes too (an empty RoIAlign), so that nothing depends on the data
-        and a trace holds for any box count. The crops come level by level and are put back in the
-        boxes' order by one gather: not ``out[index] = crops``, whose setitem drops leading size-1
-        dims, which a trace with exactly one box on a level would record as a fixed reshape.
+        and a trace holds for any box count.
         """
         rois = torch.cat([image[:, None].to(boxes.dtype), boxes], dim=1)
         levels = assign_levels(boxes, self.base_sizes.to(boxes.device))
@@ -65,7 +76,7 @@ class MultiLevelRoiAlign:
                 jobs.append(self._job(feature, rois[part], stride))
                 order.append(part)
         crops = _run_parallel(jobs) if threads > 1 else [job() for job in jobs]
-        return torch.cat(crops)[torch.argsort(torch.cat(order))]
+        return torch.cat(crops), torch.cat(order)
 
     def _job(self, feature: Tensor, rois: Tensor, stride: int) -> Callable[[], Tensor]:
         """The crops (R, C, S, S) of ``rois`` (R, 5) from one level, as a call for the pool."""

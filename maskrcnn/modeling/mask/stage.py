@@ -43,9 +43,11 @@ class MaskStage(nn.Module):
     def mask_probs(self, features: list[Tensor], detections: BatchDetections) -> Tensor:
         """Each detection's mask probabilities for its own class: (D, M, M)."""
         m = self.cfg.mask_size
-        logits = self.head(self.crop.crop(features, detections.boxes, detections.image))   # (D, K, M, M)
-        own = logits.gather(1, detections.labels.reshape(-1, 1, 1, 1).expand(-1, 1, m, m))[:, 0]
-        return torch.sigmoid(own.float())  # float32 under autocast too: thresholds and pasting
+        # the head runs on the crops in RoIAlign's level order; its (D, M, M) output is reordered
+        crops, order = self.crop.crop_level_order(features, detections.boxes, detections.image)
+        logits = self.head(crops)   # (D, K, M, M), detection order[i] in row i
+        own = logits.gather(1, detections.labels[order].reshape(-1, 1, 1, 1).expand(-1, 1, m, m))[:, 0]
+        return torch.sigmoid(own.float())[torch.argsort(order)]  # float32 under autocast too: thresholds and pasting
 
     def results(self, detections: BatchDetections, mask_probs: Tensor,
                 image_sizes: list[tuple[int, int]]) -> list[InstanceResult]:

@@ -34,9 +34,12 @@ class RcnnStage(nn.Module):
                 targets: list[Target] | None = None, generators: list[torch.Generator | None] | None = None
                 ) -> tuple[BatchDetections | None, tuple[Tensor, Tensor] | None]:
         if targets is None:
-            logits, deltas = self.head(self.crop.crop(features, proposals.boxes, proposals.image))
+            # the head runs on the crops in RoIAlign's level order; its outputs are reordered
+            crops, order = self.crop.crop_level_order(features, proposals.boxes, proposals.image)
+            logits, deltas = self.head(crops)
+            restore = torch.argsort(order)
             # float32 from here on under autocast too: box decoding, scores and NMS
-            return make_detections(proposals, logits.float(), deltas.float(), image_sizes,
+            return make_detections(proposals, logits[restore].float(), deltas[restore].float(), image_sizes,
                                    self.cfg.rcnn_box_weights, self.test_nms), None
         samples = make_rcnn_targets(proposals.proposals(len(targets)), targets, self.cfg, generators)
         logits, deltas = self.head(self.crop(features, samples.proposals))
