@@ -1,6 +1,6 @@
 """Learning check for ``train --amp`` (CPU bfloat16 autocast): held-out scores at equal steps.
 
-    .venv/bin/python benchmarks/amp_check.py --out bench_out                  # ~45 min on 2 cores
+    .venv/bin/python benchmarks/amp_check.py --out bench_out                  # ~25 min on 2 cores
     .venv/bin/python benchmarks/amp_check.py --out bench_out --iters 50 --seeds 0 --images val_2023-05-31_misc_4
 
 Whether bfloat16 training learns as float32 does, asked as a user fine-tunes (benchmarks/finetune.py's

@@ -90,8 +90,8 @@ def markdown(report: dict) -> str:
              f"- machine: {m['cpu_model']}, {m['usable_cores']} usable cores, torch {m['torch_version']}, "
              f"{m['torch_threads']} threads (onnxruntime: the same), load average at start {m['load_average_at_start']}",
              f"- settings: ResNet-50-FPN, batch 1, random weights (seed {s['seed']}), {s['detections']} detections, "
-             f"each system alone in a fresh process, 2 visits of {s['warmup']} warm-up + {s['repeats']} timed calls, median, "
-             f"full predict path (graph + post-processing)",
+             f"each system alone in a fresh process, 2 visits of {s['warmup']} warm-up + {s['repeats']} "
+             f"timed calls, median, full predict path (graph + post-processing)",
              "", "| system | " + " | ".join(f"{z} ms (x eager)" for z in sizes) + " | detections |",
              "|---|" + "---:|" * len(sizes) + "---|"]
     for name in SYSTEMS:

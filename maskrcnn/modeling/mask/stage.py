@@ -47,7 +47,8 @@ class MaskStage(nn.Module):
         crops, order = self.crop.crop_level_order(features, detections.boxes, detections.image)
         logits = self.head(crops)   # (D, K, M, M), detection order[i] in row i
         own = logits.gather(1, detections.labels[order].reshape(-1, 1, 1, 1).expand(-1, 1, m, m))[:, 0]
-        return torch.sigmoid(own.float())[torch.argsort(order)]  # float32 under autocast too: thresholds and pasting
+        # float32 under autocast too (thresholds and pasting), in the detections' order
+        return torch.sigmoid(own.float())[torch.argsort(order)]
 
     def results(self, detections: BatchDetections, mask_probs: Tensor,
                 image_sizes: list[tuple[int, int]]) -> list[InstanceResult]:
