@@ -10,3 +10,12 @@ def cli(capsys, *argv) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def check_user_error(code: int, err: str, *names: object) -> None:
+    """Exit code 2, one line on stderr naming each of ``names``, no traceback."""
+    assert code == 2
+    assert err.startswith("maskrcnn: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for name in names:
+        assert str(name) in err

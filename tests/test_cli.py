@@ -1,4 +1,4 @@
-"""End-to-end tests of the ``maskrcnn`` command: train, predict, evaluate and their errors.
+"""End-to-end tests of the ``maskrcnn`` command: train, predict and evaluate (errors: test_cli_errors.py).
 
 One tiny model is trained per module (a few steps on 64x64 synthetic images) and reused by the
 predict and evaluate tests. Its config lowers the test-time score thresholds so that even an
@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 from contextlib import redirect_stdout
 from io import StringIO
 from pathlib import Path
@@ -39,7 +36,7 @@ from maskrcnn.metrics import EvaluationReport
 from maskrcnn.prediction.predict import Predictor
 from maskrcnn.structures import InstanceResult, ModelOutput
 
-from cli_helpers import cli
+from cli_helpers import check_user_error, cli
 from conftest import OPEN, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -492,110 +489,3 @@ def test_real_sample_short_train_holds_out_a_band(tiny_yaml, tmp_path, capsys):
     assert len(val) == 1 and val[0]["step"] == 2
     ckpt = load_checkpoint(run / "last.pt")
     assert ckpt.step == 2 and ckpt.class_names == ["background", "nucleus"]
-
-
-# --- errors: exit code 2 and one line naming the file ------------------------------------------------------
-def check_user_error(code: int, err: str, *names: object) -> None:
-    assert code == 2
-    assert err.startswith("maskrcnn: error: ") and err.count("\n") == 1, err
-    assert "Traceback" not in err
-    for name in names:
-        assert str(name) in err
-
-
-@pytest.fixture(scope="module")
-def corrupt_weights(workspace) -> Path:
-    path = workspace / "corrupt.pt"
-    path.write_bytes(np.random.default_rng(0).bytes(48))
-    return path
-
-
-def test_error_missing_data_folder(tmp_path, capsys):
-    missing = tmp_path / "no_such_data"
-    code, _, err = cli(capsys, "train", "--data", missing, "--out", tmp_path / "run", *FAST)
-    check_user_error(code, err, missing, "no such file or folder")
-    assert not (tmp_path / "run" / "last.pt").exists()
-
-
-def test_error_missing_data_for_evaluate(untrained_weights, tmp_path, capsys):
-    missing = tmp_path / "no_such_data"
-    code, _, err = cli(capsys, "evaluate", "--weights", untrained_weights, "--data", missing, "--device", "cpu")
-    check_user_error(code, err, missing)
-
-
-@pytest.mark.parametrize("command", ["predict", "evaluate"])
-def test_error_missing_checkpoint(command, synth, tmp_path, capsys):
-    missing = tmp_path / "nothing.pt"
-    target = [synth / "images"] if command == "predict" else ["--data", synth]
-    out = ["--out", tmp_path / "out"] if command == "predict" else []
-    code, _, err = cli(capsys, command, *target, "--weights", missing, *out, "--device", "cpu")
-    check_user_error(code, err, missing, "checkpoint not found")
-
-
-def test_error_corrupt_checkpoint(synth, corrupt_weights, tmp_path, capsys):
-    code, _, err = cli(capsys, "predict", synth / "images", "--weights", corrupt_weights, "--out", tmp_path,
-                       "--device", "cpu")
-    check_user_error(code, err, corrupt_weights, "corrupt or truncated checkpoint")
-
-
-def test_error_truncated_checkpoint(untrained_weights, synth, tmp_path, capsys):
-    truncated = tmp_path / "truncated.pt"
-    with open(untrained_weights, "rb") as f:
-        truncated.write_bytes(f.read(4096))
-    code, _, err = cli(capsys, "evaluate", "--weights", truncated, "--data", synth, "--device", "cpu")
-    check_user_error(code, err, truncated, "corrupt or truncated")
-
-
-def test_error_predict_folder_without_images(untrained_weights, tmp_path, capsys):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    (empty / "notes.txt").write_text("no images here")
-    code, _, err = cli(capsys, "predict", empty, "--weights", untrained_weights, "--out", tmp_path / "out",
-                       "--device", "cpu")
-    check_user_error(code, err, empty, "no images found")
-
-
-def test_error_predict_inputs_that_share_a_name(synth, untrained_weights, tmp_path, capsys):
-    other = tmp_path / "other"
-    other.mkdir()
-    shutil.copy(synth / "images" / "synth_0000.png", other / "synth_0000.png")
-    code, _, err = cli(capsys, "predict", synth / "images" / "synth_0000.png", other / "synth_0000.png",
-                       "--weights", untrained_weights, "--out", tmp_path / "out", "--device", "cpu")
-    check_user_error(code, err, other / "synth_0000.png", "overwrite")
-
-
-def test_error_missing_config_file(synth, tmp_path, capsys):
-    missing = tmp_path / "missing.yaml"
-    code, _, err = cli(capsys, "train", "--data", synth, "--out", tmp_path / "run", "--config", missing, *FAST)
-    check_user_error(code, err, missing, "cannot read")
-
-
-def test_error_resume_without_checkpoint(synth, tmp_path, capsys):
-    code, _, err = cli(capsys, "train", "--data", synth, "--out", tmp_path / "run", "--resume", "--iters", "1", *FAST)
-    check_user_error(code, err, tmp_path / "run" / "last.pt", "nothing to resume")
-
-
-@pytest.mark.parametrize("command", ["predict", "evaluate"])
-def test_error_overlap_not_below_tile(command, synth, untrained_weights, tmp_path, capsys):
-    target = [synth / "images", "--out", tmp_path / "out"] if command == "predict" else ["--data", synth]
-    code, _, err = cli(capsys, command, *target, "--weights", untrained_weights, "--tile", "64", "--device", "cpu")
-    check_user_error(code, err, "--overlap", "--tile 64")  # the default overlap, 128, is too large
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("case", ["corrupt checkpoint", "missing data"])
-def test_error_from_a_real_process(case, synth, corrupt_weights, tmp_path):
-    """``python -m maskrcnn``: exit code 2, nothing on stdout, one line on stderr, no traceback."""
-    if case == "corrupt checkpoint":
-        args = ["predict", synth / "images", "--weights", corrupt_weights, "--out", tmp_path / "out"]
-        named, problem = corrupt_weights, "corrupt or truncated checkpoint"
-    else:
-        args = ["train", "--data", tmp_path / "missing", "--out", tmp_path / "run"]
-        named, problem = tmp_path / "missing", "no such file or folder"
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "maskrcnn", *map(str, args), "--device", "cpu"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.stdout == ""
-    check_user_error(proc.returncode, proc.stderr, named, problem)
-    assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "out").exists()
