@@ -6,7 +6,7 @@
 Whether bfloat16 training learns as float32 does, asked as a user fine-tunes (benchmarks/finetune.py's
 setting): for each held-out ``val_`` image of ``../shared/data/mnfinder-nuclei``, ``maskrcnn train``
 with the CLI defaults (from the built-in ``nuclei`` model) on its left half for ``--iters`` steps,
-with and without ``--amp``, for each seed; ``maskrcnn evaluate`` scores ``last.pt`` (the weights at
+with ``--amp on`` and ``--amp off``, for each seed; ``maskrcnn evaluate`` scores ``last.pt`` (the weights at
 that step, not a validation pick) on the right half, which no run trains on. Meaningful only on a
 CPU with native bfloat16 (elsewhere ``--amp`` is emulated: slower, and a different computation).
 
@@ -36,7 +36,7 @@ def one_run(left: Path, right: Path, run: Path, iters: int, seed: int, amp: bool
     """Train ``iters`` steps on ``left``, score the final weights on ``right``."""
     start = time.perf_counter()
     subprocess.run(CLI + ["train", "--data", str(left), "--out", str(run), "--iters", str(iters),
-                          "--seed", str(seed), "--no-progress"] + (["--amp"] if amp else []),
+                          "--seed", str(seed), "--no-progress", "--amp", "on" if amp else "off"],
                    check=True, capture_output=True)
     seconds = time.perf_counter() - start
     scores = evaluate(str(run / "last.pt"), right, run / "scores.json")

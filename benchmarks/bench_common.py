@@ -36,7 +36,7 @@ import torch
 
 from maskrcnn import Config, MaskRCNN, Target
 from maskrcnn.runtime.distributed import cpu_has_fast_bfloat16
-from maskrcnn.runtime.precision import autocast
+from maskrcnn.runtime.precision import autocast, training_amp
 
 DETECTIONS = 100
 SEED = 0
@@ -151,10 +151,11 @@ def make_optimizer(model) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=1e-4)
 
 
-def train_step_ours(model, optimizer, samples: list[Sample], amp: bool = False) -> float:
-    """One step; ``amp``: the forward under CPU bfloat16 autocast, as ``train --amp`` runs it."""
+def train_step_ours(model, optimizer, samples: list[Sample], amp: bool | None = None) -> float:
+    """One step as ``train`` runs it; ``amp`` (None: train's default on this CPU, see
+    maskrcnn.runtime.precision.training_amp): the forward under CPU bfloat16 autocast."""
     optimizer.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=training_amp(amp, "cpu")):
         losses = model([s.image for s in samples], [s.target for s in samples]).losses
     loss = losses.total
     loss.backward()

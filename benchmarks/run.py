@@ -13,7 +13,9 @@ ours on synthetic nuclei (256 x 256, batch 4, 20 instances per image).
 
 Metrics
   inference_ms   one image through model.eval() under torch.inference_mode(), masks pasted
-  train_step_ms  forward + backward + SGD step (momentum 0.9) on one image with 5 instances
+  train_step_ms  forward + backward + SGD step (momentum 0.9) on one image with 5 instances, ours
+                 as train runs it by default (bfloat16 autocast on CPUs with native bfloat16;
+                 train_step_fp32_ms there: --amp off)
   peak memory    the peak resident-memory increase of one steady-state step, each in a fresh
                  child process (see peak_memory.py for the method)
 
@@ -37,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 from maskrcnn.presets import builtin_config, nuclei_config  # noqa: E402
 from maskrcnn.modeling.model import for_inference  # noqa: E402
-from maskrcnn.runtime.precision import autocast_dtype  # noqa: E402
+from maskrcnn.runtime.precision import autocast_dtype, training_amp  # noqa: E402
 import large  # noqa: E402
 import loader  # noqa: E402
 from peak_memory import measure_memory, peak  # noqa: E402
@@ -54,6 +56,8 @@ def row(model: str, size, metric: str, ours, theirs=None, **extra) -> dict:
     return {"model": model, "size": size, "metric": metric, "ours": ours, "torchvision": theirs,
             "ratio": ratio, **extra}
 
+
+TRAIN_PRECISION = {True: "bfloat16 autocast (train's default here)", False: "float32"}
 
 def bench_pair(size: int, warmup: int, repeats: int, memory: bool) -> list[dict]:
     """ResNet-50-FPN, ours vs torchvision, at one image size."""
@@ -79,10 +83,12 @@ def bench_pair(size: int, warmup: int, repeats: int, memory: bool) -> list[dict]
     bc.log(f"{name} {size}: training step")
     ours.train(), tv.train()
     opt_ours, opt_tv = bc.make_optimizer(ours), bc.make_optimizer(tv)
+    # ours as train runs it by default: bfloat16 autocast where the CPU has it natively (then float32
+    # too, as train --amp off runs it), float32 elsewhere
     steps = {"ours": lambda: bc.train_step_ours(ours, opt_ours, samples),
              "torchvision": lambda: bc.train_step_torchvision(tv, opt_tv, samples)}
-    if bc.cpu_has_fast_bfloat16():  # train --amp: bfloat16 autocast, where the CPU has it natively
-        steps["ours_amp"] = lambda: bc.train_step_ours(ours, opt_ours, samples, amp=True)
+    if training_amp(None, "cpu"):
+        steps["ours_fp32"] = lambda: bc.train_step_ours(ours, opt_ours, samples, amp=False)
     train = bc.alternate(steps, warmup, repeats)
     del ours, fast, tv, opt_ours, opt_tv
     gc.collect()
@@ -95,12 +101,12 @@ def bench_pair(size: int, warmup: int, repeats: int, memory: bool) -> list[dict]
         row(name, size, "inference_auto_ms", inf["ours_auto"]["median_s"] * 1e3,
             inf["torchvision"]["median_s"] * 1e3, precision=str(autocast_dtype("auto", "cpu") or "float32")),
         row(name, size, "train_step_ms", train["ours"]["median_s"] * 1e3,
-            train["torchvision"]["median_s"] * 1e3,
+            train["torchvision"]["median_s"] * 1e3, precision=TRAIN_PRECISION[training_amp(None, "cpu")],
             times_ms={k: [t * 1e3 for t in v["times_s"]] for k, v in train.items()}),
     ]
-    if "ours_amp" in train:
-        rows.append(row(name, size, "train_step_amp_ms", train["ours_amp"]["median_s"] * 1e3,
-                        train["torchvision"]["median_s"] * 1e3, precision="bfloat16 autocast (train --amp)"))
+    if "ours_fp32" in train:
+        rows.append(row(name, size, "train_step_fp32_ms", train["ours_fp32"]["median_s"] * 1e3,
+                        train["torchvision"]["median_s"] * 1e3, precision=TRAIN_PRECISION[False]))
     if memory:
         for mode in ("infer", "train"):
             bc.log(f"{name} {size}: peak memory, {mode} (child processes)")
@@ -215,7 +221,7 @@ _METRIC_LABELS = {
     "inference_ms": "inference latency (ms)",
     "inference_auto_ms": "inference, as predict runs it (ms)",
     "train_step_ms": "train step (ms)",
-    "train_step_amp_ms": "train step, --amp (bfloat16) (ms)",
+    "train_step_fp32_ms": "train step, --amp off (float32) (ms)",
     "peak_mem_infer_mb": "peak mem, inference (MB)",
     "peak_mem_infer_auto_mb": "peak mem, inference as predict runs it (MB)",
     "predict_images_per_s": "predict, images / s (as predict runs it)",

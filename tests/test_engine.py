@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import maskrcnn.runtime.precision as precision
 from maskrcnn.modeling.checkpoint import load_checkpoint
+from maskrcnn.modeling.model import MaskRCNN
 from maskrcnn.presets import nuclei_config
 from maskrcnn.data.synthetic import write_synthetic_dataset
 from maskrcnn.runtime.distributed import epoch_batches
@@ -146,7 +148,7 @@ class Watch(HookBase):
 
 
 def test_a_finite_loss_with_non_finite_gradients_skips_the_step(data, tmp_path, one_thread):
-    t = trainer(data, tmp_path / "run", iters=3, val_every=100)
+    t = trainer(data, tmp_path / "run", iters=3, val_every=100, amp=False)  # float32: no loss scaler either
     assert not t.opts.amp
     poison_gradients(t, bad_backwards={2})
     watch = Watch()
@@ -231,3 +233,21 @@ def test_a_run_with_workers_stopped_mid_epoch_resumes_exactly(data, tmp_path, on
     whole = trainer(data, tmp_path / "whole", iters=6, val_every=2).run()  # no workers
     assert resumed.steps == whole.steps == 6
     assert_same_weights(resumed.last, whole.last)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_default_precision_is_bfloat16_autocast_where_the_cpu_computes_it_natively(native, data, tmp_path,
+                                                                                          monkeypatch, one_thread):
+    monkeypatch.setattr(precision, "cpu_has_fast_bfloat16", lambda: native)
+    seen = []
+    forward = MaskRCNN.forward
+
+    def recording(model, *args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return forward(model, *args, **kwargs)
+
+    monkeypatch.setattr(MaskRCNN, "forward", recording)
+    run = trainer(data, tmp_path / "run", iters=1, val_every=10)
+    assert run.opts.amp is native
+    run.run()
+    assert seen and seen[0] is native  # the training step's forward

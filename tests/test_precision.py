@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import maskrcnn.runtime.precision as precision
+from maskrcnn.cli.commands import AMP_CHOICES
+from maskrcnn.cli.main import build_parser
 from maskrcnn.config import Config
 from maskrcnn.errors import UserError
 from maskrcnn.modeling.model import MaskRCNN
@@ -24,6 +26,24 @@ def test_auto_is_bfloat16_only_on_cpus_that_compute_it_natively(monkeypatch):
     assert precision.autocast_dtype("fp16", "cpu") == torch.float16
     with pytest.raises(UserError, match="--precision must be one of auto, fp32, bf16, fp16"):
         precision.autocast_dtype("half", "cpu")
+
+
+def test_training_autocasts_by_default_only_on_cpus_that_compute_bfloat16_natively(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_fast_bfloat16", lambda: True)
+    assert precision.training_amp(None, "cpu") is True
+    assert precision.training_amp(False, "cpu") is False  # train --amp off
+    assert precision.training_amp(None, "cuda") is False  # float16 training is asked for, not assumed
+    assert precision.training_amp(True, "cuda") is True
+    monkeypatch.setattr(precision, "cpu_has_fast_bfloat16", lambda: False)
+    assert precision.training_amp(None, "cpu") is False  # emulated bfloat16 is slower than float32
+    assert precision.training_amp(True, "cpu") is True
+
+
+@pytest.mark.parametrize("flags, amp", [([], None), (["--amp"], True), (["--amp", "on"], True),
+                                        (["--amp", "off"], False), (["--amp", "auto"], None)])
+def test_train_amp_flag(flags, amp):
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "o", *flags])
+    assert AMP_CHOICES[args.amp] is amp
 
 
 def test_rpn_head_boxes_scores_and_masks_stay_float32_under_bfloat16():

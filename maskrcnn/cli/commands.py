@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import UserError
 
+AMP_CHOICES = {"auto": None, "on": True, "off": False}  # train --amp -> TrainOptions.amp
 EXIT_USER_ERROR = 2
 EXIT_STOPPED = 75  # stopped early by a signal, cleanly: train --resume / predict --skip-existing continue
 SUMMARY_KEYS = ("mask_ap", "mask_ap50", "mask_ap75", "box_ap50", "dsb_score")
@@ -43,7 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         epochs=args.epochs, max_minutes=args.max_minutes, batch_size=args.batch_size, lr=args.lr,
         crop=args.crop, val_every=args.val_every, checkpoint_every=args.checkpoint_every, device=args.device,
         seed=args.seed, resume=args.resume, skip_bad=args.skip_bad, progress=not args.no_progress,
-        sync_bn=args.sync_bn, amp=args.amp, image_dir=args.images, init=init, check_data=args.check_data,
+        sync_bn=args.sync_bn, amp=AMP_CHOICES[args.amp], image_dir=args.images, init=init, check_data=args.check_data,
         workers=args.workers, planes=_planes(args), three_d=args.three_d, side_views=args.side_views,
         anisotropy=args.anisotropy)
     try:

@@ -25,8 +25,8 @@ from ..prediction.tiling import TILE_OVERLAP
 from ..runtime.distributed import DEVICES
 from ..runtime.memory import parse_memory
 from ..runtime.precision import PRECISIONS
-from .commands import (EXIT_STOPPED, EXIT_USER_ERROR, cmd_demo, cmd_evaluate, cmd_export, cmd_models, cmd_predict,
-                       cmd_pretrain, cmd_train)
+from .commands import (AMP_CHOICES, EXIT_STOPPED, EXIT_USER_ERROR, cmd_demo, cmd_evaluate, cmd_export, cmd_models,
+                       cmd_predict, cmd_pretrain, cmd_train)
 
 EXIT_INTERRUPTED = 130  # stopped at once (KeyboardInterrupt); files written atomically stay as they were
 
@@ -118,8 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "training process); the results are the same for any number")
     train.add_argument("--sync-bn", action="store_true",
                        help="synchronised BatchNorm across processes (CUDA only; on the CPU use `norm: group`)")
-    train.add_argument("--amp", action="store_true",
-                       help="mixed precision: CUDA float16 with loss scaling, CPU bfloat16; losses stay float32")
+    train.add_argument("--amp", nargs="?", const="on", default="auto", choices=tuple(AMP_CHOICES),
+                       help="mixed precision (losses stay float32): CPU bfloat16, CUDA float16 with loss scaling. "
+                            "auto (default): on where the CPU computes bfloat16 natively (AVX512-BF16 or AMX), off "
+                            "elsewhere; --amp alone: on")
     train.add_argument("--no-progress", action="store_true")
     train.add_argument("--3d", dest="three_d", action="store_true",
                        help="--data (and --val) hold Z-stacks in images/ and 3-D label images in masks/: every "

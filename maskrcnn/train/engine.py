@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ..errors import DataError, UserError
 from ..runtime.distributed import DistContext, epoch_batches, resolve_device
+from ..runtime.precision import training_amp
 from ..runtime.runlock import run_lock
 from ..runtime.signals import StopSignals
 from .hooks import Checkpointer, HookBase, MetricsLog, ProgressBar, SkipNonFinite, TimeBudget, Validation
@@ -69,11 +70,11 @@ class Trainer:
         init = load_init(opts.init) if opts.init and not opts.resume else None  # --resume has its weights
         if init is not None:
             opts = with_init_layout(opts, init)
-        self.opts = opts
         if opts.workers < 0:
             raise UserError(f"--workers must be 0 or more, got {opts.workers}")
         self.dist = dist or DistContext.single()
         self.device = self.dist.device if dist else resolve_device(opts.device)
+        self.opts = opts = replace(opts, amp=training_amp(opts.amp, self.device))
         self.run_dir = prepare_run_dir(opts.out, self.dist)
         data = build_data(opts, self.dist, self.run_dir)
         self.cfg, self.normalizer, self.train_set, self.val_reader = (data.config, data.normalizer,

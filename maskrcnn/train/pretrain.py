@@ -133,6 +133,8 @@ def pretrain(opts: PretrainOptions) -> Path:
         out=str(run), iters=opts.steps, max_minutes=opts.minutes,
         batch_size=opts.batch_size, lr=opts.lr, warmup_iters=100, crop=BUILTIN_CROP, scale_range=BUILTIN_SCALES,
         val_fraction=0.0,
+        # float32 on every CPU: all of the published models' sessions ran so, and the recipe stays one computation
+        amp=False,
         val_every=10**9, checkpoint_every=200, seed=opts.seed, device=opts.device, workers=opts.workers, progress=opts.progress,
         resume=(run / "last.pt").is_file()))
     _log_session(Path(opts.out), result.steps, time.monotonic() - started, opts)

@@ -66,7 +66,7 @@ class TrainOptions:
     workers: int = 0  # DataLoader worker processes reading the batches; 0 reads them in the training process
     progress: bool = True
     sync_bn: bool = False
-    amp: bool = False
+    amp: bool | None = None  # autocast; None: where the CPU has native bfloat16 (runtime.precision.training_amp)
     image_dir: str | None = None
     normalizer: Normalizer | None = None
     # the samples themselves, instead of reading ``data`` (a recipe's mix, e.g. synthetic scenes and
