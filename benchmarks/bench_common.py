@@ -183,16 +183,12 @@ def log(message: str) -> None:
 def alternate(runs: dict, warmup: int, repeats: int) -> dict[str, dict]:
     """runs: name -> zero-argument callable returning a value. The order reverses every round, so
     load drift from other processes hits every system alike; median of the rounds after warm-up."""
-    return _rounds(list(runs), lambda name: timed(runs[name]), warmup, repeats)
-
-
-def _rounds(names: list[str], call, warmup: int, repeats: int) -> dict[str, dict]:
-    """``call(name) -> (seconds, value)`` for every name, order reversed every round."""
+    names = list(runs)
     times: dict[str, list[float]] = {n: [] for n in names}
     values: dict[str, list] = {n: [] for n in names}
     for round_ in range(warmup + repeats):
         for name in names if round_ % 2 == 0 else names[::-1]:
-            elapsed, value = call(name)
+            elapsed, value = timed(runs[name])
             if round_ >= warmup:
                 times[name].append(elapsed)
                 values[name].append(value)

@@ -44,8 +44,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         epochs=args.epochs, max_minutes=args.max_minutes, batch_size=args.batch_size, lr=args.lr,
         crop=args.crop, val_every=args.val_every, checkpoint_every=args.checkpoint_every, device=args.device,
         seed=args.seed, resume=args.resume, skip_bad=args.skip_bad, progress=not args.no_progress,
-        sync_bn=args.sync_bn, amp=AMP_CHOICES[args.amp], image_dir=args.images, init=init, check_data=args.check_data,
-        workers=args.workers, planes=_planes(args), three_d=args.three_d, side_views=args.side_views,
+        sync_bn=args.sync_bn, amp=AMP_CHOICES[args.amp], image_dir=args.images, init=init,
+        check_data=args.check_data, workers=args.workers, planes=_planes(args), three_d=args.three_d, side_views=args.side_views,
         anisotropy=args.anisotropy)
     try:
         result = train(opts, dist, command="maskrcnn " + shlex.join(args.argv))
