@@ -45,12 +45,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         crop=args.crop, val_every=args.val_every, checkpoint_every=args.checkpoint_every, device=args.device,
         seed=args.seed, resume=args.resume, skip_bad=args.skip_bad, progress=not args.no_progress,
         sync_bn=args.sync_bn, amp=AMP_CHOICES[args.amp], image_dir=args.images, init=init,
-        check_data=args.check_data, workers=args.workers, planes=_planes(args), three_d=args.three_d, side_views=args.side_views,
-        anisotropy=args.anisotropy)
+        check_data=args.check_data, workers=args.workers, planes=_planes(args), three_d=args.three_d,
+        side_views=args.side_views, anisotropy=args.anisotropy)
     try:
         result = train(opts, dist, command="maskrcnn " + shlex.join(args.argv))
-    except BaseException:
-        dist.close(wait=False)
+    except BaseException as error:
+        dist.close(wait=getattr(error, "every_rank", False))
         raise
     dist.close()
     if result.interrupted:
@@ -60,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return EXIT_STOPPED
     if dist.is_main:
         metrics = ", ".join(f"{k} {v:.3f}" for k, v in result.final_metrics.items() if k in SUMMARY_KEYS)
-        print(f"trained {result.steps} steps (stopped by {result.stopped_by}); {metrics}")
+        print(f"trained {result.steps} steps in {result.precision} (stopped by {result.stopped_by}); {metrics}")
         print(f"checkpoints: {result.last}" + (f", {result.best}" if result.best else ""))
     return 0
 

@@ -61,6 +61,7 @@ class TrainResult:
     final_metrics: dict[str, float]
     stopped_by: str  # "iterations", "epochs", "time", or the reason a hook gave (a signal's name)
     interrupted: bool = False  # cut short (a signal): resumable with --resume, not validated at the end
+    precision: str = "float32"  # what the steps computed in: "float32", "bfloat16 autocast" or "float16 autocast"
 
 
 class Trainer:
@@ -161,7 +162,7 @@ class Trainer:
             hook.after_train()
         best = self.checkpoints.best
         return TrainResult(self.run_dir, self.step, self.checkpoints.last, best if best.exists() else None,
-                           self.metrics, self.stop_reason, self.interrupted)
+                           self.metrics, self.stop_reason, self.interrupted, self.precision)
 
     def length_reached(self) -> bool:
         """Whether --epochs or --iters is reached (``stop_reason`` says which). A used-up epoch gives
@@ -252,13 +253,18 @@ class Trainer:
     def leave_out(self, found: list[BadSample]) -> None:
         """Stop on the first of samples found bad, or with --skip-bad never read them again."""
         if not self.opts.skip_bad:
-            raise DataError(found[0].path, f"{found[0].problem} {SKIP_BAD_HINT}")
+            raise DataError(found[0].path, f"{found[0].problem} {SKIP_BAD_HINT}", every_rank=self.dist.active)
         for bad in found:
             self.loader.bad[bad.index] = True
         if self.dist.is_main:
             append_listing(self.listing, [(b.name, f"{b.path}: {b.problem}") for b in found])
             for bad in found:
                 warnings.warn(f"{bad.path}: {bad.problem}; sample {bad.name} skipped (listed in {self.listing})")
+
+    @property
+    def precision(self) -> str:
+        """What the training steps compute in, as train's closing line names it."""
+        return f"{str(self.amp_dtype).removeprefix('torch.')} autocast" if self.opts.amp else "float32"
 
     @property
     def amp_dtype(self) -> torch.dtype:

@@ -156,7 +156,7 @@ def checked(reader: InstanceReader, opts: TrainOptions, dist: DistContext, listi
                 break  # the first bad sample stops the run: no need to look further
     bad = sorted(b for part in dist.all_gather_objects(bad) for b in part)
     if bad and not opts.skip_bad:
-        raise DataError(bad[0][2], f"{bad[0][3]} {SKIP_BAD_HINT}")
+        raise DataError(bad[0][2], f"{bad[0][3]} {SKIP_BAD_HINT}", every_rank=dist.active)
     listed = list(reader.left_out) + [(name, f"{path}: {problem}") for _, name, path, problem in bad]
     if listed and dist.is_main:
         append_listing(listing, listed)
