@@ -1,4 +1,4 @@
-"""maskrcnn.modeling.components: 8-connected component labels of batched binary maps."""
+"""maskrcnn.components: 8-connected component labels of batched binary maps."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from maskrcnn.modeling.components import component_labels
+from maskrcnn.components import component_labels
 from maskrcnn.modeling.mask.paste import largest_component
 
 

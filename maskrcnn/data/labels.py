@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from ..components import component_labels
 from ..errors import DataError
 from .io import read_image, read_image_size, read_label_image, read_mask_size
 from .planes import Planes
@@ -16,7 +19,8 @@ class LabelsReader(InstanceReader):
     """``ROOT/images/NAME.ext`` + ``ROOT/masks/NAME.ext2`` integer label images (0 = background).
 
     Images and masks pair by file stem; the extensions may differ. Every distinct nonzero id is
-    one instance of class 1 (ids need not be contiguous). Grey label images saved as RGB or RGBA
+    one instance of class 1 (ids need not be contiguous); an id that marks separate regions of
+    similar size stays one instance, with a warning naming the file (:func:`split_ids`). Grey label images saved as RGB or RGBA
     are read as :func:`maskrcnn.data.io.mask_channel` describes. A missing mask file is an error
     unless ``allow_missing_masks``, in which case the image has no instances. ``planes``: which
     plane of multi-dimensional images to read (:mod:`maskrcnn.data.planes`).
@@ -60,7 +64,35 @@ def _label_masks(path: Path, shape: tuple[int, int]) -> np.ndarray:
     """(G, H, W) bool masks of the label image in ``path``, checked to be of ``shape``."""
     labels = read_label_image(path)
     check_shape(path, labels.shape, shape)
+    split = split_ids(labels)
+    if split:
+        shown = ", ".join(map(str, split[:5])) + (", ..." if len(split) > 5 else "")
+        warnings.warn(f"{path}: {len(split)} label id(s) each mark separate regions (id {shown}); each id is "
+                      "one instance, so give separate nuclei or cells their own ids")
     return label_masks(labels)
+
+
+def split_ids(labels: np.ndarray, share: float = 0.25) -> list[int]:
+    """The ids of an (H, W) label image that mark two or more separate (8-connected) regions, each at
+    least ``share`` of the id's largest: separate objects given one id, as a label reused in an
+    annotation tool leaves them (one training image of mnfinder-nuclei gave 19 ids to two nuclei
+    each; docs/experiments.md). Stray specks left with an id do not count. Each id is labelled
+    in its own bounding box, so the work is the objects' area, not the image's."""
+    rows, cols = np.nonzero(labels)
+    ids = labels[rows, cols]
+    order = np.argsort(ids, kind="stable")
+    ids, rows, cols = ids[order], rows[order], cols[order]
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, dtype=np.int64)
+    found = []
+    for start, stop in zip(starts, np.r_[starts[1:], len(ids)]):
+        r, c = rows[start:stop] - rows[start:stop].min(), cols[start:stop] - cols[start:stop].min()
+        box = np.zeros((r.max() + 1, c.max() + 1), dtype=bool)
+        box[r, c] = True
+        parts = component_labels(torch.from_numpy(box)[None])[0]
+        sizes = torch.unique(parts[parts > 0], return_counts=True)[1]
+        if int((sizes >= share * sizes.max()).sum()) >= 2:
+            found.append(int(ids[start]))
+    return found
 
 
 def label_masks(labels: np.ndarray) -> np.ndarray:

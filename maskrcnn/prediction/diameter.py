@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..modeling.components import component_labels
+from ..components import component_labels
 
 SAMPLE_SIDE = 1024  # the central window the estimate looks at, pixels
 OBJECT_CALIBRATION = 0.90  # median (threshold-object diameter / annotated diameter), 30 training images

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from ..components import component_labels
+from ...components import component_labels
 
 # Pixels a pasting chunk may cover (chunk instances x window area): about 64 MB of float32.
 PASTE_CHUNK_PIXELS = 1 << 24

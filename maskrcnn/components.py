@@ -1,8 +1,9 @@
 """8-connected components of binary maps, batched, in torch (CPU or GPU).
 
-Two stages need them: each detection's mask keeps its largest component (many small maps at once,
-maskrcnn.modeling.mask.paste), and the diameter estimate measures the objects of one thresholded
-image (one large map, maskrcnn.prediction.diameter).
+Three layers need them, so they sit beside the shared structures: each detection's mask keeps its
+largest component (many small maps at once, maskrcnn.modeling.mask.paste), the diameter estimate
+measures the objects of one thresholded image (one large map, maskrcnn.prediction.diameter), and
+label images are checked for ids that mark separate regions (maskrcnn.data.labels).
 
 Every pixel starts with its own id (its flat index + 1). Ids spread by a 3x3 maximum inside the
 foreground, and between spreads each pixel jumps to the label of the pixel its id names: that
