@@ -20,10 +20,11 @@ class LabelsReader(InstanceReader):
 
     Images and masks pair by file stem; the extensions may differ. Every distinct nonzero id is
     one instance of class 1 (ids need not be contiguous); an id that marks separate regions of
-    similar size stays one instance, with a warning naming the file (:func:`split_ids`). Grey label images saved as RGB or RGBA
-    are read as :func:`maskrcnn.data.io.mask_channel` describes. A missing mask file is an error
-    unless ``allow_missing_masks``, in which case the image has no instances. ``planes``: which
-    plane of multi-dimensional images to read (:mod:`maskrcnn.data.planes`).
+    similar size stays one instance, with a warning naming the file (:func:`split_ids`). Grey
+    label images saved as RGB or RGBA are read as :func:`maskrcnn.data.io.mask_channel`
+    describes. A missing mask file is an error unless ``allow_missing_masks``, in which case the
+    image has no instances. ``planes``: which plane of multi-dimensional images to read
+    (:mod:`maskrcnn.data.planes`).
     """
 
     def __init__(self, root: str | Path, allow_missing_masks: bool = False, planes: Planes | None = None):
@@ -80,9 +81,11 @@ def split_ids(labels: np.ndarray, share: float = 0.25) -> list[int]:
     in its own bounding box, so the work is the objects' area, not the image's."""
     rows, cols = np.nonzero(labels)
     ids = labels[rows, cols]
+    if not len(ids):
+        return []
     order = np.argsort(ids, kind="stable")
     ids, rows, cols = ids[order], rows[order], cols[order]
-    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])  # each id's first pixel in that order
     found = []
     for start, stop in zip(starts, np.r_[starts[1:], len(ids)]):
         r, c = rows[start:stop] - rows[start:stop].min(), cols[start:stop] - cols[start:stop].min()
