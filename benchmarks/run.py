@@ -59,6 +59,7 @@ def row(model: str, size, metric: str, ours, theirs=None, **extra) -> dict:
 
 TRAIN_PRECISION = {True: "bfloat16 autocast (train's default here)", False: "float32"}
 
+
 def bench_pair(size: int, warmup: int, repeats: int, memory: bool) -> list[dict]:
     """ResNet-50-FPN, ours vs torchvision, at one image size."""
     name = "ResNet-50-FPN"
