@@ -132,6 +132,9 @@ class Config:
     mask_test_nms_overlap_threshold: float = 0.1
     mask_test_mask_threshold: float = 0.5
     mask_test_mask_min_area: float = 0
+    # drop instances fainter than background + this share of the way to the image's typical object
+    # (maskrcnn.prediction.contrast; 0: keep all)
+    mask_test_min_contrast: float = 0
 
     def __post_init__(self) -> None:
         ratios = self.rpn_base_aspect_ratios
@@ -287,7 +290,7 @@ _UNIT_INTERVAL = [
     "rcnn_train_fg_fraction", "rcnn_train_fg_thresh_low", "rcnn_train_bg_thresh_high",
     "rcnn_train_bg_thresh_low", "rcnn_test_nms_pre_score_threshold", "rcnn_test_nms_overlap_threshold",
     "mask_train_fg_thresh_low", "mask_test_nms_pre_score_threshold",
-    "mask_test_nms_overlap_threshold", "mask_test_mask_threshold",
+    "mask_test_nms_overlap_threshold", "mask_test_mask_threshold", "mask_test_min_contrast",
 ]
 _POSITIVE_INTS = [
     "fpn_channels", "rpn_head_channels", "rpn_train_pre_nms_top_k", "rpn_train_post_nms_top_k",

@@ -306,9 +306,9 @@ def test_a_streamed_image_is_sized_by_its_central_window(tmp_path, monkeypatch):
     scales = []
     planned = Predictor.predict_planned
 
-    def spy(self, crop, tile, overlap=48, scale=None):
+    def spy(self, crop, tile, overlap=48, scale=None, floor=None):
         scales.append(scale)
-        return planned(self, crop, tile, overlap, 1.0)  # the oracle reads ids off pixels: not resized
+        return planned(self, crop, tile, overlap, 1.0, floor)  # the oracle reads ids off pixels: not resized
 
     monkeypatch.setattr(Predictor, "predict_planned", spy)
     run = predict_files(predictor, [str(image)], tmp_path / "o", overlap=48, progress=False)

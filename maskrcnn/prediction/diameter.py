@@ -102,7 +102,7 @@ def object_diameter(gray: Tensor, bright: bool = True) -> tuple[float, int] | No
     """(H, W) image in [0, 1] -> (calibrated median equivalent diameter of its objects, their
     count), or None with fewer than MIN_OBJECTS objects. Objects touching the border are left out
     when enough others remain (they are cut, so smaller)."""
-    smooth = F.avg_pool2d(gray[None, None].float(), 3, stride=1, padding=1, count_include_pad=False)[0, 0]
+    smooth = smoothed(gray)
     if not bright:
         smooth = 1.0 - smooth
     labels = component_labels((smooth > otsu_threshold(smooth))[None])[0]
@@ -114,6 +114,12 @@ def object_diameter(gray: Tensor, bright: bool = True) -> tuple[float, int] | No
     if int(keep.sum()) < MIN_OBJECTS:
         return None
     return _median_diameter(areas[keep].float()) / OBJECT_CALIBRATION, int(keep.sum())
+
+
+def smoothed(gray: Tensor) -> Tensor:
+    """(H, W) -> its 3x3 mean (float32), edges averaged over the pixels inside: enough to keep
+    noise from splitting objects at a threshold, little enough to keep nuclei apart."""
+    return F.avg_pool2d(gray[None, None].float(), 3, stride=1, padding=1, count_include_pad=False)[0, 0]
 
 
 def _median_diameter(areas: Tensor) -> float:

@@ -60,6 +60,8 @@ from ..outputs.streamed import (Thumbnail, table_rows, thumbnail_sample, thumbna
                                 write_table)
 from ..runtime.distributed import DistContext
 from ..runtime.memory import bound_heap, release_free_memory
+from .contrast import contrast_floor
+from .diameter import central_box
 from .labelstore import LabelStore
 from .tiling import Tile, core_instances, tile_grid
 
@@ -141,10 +143,13 @@ def predict_streamed(predictor, source: RegionSource, out_dir: str | Path, name:
     # one intensity range for all tiles, from rank 0's sample
     intensity = dist.all_gather_objects(
         predictor.normalizer.intensity_range(source.sample(SAMPLE_PIXELS)) if dist.is_main else None)[0]
+    # the faint-instance floor of the whole image, from its central window (as whole images get it)
+    floor = contrast_floor(predictor.normalizer(source.read(*central_box(shape)), intensity),
+                           cfg.mask_test_min_contrast) if cfg.mask_test_min_contrast > 0 else None
     grid = tile_grid(*shape, tile, overlap)
     bound_heap()  # tiles' tensors are freed back to the OS, not kept as heap fragments
     step = thumbnail_step(shape, THUMBNAIL_SIDE)  # read here: tests shrink it
-    tiles = segmented_tiles(predictor, source, grid, intensity, overlap, scale, step, should_stop, dist)
+    tiles = segmented_tiles(predictor, source, grid, intensity, overlap, scale, step, should_stop, dist, floor)
     if not dist.is_main:
         for _ in tiles:  # this rank's share of the rounds; rank 0 paints
             pass
@@ -190,7 +195,7 @@ class TileFound:
 
 def segmented_tiles(predictor, source: RegionSource, grid: list[Tile], intensity, overlap: int,
                     scale: float | None, step: int, should_stop: Callable[[], bool] | None,
-                    dist: DistContext) -> Iterator[TileFound]:
+                    dist: DistContext, floor: float | None = None) -> Iterator[TileFound]:
     """Every tile of ``grid`` segmented, yielded in grid order on rank 0 (other ranks yield nothing).
 
     In round r, rank k segments tile r * world_size + k; the round's tiles are gathered to rank 0.
@@ -203,7 +208,8 @@ def segmented_tiles(predictor, source: RegionSource, grid: list[Tile], intensity
         index, found, problem = start + dist.rank, None, None
         if not stop and index < len(grid):
             try:
-                found = _segment_tile(predictor, source, grid[index], index, intensity, overlap, scale, step)
+                found = _segment_tile(predictor, source, grid[index], index, intensity, overlap, scale, step,
+                                      floor)
             except DataError as err:
                 if not dist.active:
                     raise
@@ -221,10 +227,11 @@ def segmented_tiles(predictor, source: RegionSource, grid: list[Tile], intensity
 
 
 def _segment_tile(predictor, source: RegionSource, part: Tile, index: int, intensity, overlap: int,
-                  scale: float | None, step: int) -> TileFound:
+                  scale: float | None, step: int, floor: float | None = None) -> TileFound:
     raw = source.read(part.y0, part.y1, part.x0, part.x1)
     normalized = predictor.normalizer(raw, intensity)
-    found = predictor.predict_planned(normalized, None, overlap, scale)  # the tile whole: sized to fit
+    # the tile whole (sized to fit); faint instances against the image's floor, not the tile's
+    found = predictor.predict_planned(normalized, None, overlap, scale, floor)
     return TileFound(index, core_instances(found, part), raw, thumbnail_sample(step, part, normalized))
 
 

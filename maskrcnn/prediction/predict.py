@@ -108,11 +108,12 @@ class Predictor:
         return scaling_for(self.scale, image)
 
     def predict_planned(self, image: torch.Tensor, tile: int | None, overlap: int = TILE_OVERLAP,
-                        scale: float | None = None) -> InstanceResult:
+                        scale: float | None = None, floor: float | None = None) -> InstanceResult:
         """A normalised (C, H, W) image as planned already: whole when ``tile`` is None, else tiled;
-        ``scale`` as chosen for it (None: the fixed ``scale``, 1 under AutoScale)."""
+        ``scale`` as chosen for it (None: the fixed ``scale``, 1 under AutoScale); ``floor`` as in
+        maskrcnn.prediction.segment (None: from this image)."""
         scale = self._fixed_scale() if scale is None else scale
-        return segment(self.model, image, self.device, tile, overlap, self.precision, scale, self.tta)
+        return segment(self.model, image, self.device, tile, overlap, self.precision, scale, self.tta, floor)
 
     def plan(self, shape: tuple[int, int], tile: int | None = None, overlap: int = TILE_OVERLAP,
              in_memory: bool = False, scale: float | None = None) -> Plan:

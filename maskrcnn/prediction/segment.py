@@ -12,6 +12,8 @@ both take the same normalised image and return the same InstanceResult. Around t
   frame and merged before the mask NMS: each cluster of overlapping instances is scored by its
   mean over the passes (:func:`_voted_scores`), then the one mask NMS keeps its best mask.
 - ``tile``: the image is processed in overlapping tiles (maskrcnn/prediction/tiling.py), each tile as above.
+- ``floor``: each image or tile then drops its instances fainter than the model's
+  ``mask_test_min_contrast`` asks, against levels read from the whole image (maskrcnn.prediction.contrast).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..modeling.mask.paste import mask_nms, overlapping_mask_iou
 from ..modeling.mask.postprocess import assemble_result
 from ..runtime.precision import autocast
 from ..structures import Detector, InstanceResult
+from .contrast import contrast_floor, drop_faint
 from .tiling import TILE_OVERLAP, predict_tiled
 
 # (transpose, flip left-right, flip top-bottom) for each of the 8 TTA passes; the first is the identity
@@ -34,14 +37,18 @@ DIHEDRAL = list(itertools.product((False, True), repeat=3))
 
 def segment(detector: Detector, image: Tensor, device: torch.device | str = "cpu",
             tile: int | None = None, overlap: int = TILE_OVERLAP, precision: str = "fp32",
-            scale: float = 1.0, tta: bool = False) -> InstanceResult:
+            scale: float = 1.0, tta: bool = False, floor: float | None = None) -> InstanceResult:
     """A normalised image (C, H, W) in [0, 1] -> its instances, on the CPU; ``precision`` as in
-    ``maskrcnn.runtime.precision`` (exported models always run float32)."""
+    ``maskrcnn.runtime.precision`` (exported models always run float32). ``floor``: the intensity an
+    instance needs (None: as ``mask_test_min_contrast`` sets it for this image; a streamed image's
+    tiles pass their image's)."""
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale}")
+    if floor is None:
+        floor = contrast_floor(image, detector.cfg.mask_test_min_contrast)
 
     def detect(crop: Tensor) -> InstanceResult:
-        return _detect(detector, crop, device, scale, tta)
+        return drop_faint(_detect(detector, crop, device, scale, tta), crop, floor)
 
     with torch.inference_mode(), autocast(precision, device):
         if tile:
