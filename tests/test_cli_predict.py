@@ -274,3 +274,19 @@ def test_real_sample_predict_and_evaluate(weights, tmp_path, capsys):
         row = report["images"][0]
         assert row["name"] == REAL_ID and row["n_true"] == REAL_INSTANCES, fmt
         assert row["n_pred"] == len(np.unique(labels)) - 1  # the same model and image as predict
+
+
+@pytest.mark.slow
+def test_min_contrast_drops_the_faintest_instances_and_a_bad_value_is_one_line(synth, weights, tmp_path, capsys):
+    args = ["predict", synth / "images", "--weights", weights, "--device", "cpu", "--no-progress"]
+    counts = []
+    for name, extra in (("all", []), ("bright", ["--min-contrast", "1"])):
+        code, _, err = cli(capsys, *args, "--out", tmp_path / name, *extra)
+        assert code == 0, err
+        counts.append(len(json.loads((tmp_path / name / "results_coco.json").read_text())))
+    # F = 1 keeps only instances at least as bright as the median object pixel: fewer, not none
+    assert 0 < counts[1] < counts[0], counts
+    with pytest.raises(SystemExit) as exit_:  # argparse exits on a bad flag value
+        cli(capsys, *args, "--out", tmp_path / "bad", "--min-contrast", "2")
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "--min-contrast" in err and "from 0 to 1" in err

@@ -116,6 +116,8 @@ def _predictor(args: argparse.Namespace):
             raise UserError(f"{args.weights}: this model does not state the nucleus diameter it was trained "
                             "on; use --scale (e.g. 0.5 to halve the image) instead of --diameter")
     predictor = Predictor.from_weights(args.weights, args.device, args.precision, args.engine)
+    if args.min_contrast is not None:
+        predictor.min_contrast(args.min_contrast)
     predictor.tta = args.tta
     predictor.max_memory = args.max_memory or predictor.max_memory  # unset: $MASKRCNN_MAX_MEMORY or 2 GB
     if args.scale:
@@ -134,7 +136,7 @@ def _model_choice(args: argparse.Namespace):
     if missing:
         raise UserError(f"no --weights given and this installation lacks the built-in {' and '.join(missing)} "
                         "model(s) it would choose from; pass --weights")
-    choice = ModelChoice(args.device, args.precision, args.tta, engine=args.engine)
+    choice = ModelChoice(args.device, args.precision, args.tta, engine=args.engine, min_contrast=args.min_contrast)
     choice.max_memory = args.max_memory or choice.max_memory
     if args.scale:
         choice.scale = args.scale

@@ -53,6 +53,7 @@ def _number(parse, expected: str, valid, requirement: str):
 _positive_int = _number(int, "a whole number >= 1", lambda v: v >= 1, ">= 1")
 _count = _number(int, "a whole number >= 0", lambda v: v >= 0, ">= 0")
 _positive_float = _number(float, "a number > 0", lambda v: v > 0 and math.isfinite(v), "a finite number > 0")
+_share = _number(float, "a number from 0 to 1", lambda v: 0 <= v <= 1, "from 0 to 1")
 
 
 def _diameter(text: str) -> float | str:
@@ -256,6 +257,10 @@ def _inference_flags(command: argparse.ArgumentParser) -> None:
                             "from its bright objects and writes it to images.json")
     command.add_argument("--tta", action="store_true",
                          help="test-time augmentation: 8 flips and quarter turns, merged (8x the time)")
+    command.add_argument("--min-contrast", type=_share, metavar="F",
+                         help="drop instances fainter than the image's background plus F of the way to its "
+                              "objects' level (0-1; default: the model's mask_test_min_contrast, 0 for the "
+                              "built-in models; 0.1 removed faint false nuclei on one lab's images)")
     command.add_argument("--max-memory", type=_memory, metavar="SIZE",
                          help="memory the whole process may use, e.g. 2G, 1500M, 8GiB (default: "
                               "$MASKRCNN_MAX_MEMORY, else 2G): each image is "

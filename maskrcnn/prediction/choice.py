@@ -51,6 +51,7 @@ class ModelChoice:
     max_memory: int = field(default_factory=default_max_memory)
     engine: str = "auto"  # maskrcnn.export.engines
     scale: float | None = None  # a fixed resize for every image (--scale, --diameter); None: each model's AutoScale
+    min_contrast: float | None = None  # --min-contrast for every model; None: each model's own
     loaded: dict[str, Predictor] = field(default_factory=dict)
 
     def for_image(self, image: np.ndarray) -> tuple[str, Predictor]:
@@ -60,6 +61,8 @@ class ModelChoice:
     def predictor(self, name: str) -> Predictor:
         if name not in self.loaded:
             self.loaded[name] = Predictor.from_weights(name, self.device, self.precision, self.engine)
+            if self.min_contrast is not None:
+                self.loaded[name].min_contrast(self.min_contrast)
         predictor = self.loaded[name]
         predictor.tta, predictor.max_memory = self.tta, self.max_memory
         if self.scale is not None:

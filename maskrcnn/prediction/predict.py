@@ -124,6 +124,11 @@ class Predictor:
         return plan_inference(self.model.cfg, shape, self.max_memory, scale=scale, overlap=overlap, tile=tile,
                               in_memory=in_memory)
 
+    def min_contrast(self, share: float) -> None:
+        """Drop instances fainter than ``share`` of the way from the background to the objects' level
+        (the model's ``mask_test_min_contrast`` for this predictor; maskrcnn.prediction.contrast)."""
+        self.model.cfg = self.model.cfg.replace(mask_test_min_contrast=share)
+
     def _fixed_scale(self) -> float:
         return 1.0 if isinstance(self.scale, AutoScale) else self.scale
 
