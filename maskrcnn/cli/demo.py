@@ -58,7 +58,7 @@ def run_demo(out: Path, minutes: float = 10.0, seed: int = 0, device: str = "aut
 
     print(f"[4/4] scoring {weights.name} on the held-out images and drawing them")
     predictor = Predictor.from_checkpoint(weights, device)
-    report = evaluate_model(predictor.model, predictor.normalizer, held_out, device=predictor.device, progress=False)
+    report = _report(predictor, held_out)
     print(report.format_table())
     report.to_json(out / "held_out_report.json")
     run = predict_files(predictor, [str(test_dir / "images")], out / "predictions", progress=False)
@@ -78,6 +78,13 @@ def run_demo(out: Path, minutes: float = 10.0, seed: int = 0, device: str = "aut
 
 def _score(predictor: Predictor, reader, images: Path, folder: Path) -> dict[str, float]:
     """Score ``predictor`` on ``reader`` and write the overlays of ``images`` to ``folder``."""
-    report = evaluate_model(predictor.model, predictor.normalizer, reader, device=predictor.device, progress=False)
+    report = _report(predictor, reader)
     predict_files(predictor, [str(images)], folder, progress=False)
     return report.summary()
+
+
+def _report(predictor: Predictor, reader):
+    """``predictor`` scored on ``reader`` as ``maskrcnn evaluate`` and its overlays run it: its own
+    precision and scale (the built-in model's --diameter auto)."""
+    return evaluate_model(predictor.model, predictor.normalizer, reader, device=predictor.device, progress=False,
+                          precision=predictor.precision, scale=predictor.scale, tta=predictor.tta)
