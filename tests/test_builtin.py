@@ -174,6 +174,25 @@ def test_publish_writes_half_precision_weights_and_the_card(tmp_path):
     assert json.loads((tmp_path / "tiny.json").read_text()) == {"summary": "test"}
 
 
+def test_publish_sets_prediction_settings_and_refuses_learnt_ones(tmp_path):
+    cfg = nuclei_config(**TINY_RUN, trunk_width=16)
+    save_checkpoint(tmp_path / "last.pt", Checkpoint(cfg, MaskRCNN(cfg).state_dict(), Normalizer().to_dict()))
+    target = publish(tmp_path / "last.pt", "tuned", {}, folder=tmp_path, settings={"mask_test_min_contrast": 0.2})
+    assert load_checkpoint(target).config.mask_test_min_contrast == 0.2
+    with pytest.raises(ValueError, match="rpn_scales not a prediction-time setting"):
+        publish(tmp_path / "last.pt", "other", {}, folder=tmp_path, settings={"rpn_scales": [4, 8, 16, 32]})
+    assert not (tmp_path / "other.pt").exists()
+
+
+def test_shipped_nuclei_model_predicts_with_the_recipes_settings():
+    from maskrcnn.train.pretrain import BUILTIN_SETTINGS
+
+    cfg = load_checkpoint(FOLDER / "nuclei.pt").config
+    for key, value in BUILTIN_SETTINGS.items():
+        assert getattr(cfg, key) == value, key
+    assert f"{BUILTIN_SETTINGS['mask_test_min_contrast']:.0%}" in card("nuclei")["prediction"]
+
+
 def test_publish_refuses_a_model_over_the_limit_and_leaves_nothing(tmp_path, monkeypatch):
     cfg = nuclei_config(**TINY_RUN)
     save_checkpoint(tmp_path / "last.pt", Checkpoint(cfg, MaskRCNN(cfg).state_dict(), Normalizer().to_dict()))

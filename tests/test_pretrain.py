@@ -12,8 +12,8 @@ import pytest
 from maskrcnn.modeling.checkpoint import load_checkpoint
 from maskrcnn.data.writers import write_image
 from maskrcnn.data.synthetic_scenes import SceneReader
-from maskrcnn.train.pretrain import (BUILTIN_DIAMETER, REAL_FRACTION, PretrainOptions, pretrain, real_reader,
-                                     score_builtin_run, training_reader, write_builtin)
+from maskrcnn.train.pretrain import (BUILTIN_DIAMETER, BUILTIN_SETTINGS, REAL_FRACTION, PretrainOptions, pretrain,
+                                     real_reader, republish, score_builtin_run, training_reader, write_builtin)
 
 
 @pytest.fixture
@@ -82,6 +82,39 @@ def test_pretraining_continues_across_sessions_and_publishes(real, tmp_path):
     assert card["training"]["steps"] == 3 and card["training"]["sessions"] == 2
     assert card["scores"] == scores
     assert target.stat().st_size < 10 * 2**20
+    assert load_checkpoint(target).config.mask_test_min_contrast == BUILTIN_SETTINGS["mask_test_min_contrast"]
+    assert "mask_test_min_contrast" in card["prediction"]
+
+
+def test_republish_keeps_the_weights_and_rescores_with_the_recipes_settings(real, tmp_path):
+    """A model published before the recipe chose its prediction settings gets them, its weights
+    untouched, its card's scores measured again with them and its recipe saying so."""
+    from maskrcnn.builtin import publish
+    from maskrcnn.modeling.checkpoint import Checkpoint, save_checkpoint
+    from maskrcnn.modeling.model import MaskRCNN
+    from maskrcnn.data.normalize import Normalizer
+    from maskrcnn.presets import nuclei_config
+    from conftest import TINY_RUN
+
+    cfg = nuclei_config(**TINY_RUN, trunk_width=16)
+    save_checkpoint(tmp_path / "last.pt", Checkpoint(cfg, MaskRCNN(cfg).state_dict(), Normalizer().to_dict()))
+    folder = tmp_path / "builtin"
+    folder.mkdir()
+    old = {"training": {"recipe": "maskrcnn pretrain --out OUT --steps 5 --publish"}, "scores": {"x": 1}}
+    publish(tmp_path / "last.pt", "nuclei", old, folder=folder)
+    before = load_checkpoint(folder / "nuclei.pt")
+    assert before.config.mask_test_min_contrast == 0
+
+    target = republish(PretrainOptions(out=str(tmp_path / "o"), real=str(real), device="cpu"), folder=folder)
+    after = load_checkpoint(target)
+    assert after.config.mask_test_min_contrast == BUILTIN_SETTINGS["mask_test_min_contrast"]
+    for name, value in before.model_state.items():
+        assert torch.equal(after.model_state[name], value), name
+    card = json.loads((folder / "nuclei.json").read_text())
+    assert card["training"]["recipe"].startswith(old["training"]["recipe"] + "; then published again with "
+                                                 "mask_test_min_contrast 0.1")
+    (key, values), = card["scores"].items()
+    assert "never trained on" in key and 0.0 <= values["mask_ap50"] <= 1.0
 
 
 def test_card_recipe_lists_each_schedule_length_its_sessions_ran():

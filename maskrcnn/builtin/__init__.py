@@ -55,7 +55,8 @@ def format_card(name: str) -> str:
     info = card(name)
     lines = [f"{name}: {info['summary']}"]
     for key, label in (("trained_on", "trained on"), ("training", "training"), ("input", "input"),
-                       ("scale", "other scales"), ("scores", "measured"), ("licence", "data licence")):
+                       ("scale", "other scales"), ("prediction", "prediction"),
+                       ("scores", "measured"), ("licence", "data licence")):
         value = info.get(key)
         if isinstance(value, dict):
             value = "; ".join(f"{k} {_short(v)}" for k, v in value.items())
@@ -73,16 +74,23 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-def publish(source: str | Path, name: str, info: dict[str, Any], folder: Path = FOLDER) -> Path:
-    """Write ``folder/name.pt`` (``source``'s weights in half precision, no optimizer) and its card.
+def publish(source: str | Path, name: str, info: dict[str, Any], folder: Path = FOLDER,
+            settings: dict[str, Any] | None = None) -> Path:
+    """Write ``folder/name.pt`` (``source``'s weights in half precision, no optimizer) and its card;
+    ``settings``: prediction-time config fields (``*_test_*``) the published model runs with instead
+    of those it trained with (what the recipe chose after training; they change no weight).
 
     float16 keeps every weight of a trained model to about 3 significant digits, which moves
     predictions far less than run-to-run noise, and halves the file.
     """
+    settings = settings or {}
+    learnt = [key for key in settings if "_test_" not in key]
+    if learnt:
+        raise ValueError(f"publish: {', '.join(learnt)} not a prediction-time setting (*_test_*)")
     ckpt = load_checkpoint(source)
     state = {k: v.half() if v.is_floating_point() else v for k, v in ckpt.model_state.items()}
     target = folder / f"{name}.pt"
-    save_checkpoint(target, Checkpoint(config=ckpt.config.replace(backbone_weights=None), model_state=state,
+    save_checkpoint(target, Checkpoint(config=ckpt.config.replace(backbone_weights=None, **settings), model_state=state,
                                        normalizer=ckpt.normalizer, step=ckpt.step, metrics=ckpt.metrics))
     size = target.stat().st_size
     if size > MAX_FILE_BYTES:
