@@ -259,8 +259,8 @@ def _inference_flags(command: argparse.ArgumentParser) -> None:
                          help="test-time augmentation: 8 flips and quarter turns, merged (8x the time)")
     command.add_argument("--min-contrast", type=_share, metavar="F",
                          help="drop instances fainter than the image's background plus F of the way to its "
-                              "objects' level (0-1; default: the model's mask_test_min_contrast, 0 for the "
-                              "built-in models; 0.1 removed faint false nuclei on one lab's images)")
+                              "objects' level (0-1; default: the model's mask_test_min_contrast: 0.1 for the "
+                              "built-in nuclei model and models fine-tuned from it, else 0; 0 keeps all)")
     command.add_argument("--max-memory", type=_memory, metavar="SIZE",
                          help="memory the whole process may use, e.g. 2G, 1500M, 8GiB (default: "
                               "$MASKRCNN_MAX_MEMORY, else 2G): each image is "
