@@ -14,7 +14,9 @@ random ones.
 The run is an ordinary training run with a fixed length (``steps``): ``--minutes`` stops it
 cleanly, and running the same command again continues it (``--resume`` is implied when
 ``OUT/run/last.pt`` exists), so a long pretraining can be spread over several sessions. At the end
-``publish`` writes the half-precision model and its card into the package.
+``publish`` writes the half-precision model and its card into the package, with the recipe's
+prediction settings (``BUILTIN_SETTINGS``, chosen after training; ``republish`` gives them to a
+model published before).
 
 ``model="he"`` trains the brightfield model instead (maskrcnn.train.brightfield): synthetic
 brightfield slides (maskrcnn.data.synthetic_brightfield) instead of the fluorescence scenes, the
