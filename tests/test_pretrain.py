@@ -196,3 +196,4 @@ def test_the_he_model_starts_from_nuclei_widened_and_publishes_a_brightfield_car
     assert card["summary"].startswith("brightfield nuclei") and "synthetic brightfield slides" in card["trained_on"]
     assert "--model he" in card["training"]["recipe"] and card["layout"]["in_channels"] == 3
     assert card["scores"] == scores and (tmp_path / "he.pt").is_file()
+    assert "prediction" not in card  # the floor is the nuclei recipe's, measured on fluorescence only
