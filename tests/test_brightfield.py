@@ -176,9 +176,11 @@ def test_napari_auto_model_segments_each_image_with_the_model_it_needs():
     core = pytest.importorskip("maskrcnn.napari._core")
     choice = core.load_predictor(core.AUTO_MODEL, device="cpu")
     said = []
-    result, rows = core.segment_array(choice, skimage_data.immunohistochemistry()[:128, :128],
-                                      report=lambda percent, text: said.append(text))
+    image = skimage_data.immunohistochemistry()[:128, :128]
+    result, rows, scaling = core.segment_array(choice, image, report=lambda percent, text: said.append(text))
     assert "segmenting with he" in said and result.label_image.shape == (128, 128)
+    he = choice.loaded["he"]
+    assert scaling == he.scaling(he.normalizer(image))  # the he model's own estimate, as predict records it
     said.clear()
     core.segment_array(choice, synth_scene(96, np.random.default_rng(2))[0], report=lambda p, t: said.append(t))
     assert "segmenting with nuclei" in said and set(choice.loaded) == {"he", "nuclei"}

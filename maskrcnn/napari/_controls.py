@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QHBoxLayout, QLineEdit, QPushButton,
-                            QSpinBox, QWidget)
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QHBoxLayout, QLabel, QLineEdit,
+                            QPushButton, QSpinBox, QWidget)
 
 from ..builtin import builtin_names
 from ..prediction.tiling import TILE_OVERLAP
@@ -43,6 +43,39 @@ def overlap_spin() -> QSpinBox:
     return spin
 
 
+def diameter_spin() -> QDoubleSpinBox:
+    """The nuclei's diameter in pixels; 0 shows as 'auto'."""
+    spin = QDoubleSpinBox()
+    spin.setRange(0.0, 4096.0)
+    spin.setDecimals(1)
+    spin.setSingleStep(5.0)
+    spin.setSuffix(" px")
+    spin.setSpecialValueText("auto")
+    spin.setToolTip("typical nucleus diameter in the image, in pixels: the image is resized to the built-in "
+                    "model's (as predict --diameter); auto: the built-in models estimate it per image, other "
+                    "models see the image as it is")
+    return spin
+
+
+def contrast_spin() -> QDoubleSpinBox:
+    """The faint-instance floor; its minimum (-0.05) shows as 'model's' (the model's own setting)."""
+    spin = QDoubleSpinBox()
+    spin.setRange(-0.05, 1.0)
+    spin.setDecimals(2)
+    spin.setSingleStep(0.05)
+    spin.setSpecialValueText("model's")
+    spin.setValue(-0.05)
+    spin.setToolTip("drop instances fainter than this share of the way from the background to the nuclei's "
+                    "level (as predict --min-contrast); 0 keeps every instance; model's: the model's own "
+                    "(0.1 for the built-in nuclei model)")
+    return spin
+
+
+def contrast_value(spin: QDoubleSpinBox) -> float | None:
+    """The floor chosen, None for the model's own."""
+    return None if spin.value() < 0 else spin.value()
+
+
 def minutes_spin() -> QDoubleSpinBox:
     """Fine-tuning time budget; 0 shows as 'no limit'."""
     spin = QDoubleSpinBox()
@@ -78,6 +111,34 @@ def with_browse(field: QWidget, tooltip: str, on_click) -> QHBoxLayout:
     row = QHBoxLayout()
     row.addWidget(field, 1)
     row.addWidget(button)
+    return row
+
+
+def refill(combo: QComboBox, names: list[str]) -> None:
+    """Offer ``names``, keeping the current choice when it is still among them (without signals)."""
+    current = combo.currentText()
+    combo.blockSignals(True)
+    combo.clear()
+    combo.addItems(names)
+    if current in names:
+        combo.setCurrentText(current)
+    combo.blockSignals(False)
+
+
+def stop_button(on_click) -> QPushButton:
+    button = QPushButton("Stop")
+    button.setEnabled(False)
+    button.setToolTip("segmentation: stop after the tile in progress; fine-tuning: end it after the step in "
+                      "progress and re-segment with the weights so far")
+    button.clicked.connect(on_click)
+    return button
+
+
+def hbox(*items: QWidget | str) -> QHBoxLayout:
+    """A row of widgets, strings between them as labels (e.g. a spin box, "steps", another)."""
+    row = QHBoxLayout()
+    for item in items:
+        row.addWidget(QLabel(item) if isinstance(item, str) else item)
     return row
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from ..data.reader import InstanceReader, Sample
 from ..errors import UserError
 from ..outputs.files import TABLE_FIELDS, instance_table
+from ..prediction.diameter import Scaling
 from ..prediction.predict import Predictor
 from ..prediction.tiling import TILE_OVERLAP, fitted_tile, tile_starts
 from ..structures import InstanceResult
@@ -44,21 +45,36 @@ def _no_report(percent: int, text: str) -> None:
 
 
 # --- models ----------------------------------------------------------------------------------------
-def load_predictor(spec: str, device: str = "auto", precision: str = "auto", engine: str = "auto"):
+def load_predictor(spec: str, device: str = "auto", precision: str = "auto", engine: str = "auto",
+                   diameter: float | None = None, min_contrast: float | None = None):
     """A built-in model's name, a checkpoint or an exported file, as ``predict --weights`` takes it;
-    ``auto``: the built-in model each image needs (maskrcnn.prediction.choice), as ``predict`` without it."""
+    ``auto``: the built-in model each image needs (maskrcnn.prediction.choice), as ``predict`` without it.
+    ``diameter`` (pixels) and ``min_contrast`` as ``predict --diameter`` and ``--min-contrast``; None:
+    the model's own (``--diameter auto``)."""
     spec = spec.strip()
     if not spec:
         raise UserError("choose a model: a built-in name (e.g. nuclei) or a checkpoint / exported file")
-    from ..builtin import is_builtin
+    from ..builtin import is_builtin, trained_diameter
+    from ..prediction.choice import FLUORESCENCE, ModelChoice
 
-    if spec == AUTO_MODEL and not is_builtin(spec):
-        from ..prediction.choice import ModelChoice
-
-        return ModelChoice(device, precision, engine=engine)
-    if not is_builtin(spec) and not Path(spec).is_file():
+    auto = spec == AUTO_MODEL and not is_builtin(spec)
+    if not auto and not is_builtin(spec) and not Path(spec).is_file():
         raise UserError(f"{spec}: no built-in model of that name and no such file")
-    return Predictor.from_weights(spec, device, precision, engine)
+    scale = None
+    if diameter:  # checked before the model loads
+        trained = trained_diameter(FLUORESCENCE if auto else spec)  # both built-in models state theirs
+        if trained is None:
+            raise UserError(f"{spec}: this model does not state the nucleus diameter it was trained on, so it "
+                            "cannot be resized to it: set the diameter to auto")
+        scale = trained / diameter
+    if auto:
+        return ModelChoice(device, precision, engine=engine, scale=scale, min_contrast=min_contrast)
+    predictor = Predictor.from_weights(spec, device, precision, engine)
+    if min_contrast is not None:
+        predictor.min_contrast(min_contrast)
+    if scale is not None:
+        predictor.scale = scale
+    return predictor
 
 
 def can_fine_tune(spec: str) -> None:
@@ -114,9 +130,10 @@ class _CountingDetector:
 
 def segment_array(predictor: Predictor, image: np.ndarray, tile: int | None = None, overlap: int = TILE_OVERLAP,
                   report: Report = _no_report, cancel: threading.Event | None = None
-                  ) -> tuple[InstanceResult, list[dict]]:
+                  ) -> tuple[InstanceResult, list[dict], Scaling]:
     """A raw (H, W) or (H, W, C) image -> its instances and their measurements, as ``maskrcnn
-    predict`` computes them (the label image of NAME_labels.png, the rows of NAME_instances.csv).
+    predict`` computes them (the label image of NAME_labels.png, the rows of NAME_instances.csv),
+    and how it was resized (the nucleus diameter ``--diameter auto`` estimated, or the one given).
     ``predictor`` may choose the model by the image (``load_predictor("auto")``)."""
     image = np.asarray(image)
     model, predictor = predictor.for_image(image)
@@ -126,9 +143,9 @@ def segment_array(predictor: Predictor, image: np.ndarray, tile: int | None = No
     counting = dataclasses.replace(predictor, model=_CountingDetector(predictor.model, total, report, cancel))
     report(0 if total > 1 else -1, "segmenting" + (f" with {model}" if model else "")
            + (f" in {total} tiles" if total > 1 else ""))
-    result = counting(image, tile, overlap)
+    result, scaling = counting.predict_scaled(counting.normalizer(image), tile, overlap)
     report(100, "measuring")
-    return result, instance_table(result, image, predictor.class_names)
+    return result, instance_table(result, image, predictor.class_names), scaling
 
 
 def segment_volume(predictor: Predictor, stack: np.ndarray, report: Report = _no_report,
@@ -276,3 +293,15 @@ def new_run_dir(folder: str) -> str:
     while run.exists():  # two runs in one second
         run, count = Path(f"{base}_{count}"), count + 1
     return str(run)
+
+
+def scaling_text(scaling: Scaling | None) -> str:
+    """How an image was resized, for the status line ("" when it was not and nothing was estimated)."""
+    if scaling is None or (scaling.source == "given" and scaling.scale == 1.0):
+        return ""
+    if scaling.source == "given":
+        return f"resized x{scaling.scale:.2f} for the diameter given"
+    if scaling.source == "none":
+        return "too few nuclei to estimate their diameter: not resized"
+    resized = f"resized x{scaling.scale:.2f}" if scaling.scale != 1.0 else "near the model's: not resized"
+    return f"nucleus diameter {scaling.diameter:.0f} px estimated ({resized})"

@@ -37,6 +37,16 @@ def shown_stack(layer) -> np.ndarray:
     return np.array(data)
 
 
+def show_instance(viewer, layer, row: dict) -> None:
+    """Centre the view on an instance (a row of the dock's table) of a labels layer; for a 3-D
+    instance, show the plane through its centroid."""
+    point = instance_point(layer, row)
+    camera = getattr(viewer, "scene", viewer).camera  # napari 0.9 moved it to viewer.scene; 0.5-0.8 lack it
+    camera.center = point[-2:]
+    if "centroid_z" in row:
+        viewer.dims.set_point(0, point[0])
+
+
 def instance_point(layer, row: dict) -> tuple[float, ...]:
     """World coordinates of an instance's centroid (a row of the dock's table) in its labels layer:
     the plane it was segmented in, or its own z for a 3-D instance."""
@@ -44,3 +54,16 @@ def instance_point(layer, row: dict) -> tuple[float, ...]:
     if "centroid_z" in row:
         plane = (row["centroid_z"],)
     return tuple(layer.data_to_world([*plane, row["centroid_y"], row["centroid_x"]]))
+
+
+def add_result(viewer, layer, index: tuple[int, ...], labels: np.ndarray, name: str, features, metadata: dict):
+    """Add the labels segmented from ``layer`` (its plane ``index``, or all of it) as a Labels layer
+    placed over it; ``metadata`` goes under the "maskrcnn" key. Returns the new layer."""
+    if index:  # one plane of a stack: a labels layer as large as the stack, that plane filled
+        shape = layer.data[0].shape if getattr(layer, "multiscale", False) else layer.data.shape
+        full = np.zeros(shape[: len(shape) - (1 if layer.rgb else 0)], labels.dtype)
+        full[index] = labels
+        labels = full
+    return viewer.add_labels(labels, name=name, scale=layer.scale, translate=layer.translate, rotate=layer.rotate,
+                             shear=layer.shear, affine=layer.affine, features=features,
+                             metadata={"maskrcnn": metadata})

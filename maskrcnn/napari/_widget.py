@@ -12,7 +12,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 from qtpy.QtCore import QObject, Qt, Signal
 from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
                             QProgressBar, QPushButton, QVBoxLayout, QWidget)
@@ -21,8 +20,8 @@ from ..errors import UserError
 from ..outputs.files import write_csv
 from . import _controls as controls
 from ._core import (Cancelled, auto_tile, can_fine_tune, features_table, fine_tune, load_predictor, new_run_dir,
-                    segment_array, segment_volume)
-from ._layers import instance_point, is_kind, shown_plane, shown_stack
+                    scaling_text, segment_array, segment_volume)
+from ._layers import add_result, is_kind, show_instance, shown_plane, shown_stack
 from ._table import InstanceTable
 
 
@@ -41,7 +40,7 @@ class MaskRCNNWidget(QWidget):
         self.last_error: BaseException | None = None  # the last job's error, None after a success
         self.rows: list[dict] = []  # the instance table of the last segmentation
         self.output_layer = None  # the Labels layer the last segmentation added
-        self._predictor = None  # (spec, Predictor): the model last loaded
+        self._predictor = None  # (model settings, Predictor): the model last loaded (see _model_key)
         self._cancel = threading.Event()
         self._signals = _Signals()
         self._signals.progress.connect(self._on_progress)
@@ -66,15 +65,15 @@ class MaskRCNNWidget(QWidget):
         self.segment_button = QPushButton("Segment")
         self.segment_button.clicked.connect(self.segment)
         self.volume_check = controls.volume_check()
+        self.diameter_spin = controls.diameter_spin()
+        self.contrast_spin = controls.contrast_spin()
 
         form = QFormLayout()
         form.addRow("Model", model_row)
         form.addRow("Image", self.image_combo)
-        tiles = QHBoxLayout()
-        tiles.addWidget(self.tile_spin)
-        tiles.addWidget(QLabel("overlap"))
-        tiles.addWidget(self.overlap_spin)
-        form.addRow("Tile", tiles)
+        form.addRow("Tile", controls.hbox(self.tile_spin, "overlap", self.overlap_spin))
+        form.addRow("Nucleus diameter", self.diameter_spin)
+        form.addRow("Faint floor", self.contrast_spin)
         form.addRow("", self.volume_check)
 
         self.labels_combo = QComboBox()
@@ -85,13 +84,9 @@ class MaskRCNNWidget(QWidget):
         run_row = controls.with_browse(self.run_dir_edit, "choose the folder for the runs", self._browse_run_dir)
         self.finetune_button = QPushButton("Fine-tune and re-segment")
         self.finetune_button.clicked.connect(self.fine_tune)
-        budget = QHBoxLayout()
-        budget.addWidget(self.minutes_spin)
-        budget.addWidget(QLabel("steps"))
-        budget.addWidget(self.steps_spin)
         tune_form = QFormLayout()
         tune_form.addRow("Labels", self.labels_combo)
-        tune_form.addRow("Budget", budget)
+        tune_form.addRow("Budget", controls.hbox(self.minutes_spin, "steps", self.steps_spin))
         tune_form.addRow("Runs in", run_row)
         tune_box = QGroupBox("Fine-tune on corrected labels")
         tune_layout = QVBoxLayout(tune_box)
@@ -101,11 +96,7 @@ class MaskRCNNWidget(QWidget):
         self.progress_bar = QProgressBar()
         self.progress_bar.setRange(0, 100)
         self.progress_bar.setValue(0)
-        self.stop_button = QPushButton("Stop")
-        self.stop_button.setEnabled(False)
-        self.stop_button.setToolTip("segmentation: stop after the tile in progress; fine-tuning: end it "
-                                    "after the step in progress and re-segment with the weights so far")
-        self.stop_button.clicked.connect(self.stop)
+        self.stop_button = controls.stop_button(self.stop)
         progress_row = QHBoxLayout()
         progress_row.addWidget(self.progress_bar, 1)
         progress_row.addWidget(self.stop_button)
@@ -137,14 +128,7 @@ class MaskRCNNWidget(QWidget):
         if event is not None and getattr(event, "type", None) == "inserted":
             event.value.events.name.connect(self._refresh_layers)
         for combo, kind in ((self.image_combo, "Image"), (self.labels_combo, "Labels")):
-            current = combo.currentText()
-            names = [layer.name for layer in self._layers_of(kind)]
-            combo.blockSignals(True)
-            combo.clear()
-            combo.addItems(names)
-            if current in names:
-                combo.setCurrentText(current)
-            combo.blockSignals(False)
+            controls.refill(combo, [layer.name for layer in self._layers_of(kind)])
 
     def _on_active_layer(self, event=None) -> None:
         """Follow the viewer: the active Image layer is the one to segment, the active Labels layer
@@ -173,18 +157,23 @@ class MaskRCNNWidget(QWidget):
             return self._refuse(UserError("busy: wait for the running job, or press Stop"))
         try:
             layer = self._layer(self.image_combo, "image")
-            spec = self.model_combo.currentText().strip()
-            predictor = self._predictor[1] if self._predictor and self._predictor[0] == spec else None
+            key = self._model_key()
+            spec, predictor = key[0], self._predictor[1] if self._predictor and self._predictor[0] == key else None
             if self.volume_check.isChecked():
-                return self._start(self._volume_job, (spec, predictor, shown_stack(layer)),
+                return self._start(self._volume_job, (key, predictor, shown_stack(layer)),
                                    lambda out: self._show_result(out, layer, (), spec, None, 0, "3-D masks"))
             image, index = shown_plane(layer, self.viewer)
             tile = auto_tile(image.shape, self.tile_spin.value())
             overlap = self.overlap_spin.value()
         except UserError as err:
             return self._refuse(err)
-        return self._start(self._segment_job, (spec, predictor, image, tile, overlap),
+        return self._start(self._segment_job, (key, predictor, image, tile, overlap),
                            lambda out: self._show_result(out, layer, index, spec, tile, overlap, "masks"))
+
+    def _model_key(self) -> tuple[str, float | None, float | None]:
+        """The model and the settings it is loaded with: (spec, diameter or None for auto, floor or None)."""
+        return (self.model_combo.currentText().strip(), self.diameter_spin.value() or None,
+                controls.contrast_value(self.contrast_spin))
 
     def fine_tune(self):
         """Fine-tune the current model on the chosen image and labels layers (the planes in view) in
@@ -208,7 +197,8 @@ class MaskRCNNWidget(QWidget):
             overlap = self.overlap_spin.value()
         except UserError as err:
             return self._refuse(err)
-        job_args = (spec, image, labels, labels_layer.name, out, minutes, steps, tile, overlap)
+        floor = controls.contrast_value(self.contrast_spin)
+        job_args = (spec, image, labels, labels_layer.name, out, minutes, steps, tile, overlap, floor)
         return self._start(self._fine_tune_job, job_args,
                            lambda res: self._fine_tuned(res, image_layer, index, tile, overlap))
 
@@ -221,29 +211,26 @@ class MaskRCNNWidget(QWidget):
     def _report(self, percent: int, text: str) -> None:
         self._signals.progress.emit(percent, text)
 
-    def _segment_job(self, spec, predictor, image, tile, overlap):
+    def _segment_job(self, key, predictor, image, tile, overlap):
         self.work_threads.append(threading.get_ident())
         if predictor is None:
-            self._report(-1, f"loading {spec}")
-            predictor = load_predictor(spec)
-        result, rows = segment_array(predictor, image, tile, overlap, self._report, self._cancel)
-        return predictor, result.label_image.numpy(), rows
+            self._report(-1, f"loading {key[0]}")
+            predictor = load_predictor(key[0], diameter=key[1], min_contrast=key[2])
+        result, rows, scaling = segment_array(predictor, image, tile, overlap, self._report, self._cancel)
+        return key, predictor, result.label_image.numpy(), rows, scaling
 
-    def _volume_job(self, spec, predictor, stack):
+    def _volume_job(self, key, predictor, stack):
         self.work_threads.append(threading.get_ident())
-        predictor = predictor or load_predictor(spec)
-        return (predictor, *segment_volume(predictor, stack, self._report, self._cancel))
+        predictor = predictor or load_predictor(key[0], diameter=key[1], min_contrast=key[2])
+        return (key, predictor, *segment_volume(predictor, stack, self._report, self._cancel), None)
 
-    def _fine_tune_job(self, spec, image, labels, name, out, minutes, steps, tile, overlap):
+    def _fine_tune_job(self, spec, image, labels, name, out, minutes, steps, tile, overlap, floor):
         self.work_threads.append(threading.get_ident())
         run = fine_tune(image, labels, spec, out, minutes=minutes or None, iters=steps or None, name=name,
                         report=self._report, cancel=self._cancel)
         self._cancel.clear()  # a Stop during training ended it early; the re-segmentation still runs
-        checkpoint = str(run.last)
-        self._report(-1, f"loading {checkpoint}")
-        predictor = load_predictor(checkpoint)
-        result, rows = segment_array(predictor, image, tile, overlap, self._report, self._cancel)
-        return run, checkpoint, (predictor, result.label_image.numpy(), rows)
+        # the fine-tuned model learnt the image at its own scale: it sees images as they are (no diameter)
+        return run, self._segment_job((str(run.last), None, floor), None, image, tile, overlap)
 
     # --- running and results (main thread) --------------------------------------------------------
     def _start(self, job, args, on_result):
@@ -305,32 +292,29 @@ class MaskRCNNWidget(QWidget):
         self._set_busy(False)
 
     def _show_result(self, out, layer, index, spec, tile, overlap, suffix: str) -> None:
-        predictor, labels, rows = out
-        self._predictor = (spec, predictor)
-        if index:  # one plane of a stack: a labels layer as large as the stack, that plane filled
-            shape = layer.data[0].shape if getattr(layer, "multiscale", False) else layer.data.shape
-            full = np.zeros(shape[: len(shape) - (1 if layer.rgb else 0)], labels.dtype)
-            full[index] = labels
-            labels = full
-        name = f"{layer.name} {suffix}"
-        self.output_layer = self.viewer.add_labels(
-            labels, name=name, scale=layer.scale, translate=layer.translate, rotate=layer.rotate,
-            shear=layer.shear, affine=layer.affine, features=features_table(rows),
-            metadata={"maskrcnn": {"model": spec, "tile": tile, "overlap": overlap, "plane": index,
-                                   "image": layer.name}})
+        key, predictor, labels, rows, scaling = out
+        self._predictor = (key, predictor)
+        metadata = {"model": spec, "tile": tile, "overlap": overlap, "plane": index, "image": layer.name}
+        if scaling is not None:
+            metadata.update(scaling.to_dict())  # as images.json records it
+        self.output_layer = add_result(self.viewer, layer, index, labels, f"{layer.name} {suffix}",
+                                       features_table(rows), metadata)
         self.rows = rows
         self.table.fill(rows)
         self.save_button.setEnabled(bool(rows))
         tiled = f" in tiles of {tile} px" if tile else ""
         self.progress_bar.setValue(100)
+        sized = scaling_text(scaling)
         self.status.setText(f"{len(rows)} instances{tiled} in {time.monotonic() - self._started:.1f} s "
-                            f"with {spec} -> layer '{self.output_layer.name}'")
+                            f"with {spec}{'; ' + sized if sized else ''} -> layer '{self.output_layer.name}'")
 
     def _fine_tuned(self, res, image_layer, index, tile, overlap) -> None:
-        run, checkpoint, out = res
+        run, out = res
+        checkpoint = out[0][0]
         if self.model_combo.findText(checkpoint) < 0:
             self.model_combo.addItem(checkpoint)
         self.model_combo.setCurrentText(checkpoint)
+        self.diameter_spin.setValue(0.0)  # auto: the fine-tuned model sees images as they are
         self._show_result(out, image_layer, index, checkpoint, tile, overlap, "masks (fine-tuned)")
         how = "stopped" if run.interrupted else f"stopped by {run.stopped_by}"
         self.status.setText(f"fine-tuned {run.steps} steps ({how}); the model is now {checkpoint}. "
@@ -348,10 +332,7 @@ class MaskRCNNWidget(QWidget):
         layer.selected_label = label
         found = next((r for r in self.rows if r["id"] == label), None)
         if found is not None:
-            point = instance_point(layer, found)
-            self.viewer.camera.center = point[-2:]
-            if "centroid_z" in found:  # a 3-D instance: show the plane through its centroid
-                self.viewer.dims.set_point(0, point[0])
+            show_instance(self.viewer, layer, found)
 
     def _save_table(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Save the instance table", "instances.csv", "CSV (*.csv)")

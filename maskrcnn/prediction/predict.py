@@ -99,9 +99,15 @@ class Predictor:
         """A normalised (C, H, W) float image -> its instances, on the CPU; resized as ``scaling``
         chooses; tiled with ``tile``, or when ``max_memory`` cannot hold the model on the whole image
         (tile size from maskrcnn.runtime.memory)."""
-        scale = self.scaling(image).scale
-        tile = tile or self.plan(tuple(image.shape[-2:]), None, overlap, in_memory=True, scale=scale).tile
-        return self.predict_planned(image, tile, overlap, scale)
+        return self.predict_scaled(image, tile, overlap)[0]
+
+    def predict_scaled(self, image: torch.Tensor, tile: int | None = None,
+                       overlap: int = TILE_OVERLAP) -> tuple[InstanceResult, Scaling]:
+        """As ``predict_normalized``, with the Scaling the image was resized by (its estimated
+        nucleus diameter under AutoScale)."""
+        scaling = self.scaling(image)
+        tile = tile or self.plan(tuple(image.shape[-2:]), None, overlap, in_memory=True, scale=scaling.scale).tile
+        return self.predict_planned(image, tile, overlap, scaling.scale), scaling
 
     def scaling(self, image: torch.Tensor) -> Scaling:
         """How a normalised image (C, H, W) is resized: by ``scale``, or as AutoScale estimates."""
