@@ -19,7 +19,7 @@ import torch
 from maskrcnn.config import ConfigError
 from maskrcnn.data.io import read_image
 from maskrcnn.data.normalize import Normalizer
-from maskrcnn.data.stains import STAIN_VECTORS, rgb_to_stains, stains_to_rgb
+from maskrcnn.data.stains import rgb_to_stains, stains_to_rgb
 from maskrcnn.data.synthetic_brightfield import Slide, SlideReader, photograph, slide_densities, synth_slide
 from maskrcnn.data.synthetic_scenes import synth_scene
 from maskrcnn.data.writers import write_image
