@@ -6,106 +6,32 @@ plugin (``make_napari_viewer``) is not needed: ``-p no:napari`` leaves the other
 autouse fixtures.
 
 The widget's Labels layer must be what ``maskrcnn predict`` writes for the same image and model,
-whole and tiled, and its features the rows of NAME_instances.csv; fine-tuning trains for two steps.
+whole and tiled, and its features the rows of NAME_instances.csv. Fine-tuning:
+tests/test_napari_finetune.py; the diameter and floor: tests/test_napari_scale.py.
 """
 
 from __future__ import annotations
 
 import csv
 import importlib.metadata
-import os
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-# Qt reads this when the QApplication is made (pytest-qt's session-wide ``qapp``): no display needed.
-# Only Qt reads it, and only if it is unset: a developer's own display setting is kept.
-os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+from napari_helpers import (JOB_TIMEOUT_MS, assert_features_match, napari, nuclei, predicted, tiny_model,  # noqa: F401 (fixtures)
+                            viewer, wait_done, widget)
 
-napari = pytest.importorskip("napari")
-pytest.importorskip("pytestqt")
+from cli_helpers import cli
 
-from cli_helpers import cli  # noqa: E402
-from conftest import TINY_RUN  # noqa: E402
-
-from maskrcnn.modeling.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
-from maskrcnn.presets import nuclei_config  # noqa: E402
-from maskrcnn.data.io import read_label_image  # noqa: E402
-from maskrcnn.data.writers import write_image  # noqa: E402
-from maskrcnn.data.normalize import Normalizer  # noqa: E402
-from maskrcnn.data.synthetic import synth_nuclei  # noqa: E402
-from maskrcnn.modeling.model import MaskRCNN  # noqa: E402
-from maskrcnn.napari import _sample  # noqa: E402
-from maskrcnn.napari._core import ArrayReader, auto_tile, tile_count  # noqa: E402
-from maskrcnn.napari._widget import MaskRCNNWidget  # noqa: E402
-from maskrcnn.outputs.files import TABLE_FIELDS  # noqa: E402
-from maskrcnn.prediction.predict import Predictor  # noqa: E402
+from maskrcnn.napari import _sample
+from maskrcnn.napari._core import auto_tile, tile_count
+from maskrcnn.napari._widget import MaskRCNNWidget
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MANIFEST = Path(__file__).resolve().parents[1] / "maskrcnn" / "napari" / "napari.yaml"
-JOB_TIMEOUT_MS = 120_000
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """An untrained tiny model with open thresholds: it finds (up to 10) instances anywhere."""
-    cfg = nuclei_config(**TINY_RUN)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_checkpoint(path, Checkpoint(cfg, MaskRCNN(cfg).state_dict(), Normalizer(channels=cfg.in_channels).to_dict()))
-    return path
-
-
-@pytest.fixture
-def viewer():
-    from napari.components import ViewerModel
-
-    return ViewerModel()
-
-
-@pytest.fixture
-def widget(qtbot, viewer, tiny_model):
-    w = MaskRCNNWidget(viewer)
-    qtbot.addWidget(w)
-    w.model_combo.setCurrentText(str(tiny_model))
-    yield w
-    if w.worker is not None:  # never leave a job running into the next test
-        w.stop()
-        qtbot.waitUntil(lambda: not w.busy, timeout=JOB_TIMEOUT_MS)
-
-
-def nuclei(size, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    return synth_nuclei(size, np.random.default_rng(seed), n_range=(4, 8), diameter_range=(8.0, 20.0))
-
-
-def wait_done(qtbot, widget) -> None:
-    qtbot.waitUntil(lambda: not widget.busy, timeout=JOB_TIMEOUT_MS)
-    assert widget.last_error is None, widget.status.text()
-
-
-def predicted(capsys, tmp_path, image: np.ndarray, weights, *flags) -> tuple[np.ndarray, list[dict]]:
-    """``maskrcnn predict`` in this process: the label image and instance table it writes."""
-    src, out = tmp_path / "in", tmp_path / "pred"
-    src.mkdir(exist_ok=True)
-    write_image(src / "img.png", image)
-    code, _, err = cli(capsys, "predict", src / "img.png", "--weights", weights, "--out", out, "--no-progress", *flags)
-    assert code == 0, err
-    with open(out / "img_instances.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    return read_label_image(out / "img_labels.png"), rows
-
-
-def assert_features_match(layer, rows: list[dict]) -> None:
-    features = layer.features
-    assert list(features["index"]) == [int(r["id"]) for r in rows]
-    for key in TABLE_FIELDS[1:]:
-        want = [r[key] for r in rows]
-        got = [str(v) for v in features[key]]
-        assert got == want, key
 
 
 # --- the manifest and the sample data ------------------------------------------------------------
@@ -288,69 +214,3 @@ def test_a_bad_model_path_is_reported_on_the_status_line(qtbot, widget, viewer, 
     qtbot.waitUntil(lambda: not widget.busy, timeout=JOB_TIMEOUT_MS)
     assert "missing.pt: no built-in model of that name and no such file" in widget.status.text()
     assert len(viewer.layers) == 1
-
-
-# --- fine-tuning ----------------------------------------------------------------------------------
-def test_array_reader_turns_label_ids_into_masks():
-    labels = np.zeros((8, 9), np.int32)
-    labels[1:3, 1:3], labels[5:7, 2:8] = 7, 2  # ids need not be 1..K
-    reader = ArrayReader(np.zeros((8, 9), np.uint8), labels, ["background", "nucleus"])
-    sample = reader[0]
-    assert sample.masks.shape == (2, 8, 9) and sample.masks.dtype == bool
-    assert sample.masks[0].sum() == 12 and sample.masks[1].sum() == 4  # id 2, then id 7
-    assert sample.labels.tolist() == [1, 1] and len(reader) == 2
-
-
-@pytest.mark.slow
-def test_fine_tune_on_corrected_labels_then_resegment(qtbot, widget, viewer, tiny_model, tmp_path):
-    image, truth = nuclei(96, seed=2)
-    viewer.add_image(image, name="cells")
-    viewer.add_labels(truth, name="corrected")
-    assert widget.labels_combo.currentText() == "corrected"
-    widget.minutes_spin.setValue(1.0)
-    widget.steps_spin.setValue(2)
-    widget.run_dir_edit.setText(str(tmp_path / "runs"))
-    progress = []
-    widget._signals.progress.connect(lambda p, text: progress.append(text))
-
-    assert widget.fine_tune() is not None and widget.busy
-    wait_done(qtbot, widget)
-    assert widget.work_threads[-1] != threading.get_ident()
-    assert any(text.startswith("training: step 2") for text in progress)
-    checkpoint = Path(widget.model_combo.currentText())
-    assert checkpoint.name == "last.pt" and checkpoint.parent.parent == tmp_path / "runs"
-    assert (checkpoint.parent / "metrics.jsonl").is_file()
-    assert "fine-tuned 2 steps" in widget.status.text()
-
-    layer = viewer.layers["cells masks (fine-tuned)"]
-    expected = Predictor.from_weights(checkpoint)(image)  # the fine-tuned model, as predict runs it
-    np.testing.assert_array_equal(layer.data, expected.label_image.numpy())
-    assert layer.metadata["maskrcnn"]["model"] == str(checkpoint)
-
-
-def test_fine_tuning_needs_instances_and_a_trainable_model(qtbot, widget, viewer, tmp_path):
-    viewer.add_image(np.zeros((64, 64), np.uint8), name="cells")
-    viewer.add_labels(np.zeros((64, 64), np.int32), name="empty")
-    widget.steps_spin.setValue(1)
-    widget.run_dir_edit.setText(str(tmp_path / "runs"))
-    widget.fine_tune()
-    qtbot.waitUntil(lambda: not widget.busy, timeout=JOB_TIMEOUT_MS)
-    assert "the labels hold no instances to learn from" in widget.status.text()
-
-
-@pytest.mark.slow
-def test_stop_ends_the_fine_tuning_early_and_still_resegments(qtbot, widget, viewer, tmp_path):
-    image, truth = nuclei(96, seed=4)
-    viewer.add_image(image, name="cells")
-    viewer.add_labels(truth, name="corrected")
-    widget.minutes_spin.setValue(5.0)  # no step limit: only Stop ends it soon
-    widget.run_dir_edit.setText(str(tmp_path / "runs"))
-    progress = []
-    widget._signals.progress.connect(lambda p, text: progress.append(text))
-    widget.fine_tune()
-    qtbot.waitUntil(lambda: any(t.startswith("training: step") for t in progress), timeout=JOB_TIMEOUT_MS)
-    assert widget.busy  # the viewer's event loop ran while the model trained
-    widget.stop()
-    wait_done(qtbot, widget)
-    assert "(stopped)" in widget.status.text() and "cells masks (fine-tuned)" in viewer.layers
-    assert Path(widget.model_combo.currentText()).is_file()

@@ -4,23 +4,17 @@ and kept in the layer's metadata (as images.json records it). Headless, as tests
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
-os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-pytest.importorskip("napari")
-pytest.importorskip("pytestqt")
+from napari_helpers import JOB_TIMEOUT_MS, predicted, tiny_model, viewer, wait_done, widget  # noqa: F401 (fixtures)
 
-from test_napari import predicted, tiny_model, viewer, wait_done, widget  # noqa: E402,F401 (fixtures)
-
-from maskrcnn.builtin import trained_diameter  # noqa: E402
-from maskrcnn.data.synthetic import synth_nuclei  # noqa: E402
-from maskrcnn.errors import UserError  # noqa: E402
-from maskrcnn.napari import _core as core  # noqa: E402
-from maskrcnn.prediction.choice import ModelChoice  # noqa: E402
-from maskrcnn.prediction.diameter import AutoScale, Scaling  # noqa: E402
+from maskrcnn.builtin import trained_diameter
+from maskrcnn.data.synthetic import synth_nuclei
+from maskrcnn.errors import UserError
+from maskrcnn.napari import _core as core
+from maskrcnn.prediction.choice import ModelChoice
+from maskrcnn.prediction.diameter import AutoScale, Scaling
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -91,5 +85,5 @@ def test_widget_refuses_a_diameter_its_model_cannot_use(qtbot, widget, viewer, t
     viewer.add_image(np.zeros((32, 32), np.uint8), name="blank")
     widget.diameter_spin.setValue(25.0)
     widget.segment()
-    qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=JOB_TIMEOUT_MS)
     assert "does not state the nucleus diameter" in widget.status.text() and len(viewer.layers) == 1

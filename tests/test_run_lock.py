@@ -27,7 +27,8 @@ from maskrcnn.runtime.runlock import LOCK_NAME, RunLock
 
 from cli_helpers import cli
 from conftest import finish, wait_for
-from test_signals import data, log_steps, process, train_args  # noqa: F401 (data: a fixture)
+from test_signals import data, log_steps, process  # noqa: F401 (data: a fixture)
+from test_signals_train import train_args
 
 
 def dead_pid() -> int:
