@@ -102,47 +102,20 @@ def _check_tiling(args: argparse.Namespace) -> None:
 
 
 def _predictor(args: argparse.Namespace):
-    """The model of --weights with the run's precision, scale (--scale or --diameter) and --tta."""
-    from ..builtin import trained_diameter
-    from ..prediction.predict import Predictor
+    """The model of --weights (none: the built-in nuclei or he model, per image) with the run's
+    precision, scale (--scale or --diameter), floor and --tta."""
+    from ..builtin import builtin_names
+    from ..prediction.choice import BRIGHTFIELD, FLUORESCENCE, open_predictor
 
     _check_tiling(args)
-    if args.weights is None:  # the built-in nuclei or he model, per image
-        return _model_choice(args)
-    trained = None
-    if not args.scale and args.diameter != "auto":  # checked before the model loads
-        trained = trained_diameter(args.weights)
-        if trained is None:
-            raise UserError(f"{args.weights}: this model does not state the nucleus diameter it was trained "
-                            "on; use --scale (e.g. 0.5 to halve the image) instead of --diameter")
-    predictor = Predictor.from_weights(args.weights, args.device, args.precision, args.engine)
-    if args.min_contrast is not None:
-        predictor.min_contrast(args.min_contrast)
-    predictor.tta = args.tta
-    predictor.max_memory = args.max_memory or predictor.max_memory  # unset: $MASKRCNN_MAX_MEMORY or 2 GB
-    if args.scale:
-        predictor.scale = args.scale
-    elif trained is not None:  # else auto: the predictor's own (AutoScale for a built-in model, else 1)
-        predictor.scale = trained / args.diameter
-    return predictor
-
-
-def _model_choice(args: argparse.Namespace):
-    """No --weights: the built-in models, the one each image needs (maskrcnn.prediction.choice)."""
-    from ..builtin import builtin_names, trained_diameter
-    from ..prediction.choice import BRIGHTFIELD, FLUORESCENCE, ModelChoice
-
     missing = [name for name in (FLUORESCENCE, BRIGHTFIELD) if name not in builtin_names()]
-    if missing:
+    if args.weights is None and missing:
         raise UserError(f"no --weights given and this installation lacks the built-in {' and '.join(missing)} "
                         "model(s) it would choose from; pass --weights")
-    choice = ModelChoice(args.device, args.precision, args.tta, engine=args.engine, min_contrast=args.min_contrast)
-    choice.max_memory = args.max_memory or choice.max_memory
-    if args.scale:
-        choice.scale = args.scale
-    elif args.diameter != "auto":  # both built-in models state their trained diameter
-        choice.scale = trained_diameter(FLUORESCENCE) / args.diameter
-    return choice
+    return open_predictor(args.weights, args.device, args.precision, args.engine, scale=args.scale,
+                          diameter=None if args.diameter == "auto" else args.diameter,
+                          min_contrast=args.min_contrast, tta=args.tta, max_memory=args.max_memory,
+                          hint="use --scale (e.g. 0.5 to halve the image) instead of --diameter")
 
 
 def cmd_predict_3d(args: argparse.Namespace) -> int:

@@ -54,27 +54,14 @@ def load_predictor(spec: str, device: str = "auto", precision: str = "auto", eng
     spec = spec.strip()
     if not spec:
         raise UserError("choose a model: a built-in name (e.g. nuclei) or a checkpoint / exported file")
-    from ..builtin import is_builtin, trained_diameter
-    from ..prediction.choice import FLUORESCENCE, ModelChoice
+    from ..builtin import is_builtin
+    from ..prediction.choice import open_predictor
 
     auto = spec == AUTO_MODEL and not is_builtin(spec)
     if not auto and not is_builtin(spec) and not Path(spec).is_file():
         raise UserError(f"{spec}: no built-in model of that name and no such file")
-    scale = None
-    if diameter:  # checked before the model loads
-        trained = trained_diameter(FLUORESCENCE if auto else spec)  # both built-in models state theirs
-        if trained is None:
-            raise UserError(f"{spec}: this model does not state the nucleus diameter it was trained on, so it "
-                            "cannot be resized to it: set the diameter to auto")
-        scale = trained / diameter
-    if auto:
-        return ModelChoice(device, precision, engine=engine, scale=scale, min_contrast=min_contrast)
-    predictor = Predictor.from_weights(spec, device, precision, engine)
-    if min_contrast is not None:
-        predictor.min_contrast(min_contrast)
-    if scale is not None:
-        predictor.scale = scale
-    return predictor
+    return open_predictor(None if auto else spec, device, precision, engine, diameter=diameter,
+                          min_contrast=min_contrast, hint="set the diameter to auto")
 
 
 def can_fine_tune(spec: str) -> None:

@@ -7,6 +7,9 @@ above ``BRIGHTFIELD_LEVEL`` the ``he`` model, else ``nuclei``. Measured (docs/be
 on the 34 real fluorescence images of ../shared/data and at most 0.25 on 60 synthetic scenes;
 0.36-0.97 on the six real H&E/IHC images found in registry packages and at least 0.45 on 60
 synthetic slides.
+
+``open_predictor`` builds what ``predict`` runs from its options (weights or this choice, resize,
+floor, TTA), for the CLI and the napari widget alike.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import UserError
 from ..runtime.memory import default_max_memory
 from .predict import Predictor
 
@@ -81,3 +85,34 @@ class ModelChoice:
     def __call__(self, image: np.ndarray, *args, **kwargs):
         """A raw image -> its instances, by the model it needs (as Predictor.__call__)."""
         return self.for_image(image)[1](image, *args, **kwargs)
+
+
+def open_predictor(weights: str | None, device: str = "auto", precision: str = "auto", engine: str = "auto", *,
+                   scale: float | None = None, diameter: float | None = None, min_contrast: float | None = None,
+                   tta: bool = False, max_memory: int | None = None,
+                   hint: str = "give a scale instead") -> Predictor | ModelChoice:
+    """What ``predict`` runs (its CLI and the napari widget): ``weights`` (a built-in name, a
+    checkpoint or an exported file), or None for the built-in model each image needs. Images are
+    resized by ``scale``, else so that nuclei of ``diameter`` pixels reach the model's trained
+    diameter, else as the model's own (AutoScale for the built-in models, else not at all);
+    ``min_contrast`` None keeps the model's own floor; ``max_memory`` None its default. A diameter
+    for a model that does not state its trained one is a UserError ending with ``hint``, raised
+    before the model loads."""
+    from ..builtin import trained_diameter
+
+    if diameter and not scale:
+        trained = trained_diameter(FLUORESCENCE if weights is None else weights)  # both built-in models state theirs
+        if trained is None:
+            raise UserError(f"{weights}: this model does not state the nucleus diameter it was trained on; {hint}")
+        scale = trained / diameter
+    if weights is None:
+        chosen = ModelChoice(device, precision, tta, engine=engine, scale=scale, min_contrast=min_contrast)
+    else:
+        chosen = Predictor.from_weights(weights, device, precision, engine)
+        if min_contrast is not None:
+            chosen.min_contrast(min_contrast)
+        chosen.tta = tta
+        if scale:
+            chosen.scale = scale
+    chosen.max_memory = max_memory or chosen.max_memory  # unset: $MASKRCNN_MAX_MEMORY or 2 GB
+    return chosen
