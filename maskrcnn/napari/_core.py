@@ -45,8 +45,8 @@ def _no_report(percent: int, text: str) -> None:
 
 
 # --- models ----------------------------------------------------------------------------------------
-def load_predictor(spec: str, device: str = "auto", precision: str = "auto", engine: str = "auto",
-                   diameter: float | None = None, min_contrast: float | None = None):
+def load_predictor(spec: str, diameter: float | None = None, min_contrast: float | None = None,
+                   device: str = "auto", precision: str = "auto", engine: str = "auto"):
     """A built-in model's name, a checkpoint or an exported file, as ``predict --weights`` takes it;
     ``auto``: the built-in model each image needs (maskrcnn.prediction.choice), as ``predict`` without it.
     ``diameter`` (pixels) and ``min_contrast`` as ``predict --diameter`` and ``--min-contrast``; None:

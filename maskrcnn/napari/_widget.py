@@ -157,8 +157,8 @@ class MaskRCNNWidget(QWidget):
             return self._refuse(UserError("busy: wait for the running job, or press Stop"))
         try:
             layer = self._layer(self.image_combo, "image")
-            key = self._model_key()
-            spec, predictor = key[0], self._predictor[1] if self._predictor and self._predictor[0] == key else None
+            key = spec, _, _ = self._model_key()
+            predictor = self._predictor[1] if self._predictor and self._predictor[0] == key else None
             if self.volume_check.isChecked():
                 return self._start(self._volume_job, (key, predictor, shown_stack(layer)),
                                    lambda out: self._show_result(out, layer, (), spec, None, 0, "3-D masks"))
@@ -215,13 +215,13 @@ class MaskRCNNWidget(QWidget):
         self.work_threads.append(threading.get_ident())
         if predictor is None:
             self._report(-1, f"loading {key[0]}")
-            predictor = load_predictor(key[0], diameter=key[1], min_contrast=key[2])
+            predictor = load_predictor(*key)
         result, rows, scaling = segment_array(predictor, image, tile, overlap, self._report, self._cancel)
         return key, predictor, result.label_image.numpy(), rows, scaling
 
     def _volume_job(self, key, predictor, stack):
         self.work_threads.append(threading.get_ident())
-        predictor = predictor or load_predictor(key[0], diameter=key[1], min_contrast=key[2])
+        predictor = predictor or load_predictor(*key)
         return (key, predictor, *segment_volume(predictor, stack, self._report, self._cancel), None)
 
     def _fine_tune_job(self, spec, image, labels, name, out, minutes, steps, tile, overlap, floor):

@@ -284,9 +284,7 @@ def _predict_one(predictor: Predictor, run: RunOutputs, image_id: int, path: Pat
         image = folder.read(0, folder.shape[0], 0, folder.shape[1]) if folder else read_image(path, planes)
         model, chosen = predictor.for_image(image)
         normalized = chosen.normalizer(image)
-        scaling = chosen.scaling(normalized)
-        plan = chosen.plan(image.shape[:2], tile, overlap, in_memory=True, scale=scaling.scale)
-        result = chosen.predict_planned(normalized, plan.tile, overlap, scaling.scale)
+        result, scaling = chosen.predict_scaled(normalized, tile, overlap)
     except DataError as err:
         run.failed.append((path, err.problem))
         return None
